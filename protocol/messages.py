@@ -1,0 +1,165 @@
+"""Wire structs: everything that crosses the API-process / engine-core boundary.
+
+Rules (msgspec's): structs are array-like, so field ORDER is the wire format. Add new fields only
+at the end and always with a default, so old and new peers keep talking.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class FinishReason(enum.IntEnum):
+    STOP = 0  # EOS, a stop token id, or (set by the frontend) a stop string
+    LENGTH = 1  # max_tokens or max_model_len reached
+    ABORT = 2  # cancelled by the client / the frontend
+    ERROR = 3  # the engine failed this request
+
+
+class Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Base for every wire struct."""
+
+
+class StructuredSpec(Wire):
+    """A constraint on the output: exactly one of the fields is set."""
+
+    json_schema: str | None = None  # JSON text of a JSON schema ("{}"-like any-object for json_object)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark / EBNF grammar text
+    any_json_object: bool = False
+
+
+class SamplingParams(Wire):
+    """Per-request sampling settings, already validated by the frontend."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None  # None: no top-k cut
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    structured: StructuredSpec | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
+
+
+class EmbedSpan(Wire):
+    """Prompt positions whose input embeddings come from a raw tensor frame instead of the table."""
+
+    start: int  # first prompt position replaced
+    num_tokens: int
+    frame_index: int  # index into the message's extra frames
+    dtype: str  # numpy-style dtype name of the raw frame ("float32", "bfloat16" as raw uint16, ...)
+    digest: str  # content hash of the rows, so prefix caching can key these blocks
+
+
+class Hello(Wire):
+    protocol_version: int
+    client_name: str
+
+
+class Refused(Wire):
+    reason: str
+
+
+class Ready(Wire):
+    engine_id: str
+    served_model_names: list[str]
+    max_model_len: int
+    vocab_size: int
+    num_kv_blocks: int
+    block_size: int
+    tokenizer_json: str
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    eos_token_ids: list[int]
+    add_bos_token: bool
+    task: str = "generate"  # "generate" or "embed"
+    hidden_size: int = 0
+    enable_prompt_embeds: bool = False
+    model_dtype: str = "float32"
+    special_tokens: dict[str, str] = {}  # named special tokens (pad, unk, ...) for templates
+    max_waiting_requests: int | None = None
+    embedding_dimensions: int | None = None
+
+
+class AddRequest(Wire):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    priority: int = 0
+    embeds: list[EmbedSpan] = []
+    cache_salt: str | None = None
+    embed_task: bool = False  # pooled embedding instead of generation
+
+
+class Abort(Wire):
+    request_ids: list[str]
+
+
+class TokenLogprob(Wire):
+    """Logprob of one generated (or prompt) token and the top alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+class RequestDelta(Wire):
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    stop_reason: int | None = None  # the stop token id that ended the request, if any
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only; position 0 is None
+    error: str | None = None
+    embedding: list[float] | None = None  # embed tasks: the pooled, normalized vector
+    num_prompt_tokens: int = 0
+
+
+class SchedulerStats(Wire):
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    step: int = 0
+    num_scheduled_seqs: int = 0
+    num_scheduled_tokens: int = 0
+    num_preemptions: int = 0  # cumulative
+    prefix_cache_queries: int = 0  # cumulative tokens looked up
+    prefix_cache_hits: int = 0  # cumulative tokens found
+    max_step_num_seqs: int = 0  # largest batch seen so far (a per-step statistic the tests read)
+
+
+class Outputs(Wire):
+    engine_id: str
+    deltas: list[RequestDelta]
+    stats: SchedulerStats | None = None
+
+
+class Heartbeat(Wire):
+    sent_at: float
+    stats: SchedulerStats | None = None
+
+
+class EngineDead(Wire):
+    engine_id: str
+    message: str
