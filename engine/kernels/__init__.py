@@ -1,0 +1,1 @@
+"""Fused ops of the engine: a torch path for CPU, Triton kernels for CUDA, one dispatch point."""
