@@ -218,10 +218,8 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
         _check_content(message, index)
     # max_completion_tokens is OpenAI's newer name for max_tokens and wins when both are given.
     _check_at_least(req.max_tokens, "max_tokens", 1)
-    if req.max_completion_tokens is not None:
-        max_tokens_param, max_tokens = "max_completion_tokens", req.max_completion_tokens
-    else:
-        max_tokens_param, max_tokens = "max_tokens", req.max_tokens
+    max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     _check_sampling(req, max_tokens_param=max_tokens_param, max_tokens=max_tokens)
     _check_range(req.top_logprobs, "top_logprobs", 0, MAX_LOGPROBS)
     if req.top_logprobs and not req.logprobs:
