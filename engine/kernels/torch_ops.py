@@ -74,7 +74,9 @@ def _gather_context(kv_cache: Tensor, block_ids: Tensor) -> tuple[Tensor, Tensor
     )
 
 
-def _decode_attention(q: Tensor, kv_cache: Tensor, block_ids: Tensor, seq_lens: Tensor, scale: float) -> Tensor:
+def _decode_attention(
+    q: Tensor, kv_cache: Tensor, block_ids: Tensor, seq_lens: Tensor, scale: float
+) -> Tensor:
     """All single-token decodes at once: q [B, Hq, D] -> [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
     keys, values = _gather_context(kv_cache, block_ids)  # [B, L, Hkv, D]
@@ -94,9 +96,7 @@ def _decode_attention(q: Tensor, kv_cache: Tensor, block_ids: Tensor, seq_lens: 
     return out.reshape(batch, num_heads, head_dim)
 
 
-def _prefill_attention(
-    q: Tensor, kv_cache: Tensor, block_ids: Tensor, seq_len: int, scale: float
-) -> Tensor:
+def _prefill_attention(q: Tensor, kv_cache: Tensor, block_ids: Tensor, seq_len: int, scale: float) -> Tensor:
     """One sequence's chunk: q [Q, Hq, D] are the last Q positions of a seq_len-long context."""
     query_len, num_heads, _ = q.shape
     keys, values = _gather_context(kv_cache, block_ids.unsqueeze(0))

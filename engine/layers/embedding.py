@@ -11,7 +11,9 @@ class VocabEmbedding(nn.Embedding):
 
 
 class LMHead(nn.Module):
-    def __init__(self, hidden_size: int, vocab_size: int, tied_embedding: VocabEmbedding | None = None) -> None:
+    def __init__(
+        self, hidden_size: int, vocab_size: int, tied_embedding: VocabEmbedding | None = None
+    ) -> None:
         super().__init__()
         self.tied = tied_embedding is not None
         if tied_embedding is not None:

@@ -24,5 +24,7 @@ class MergedLinear(nn.Linear):
         target: Tensor = getattr(self, name)
         rows = self.shard_slice(shard_index)
         if target[rows].shape != loaded.shape:
-            raise ValueError(f"{name} part {shard_index}: expected {tuple(target[rows].shape)}, got {tuple(loaded.shape)}")
+            raise ValueError(
+                f"{name} part {shard_index}: expected {tuple(target[rows].shape)}, got {tuple(loaded.shape)}"
+            )
         target[rows].copy_(loaded)

@@ -39,7 +39,9 @@ def build_cos_sin_cache(
     elif rope_type == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)  # type: ignore[arg-type]
     elif rope_type not in (None, "default"):
-        raise ValueError(f"rope scaling type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+        raise ValueError(
+            f"rope scaling type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
+        )
     positions = torch.arange(max_position, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)  # [max_position, rot_dim / 2]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)

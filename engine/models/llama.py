@@ -164,7 +164,9 @@ class LlamaForCausalLM(nn.Module):
             loaded.add(name)
         self._check_all_loaded(params, modules, loaded)
 
-    def _check_all_loaded(self, params: dict[str, Tensor], modules: dict[str, nn.Module], loaded: set[str]) -> None:
+    def _check_all_loaded(
+        self, params: dict[str, Tensor], modules: dict[str, nn.Module], loaded: set[str]
+    ) -> None:
         expected = set()
         for name in params:
             module_path, _, leaf = name.rpartition(".")

