@@ -134,6 +134,7 @@ class RequestDelta(Wire):
     error: str | None = None
     embedding: list[float] | None = None  # embed tasks: the pooled, normalized vector
     num_prompt_tokens: int = 0
+    error_status: int | None = None  # HTTP status the frontend should answer with when error is set
 
 
 class SchedulerStats(Wire):
@@ -147,6 +148,8 @@ class SchedulerStats(Wire):
     prefix_cache_queries: int = 0  # cumulative tokens looked up
     prefix_cache_hits: int = 0  # cumulative tokens found
     max_step_num_seqs: int = 0  # largest batch seen so far (a per-step statistic the tests read)
+    num_free_blocks: int = 0
+    num_bad_messages: int = 0  # undecodable messages dropped since start
 
 
 class Outputs(Wire):

@@ -1,0 +1,38 @@
+"""The engine process's one frozen configuration, built from CLI flags in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes of KV cache on CPU unless --kv-cache-memory says otherwise
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct GGUF)
+    served_model_names: tuple[str, ...] = ()
+    task: str = "generate"  # "generate" or "embed"
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    seed: int = 0
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int | None = None  # bytes; CPU default DEFAULT_KV_CACHE_MEMORY
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    scheduling_policy: str = "fcfs"  # or "priority"
+    long_prefill_token_threshold: int | None = None
+    enforce_eager: bool = False
+    enable_prompt_embeds: bool = False
+    max_waiting_requests: int | None = None
+    listen: str = "ipc:///tmp/tandem-engine-0.sock"
+    engine_id: str = "engine-0"
+    heartbeat_interval_s: float = 1.0
+    client_timeout_s: float = 10.0
+    curve_keys_dir: str | None = None
+    insecure: bool = False
+    num_threads: int | None = None

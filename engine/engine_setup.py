@@ -1,0 +1,117 @@
+"""Builds an engine's parts from its config: the model, the KV cache sized to memory, the scheduler, the runner."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from engine.kv_cache import KVCacheManager
+from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from engine.scheduler import Scheduler, SchedulerLimits
+from protocol.messages import Ready
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineParts:
+    scheduler: Scheduler
+    runner: ModelRunner
+    ready: Ready
+    vocab_size: int
+    hidden_size: int
+    dtype: torch.dtype
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+    curve_keys: dict[str, bytes] = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _num_kv_blocks(config: EngineConfig, bytes_per_block: int, device: torch.device) -> int:
+    if config.num_gpu_blocks_override is not None:
+        return config.num_gpu_blocks_override
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - total * (1.0 - config.gpu_memory_utilization)
+        return max(int(budget // bytes_per_block), 2)
+    return max(int((config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY) // bytes_per_block), 2)
+
+
+def build_engine_parts(config: EngineConfig) -> EngineParts:
+    from engine.loader import load_model  # heavy import, kept out of module import time
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = pick_device(config.device)
+    loaded = load_model(config.model, load_format=config.load_format, dtype=config.dtype, device=str(device), seed=config.seed)
+    arch = loaded.arch
+    per_block = kv_cache_bytes_per_block(arch.num_hidden_layers, config.block_size, arch.num_key_value_heads, arch.head_dim, loaded.dtype)
+    num_blocks = _num_kv_blocks(config, per_block, device)
+    capacity = (num_blocks - 1) * config.block_size
+    max_model_len = min(config.max_model_len or arch.max_position_embeddings, capacity)
+    if config.max_model_len and config.max_model_len > capacity:
+        logger.warning("max_model_len %d exceeds the KV cache (%d tokens); using %d", config.max_model_len, capacity, capacity)
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%.1f MiB); max_model_len %d; at most %.1f sequences of that length at once",
+        num_blocks, config.block_size, num_blocks * per_block / 2**20, max_model_len, capacity / max_model_len,
+    )
+    runner = ModelRunner(loaded.model, arch, num_blocks=num_blocks, block_size=config.block_size, dtype=loaded.dtype, device=device)
+    limits = SchedulerLimits(
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        max_model_len=max_model_len,
+        long_prefill_token_threshold=config.long_prefill_token_threshold,
+        priority_policy=config.scheduling_policy == "priority",
+    )
+    scheduler = Scheduler(limits, KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching))
+    tok = loaded.tokenizer
+    served = list(config.served_model_names) or [loaded.default_served_name]
+    ready = Ready(
+        engine_id=config.engine_id,
+        served_model_names=served,
+        max_model_len=max_model_len,
+        vocab_size=arch.vocab_size,
+        num_kv_blocks=num_blocks,
+        block_size=config.block_size,
+        tokenizer_json=tok.tokenizer_json,
+        chat_template=tok.chat_template,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        eos_token_ids=list(tok.eos_token_ids),
+        add_bos_token=tok.add_bos_token,
+        task=config.task,
+        hidden_size=arch.hidden_size,
+        enable_prompt_embeds=config.enable_prompt_embeds,
+        model_dtype=str(loaded.dtype).removeprefix("torch."),
+        special_tokens=dict(tok.special_tokens),
+        max_waiting_requests=config.max_waiting_requests,
+    )
+    return EngineParts(
+        scheduler=scheduler,
+        runner=runner,
+        ready=ready,
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        dtype=loaded.dtype,
+        eos_token_ids=frozenset(tok.eos_token_ids),
+        max_model_len=max_model_len,
+        curve_keys=_curve_keys(config),
+    )
+
+
+def _curve_keys(config: EngineConfig) -> dict[str, bytes]:
+    if not config.curve_keys_dir:
+        return {}
+    from protocol.curve import load_server_keys
+
+    public, secret = load_server_keys(os.fspath(config.curve_keys_dir))
+    return {"curve_public_key": public, "curve_secret_key": secret}

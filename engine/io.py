@@ -1,0 +1,116 @@
+"""The engine's socket side: one thread owns the ROUTER socket (recv + decode, and forwarding of
+encoded outputs), another encodes outputs, so serialization overlaps the forward pass."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+import zmq
+
+from protocol.framing import FrameError, decode, encode
+
+logger = logging.getLogger(__name__)
+
+_OUTBOX = "inproc://tandem-engine-outbox"
+
+
+class EngineIO:
+    def __init__(self, address: str, *, curve_secret_key: bytes | None = None, curve_public_key: bytes | None = None) -> None:
+        self.address = address
+        self.inputs: queue.Queue[tuple[bytes, Any, list[bytes]]] = queue.Queue()
+        self._outputs: queue.Queue[tuple[bytes, Any, list[bytes]] | None] = queue.Queue()
+        self._ctx = zmq.Context()
+        self._curve = (curve_secret_key, curve_public_key) if curve_secret_key else None
+        self._stop = threading.Event()
+        self._bound = threading.Event()
+        self._bind_error: Exception | None = None
+        self.num_bad_messages = 0
+        self._threads = [
+            threading.Thread(target=self._socket_loop, name="engine-socket", daemon=True),
+            threading.Thread(target=self._encode_loop, name="engine-encode", daemon=True),
+        ]
+
+    def start(self) -> None:
+        self._threads[0].start()
+        self._bound.wait()
+        if self._bind_error is not None:
+            raise self._bind_error
+        self._threads[1].start()
+
+    def send(self, client_id: bytes, message: Any, buffers: list[bytes] | None = None) -> None:
+        self._outputs.put((client_id, message, buffers or []))
+
+    def close(self) -> None:
+        self._outputs.put(None)
+        self._stop.set()
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout=2)
+        self._ctx.destroy(linger=0)
+
+    def _make_router(self) -> zmq.Socket:
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.RCVHWM, 0)
+        router.setsockopt(zmq.SNDHWM, 0)
+        if self._curve:
+            router.curve_server = True
+            router.curve_secretkey, router.curve_publickey = self._curve
+        router.bind(self.address)
+        return router
+
+    def _socket_loop(self) -> None:
+        try:
+            router = self._make_router()
+            outbox = self._ctx.socket(zmq.PULL)
+            outbox.bind(_OUTBOX)
+        except Exception as exc:  # reported to start()'s caller
+            self._bind_error = exc
+            self._bound.set()
+            return
+        self._bound.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(outbox, zmq.POLLIN)
+        while not self._stop.is_set():
+            events = dict(poller.poll(100))
+            if router in events:
+                self._receive(router)
+            if outbox in events:
+                while True:
+                    try:
+                        frames = outbox.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    router.send_multipart(frames)
+        router.close(0)
+        outbox.close(0)
+
+    def _receive(self, router: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            client_id, body = frames[0], frames[1:]
+            try:
+                message, extra = decode(body)
+            except FrameError as exc:
+                self.num_bad_messages += 1
+                logger.warning("dropped an undecodable message from a peer: %s", exc)
+                continue
+            self.inputs.put((client_id, message, [bytes(b) for b in extra]))
+
+    def _encode_loop(self) -> None:
+        push = self._ctx.socket(zmq.PUSH)
+        push.connect(_OUTBOX)
+        while True:
+            item = self._outputs.get()
+            if item is None:
+                break
+            client_id, message, buffers = item
+            push.send_multipart([client_id, *encode(message, buffers)])
+        push.close(0)

@@ -1,0 +1,124 @@
+"""Turns a scheduler output into flat model inputs, runs the model, and samples one token per finishing row."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.kv_cache import NULL_BLOCK_ID
+from engine.request import Request
+from engine.sampler import SampleResult, Sampler
+from engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int]  # request_id -> new token, for rows that reached the end of their tokens
+    logprobs: dict[str, tuple[float, int, list[int], list[float]]]
+    prompt_logprobs: dict[str, list[tuple[float, int, list[int], list[float]] | None]]
+
+
+def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, arch: object, *, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.arch = arch
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = device
+        num_layers = arch.num_hidden_layers  # type: ignore[attr-defined]
+        kv_shape = (2, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)  # type: ignore[attr-defined]
+        # [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim] per layer
+        self.kv_caches = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.sampler = Sampler(arch.vocab_size, device)  # type: ignore[attr-defined]
+
+    def _build_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        max_blocks = max(len(r.block_ids) for r, _ in out.scheduled)
+        block_rows: list[list[int]] = []
+        for request, num_new in out.scheduled:
+            start = request.num_computed_tokens
+            if num_new == 1:
+                token_ids.append(request.token_id_at(start))
+            else:
+                token_ids.extend(request.all_token_ids[start : start + num_new])
+            span = range(start, start + num_new)
+            positions.extend(span)
+            blocks = request.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in span)
+            query_start_loc.append(query_start_loc[-1] + num_new)
+            seq_lens.append(start + num_new)
+            block_rows.append(blocks + [NULL_BLOCK_ID] * (max_blocks - len(blocks)))
+        block_table = torch.tensor(block_rows, dtype=torch.int32)  # [num_seqs, max_blocks]
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_table=block_table.to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_query_len=max(n for _, n in out.scheduled),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
+        )
+        input_ids = torch.tensor(token_ids, dtype=torch.int64, device=dev)
+        return input_ids, torch.tensor(positions, dtype=torch.int64, device=dev), meta
+
+    def _input_embeds(self, out: SchedulerOutput, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+        """Token embeddings with prompt-embedding rows spliced in, or None when no row carries any."""
+        if not any(r.prompt_embeds for r, _ in out.scheduled):
+            return None
+        embeds = self.model.embed_input_ids(input_ids)  # [T, H]
+        for row, (request, num_new) in enumerate(out.scheduled):
+            start = request.num_computed_tokens
+            flat0 = meta.query_start_loc_cpu[row]
+            for pe in request.prompt_embeds:
+                lo, hi = max(pe.start, start), min(pe.end, start + num_new)
+                if lo < hi:
+                    rows = pe.rows[lo - pe.start : hi - pe.start]  # type: ignore[index]
+                    embeds[flat0 + lo - start : flat0 + hi - start] = rows.to(embeds.dtype)
+        return embeds
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, masks: dict[str, torch.Tensor] | None = None) -> StepResult:
+        input_ids, positions, meta = self._build_inputs(out)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, inputs_embeds=self._input_embeds(out, input_ids, meta))
+        # Rows that reach the end of their known tokens sample a new one; mid-prompt chunks do not.
+        sample_rows = []
+        sample_requests: list[Request] = []
+        for row, (request, num_new) in enumerate(out.scheduled):
+            if request.num_computed_tokens + num_new == request.num_tokens:
+                sample_rows.append(meta.query_start_loc_cpu[row + 1] - 1)
+                sample_requests.append(request)
+        result = StepResult({}, {}, {})
+        if not sample_requests:
+            return result
+        logits = self.model.compute_logits(hidden[sample_rows])  # [N, V] float32
+        mask_tensor = None
+        if masks:
+            mask_tensor = torch.ones(len(sample_requests), logits.shape[1], dtype=torch.bool, device=logits.device)
+            for i, request in enumerate(sample_requests):
+                m = masks.get(request.request_id)
+                if m is not None:
+                    mask_tensor[i, : m.shape[0]] = m
+        sampled: SampleResult = self.sampler.sample(logits, sample_requests, mask_tensor)
+        for i, request in enumerate(sample_requests):
+            result.sampled[request.request_id] = sampled.token_ids[i]
+            lp = sampled.logprobs[i]
+            if lp is not None:
+                result.logprobs[request.request_id] = lp
+        return result

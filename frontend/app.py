@@ -1,0 +1,108 @@
+"""Builds the API process's Starlette app: routes, middleware, error handlers, engine client lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from frontend.config import FrontendConfig
+from frontend.engine_client import EngineClient, EngineUnavailable
+from frontend.errors import APIError, engine_unavailable, internal_error
+from frontend.metrics import setup_metrics
+from frontend.middleware import REQUEST_ID_KEY, ApiKeyMiddleware, RequestIdMiddleware
+from frontend.routes import openai_routes, system_routes
+from frontend.serving.model_context import ModelContext
+from frontend.serving.streaming import json_response
+from frontend.state import AppState
+
+logger = logging.getLogger("tandem.api")
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    headers = {}
+    if exc.status == 503:
+        headers["Retry-After"] = str(request.app.state.tandem.config.retry_after_s)
+    response = json_response(exc.body(), exc.status)
+    response.headers.update(headers)
+    return response
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        err = APIError(f"Route {request.method} {request.url.path} not found.", status=404, type="invalid_request_error", code="not_found")
+    elif exc.status_code == 405:
+        err = APIError(f"Method {request.method} is not allowed on {request.url.path}.", status=405, code="method_not_allowed")
+    else:
+        err = APIError(str(exc.detail), status=exc.status_code)
+    return json_response(err.body(), err.status)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    request_id = request.scope.get(REQUEST_ID_KEY, "?")
+    if isinstance(exc, EngineUnavailable):
+        return await _api_error(request, engine_unavailable(str(exc)))
+    logger.exception("request %s failed", request_id)
+    err = internal_error(request_id)
+    return json_response(err.body(), err.status)
+
+
+def build_app(config: FrontendConfig) -> Starlette:
+    client = EngineClient(
+        list(config.engine_addresses),
+        heartbeat_interval_s=config.heartbeat_interval_s,
+        dead_after_s=config.engine_dead_after_s,
+        curve_keys=_client_curve_keys(config),
+    )
+    state = AppState(config=config, client=client)
+    setup_metrics(state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        ready = await client.start(timeout_s=config.engine_ready_timeout_s)
+        state.ctx = ModelContext.from_ready(ready, config.served_model_names)
+        logger.info("serving %s (max_model_len %d)", ", ".join(state.ctx.served_model_names), ready.max_model_len)
+        try:
+            yield
+        finally:
+            state.accepting = False
+            await client.close()
+
+    middleware = [Middleware(RequestIdMiddleware)]
+    if config.allowed_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.allowed_origins),
+                allow_methods=list(config.allowed_methods),
+                allow_headers=list(config.allowed_headers),
+                allow_credentials=True,
+            )
+        )
+    if config.api_key:
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=config.api_key))
+    app = Starlette(
+        routes=[*openai_routes.routes, *system_routes.routes],
+        middleware=middleware,
+        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+        lifespan=lifespan,
+    )
+    app.state.tandem = state
+    return app
+
+
+def _client_curve_keys(config: FrontendConfig) -> dict[str, bytes]:
+    if not config.curve_keys_dir:
+        return {}
+    from protocol.curve import load_client_keys
+
+    return load_client_keys(config.curve_keys_dir)

@@ -1,0 +1,32 @@
+"""The API process's one frozen configuration, built from CLI flags in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    engine_addresses: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    fd: int | None = None  # an already-bound listening socket handed over by the launcher
+    api_key: str | None = None
+    served_model_names: tuple[str, ...] = ()  # overrides the names engines announce
+    max_request_body_bytes: int = 64 * 1024 * 1024
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    disable_log_requests: bool = False
+    enable_prompt_embeds: bool = False
+    max_prompt_embeds_bytes: int = 32 * 1024 * 1024
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    retry_after_s: int = 1
+    shutdown_timeout_s: float = 30.0
+    engine_ready_timeout_s: float = 900.0
+    heartbeat_interval_s: float = 1.0
+    engine_dead_after_s: float = 5.0
+    curve_keys_dir: str | None = None
+    log_level: str = "info"
+    metrics_dir: str | None = None  # shared folder for multi-process Prometheus metrics

@@ -1,0 +1,285 @@
+"""The API process's side of the wire: one DEALER socket per engine, a receive task each, heartbeats,
+routing by least outstanding work, and per-request delta queues. Engines that die or go silent are
+marked down; their requests end with an explicit error or, with no token yet, are retried elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from protocol.framing import FrameError, decode, encode
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    AddRequest,
+    EngineDead,
+    FinishReason,
+    Heartbeat,
+    Hello,
+    Outputs,
+    Ready,
+    Refused,
+    RequestDelta,
+    SchedulerStats,
+)
+
+logger = logging.getLogger(__name__)
+
+_PREFIX_AFFINITY_TOKENS = 64  # requests whose first tokens match prefer the engine that served them
+_AFFINITY_SLACK = 4  # ...unless that engine has this many more outstanding requests than the least loaded
+
+
+@dataclass(frozen=True)
+class EngineLost:
+    """Put on a request's queue when its engine dies or goes silent."""
+
+    reason: str
+
+
+@dataclass
+class EngineConnection:
+    address: str
+    index: int
+    socket: zmq.asyncio.Socket | None = None
+    ready: Ready | None = None
+    alive: bool = False
+    refused: str | None = None
+    last_heard: float = 0.0
+    stats: SchedulerStats | None = None
+    pending: dict[str, asyncio.Queue[RequestDelta | EngineLost]] = field(default_factory=dict)
+    recv_task: asyncio.Task[None] | None = None
+    num_served: int = 0
+
+    @property
+    def load(self) -> int:
+        reported = (self.stats.num_running + self.stats.num_waiting) if self.stats else 0
+        return max(len(self.pending), reported)
+
+
+class EngineUnavailable(Exception):
+    """No live engine can take the request."""
+
+
+class EngineClient:
+    def __init__(
+        self,
+        addresses: list[str],
+        *,
+        client_name: str | None = None,
+        heartbeat_interval_s: float = 1.0,
+        dead_after_s: float = 5.0,
+        curve_keys: dict[str, bytes] | None = None,
+    ) -> None:
+        if not addresses:
+            raise ValueError("at least one engine address is needed")
+        self.ctx = zmq.asyncio.Context()
+        self.client_name = client_name or f"api-{os.getpid()}"
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.dead_after_s = dead_after_s
+        self.curve_keys = curve_keys or {}
+        self.engines = [EngineConnection(addr, i) for i, addr in enumerate(addresses)]
+        self._ready_event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._affinity: OrderedDict[tuple[int, ...], int] = OrderedDict()
+        self.num_bad_messages = 0
+        self.num_retries = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self, timeout_s: float = 600.0) -> Ready:
+        for conn in self.engines:
+            self._open(conn)
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        try:
+            await asyncio.wait_for(self._ready_event.wait(), timeout_s)
+        except TimeoutError as exc:
+            reasons = [c.refused for c in self.engines if c.refused]
+            detail = f": {reasons[0]}" if reasons else ""
+            raise EngineUnavailable(f"no engine answered within {timeout_s:.0f}s{detail}") from exc
+        return self.model_info
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for conn in self.engines:
+            self._close_socket(conn)
+        self.ctx.destroy(linger=0)
+
+    @property
+    def model_info(self) -> Ready:
+        for conn in self.engines:
+            if conn.ready is not None:
+                return conn.ready
+        raise EngineUnavailable("no engine has completed its handshake")
+
+    @property
+    def is_healthy(self) -> bool:
+        return any(c.alive for c in self.engines)
+
+    def _open(self, conn: EngineConnection) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"{self.client_name}-{uuid.uuid4().hex[:8]}".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if self.curve_keys:
+            sock.curve_secretkey = self.curve_keys["client_secret"]
+            sock.curve_publickey = self.curve_keys["client_public"]
+            sock.curve_serverkey = self.curve_keys["server_public"]
+        sock.connect(conn.address)
+        conn.socket = sock
+        conn.recv_task = asyncio.create_task(self._recv_loop(conn, sock))
+        self._send(conn, Hello(PROTOCOL_VERSION, self.client_name))
+
+    def _close_socket(self, conn: EngineConnection) -> None:
+        if conn.recv_task is not None:
+            conn.recv_task.cancel()
+        if conn.socket is not None:
+            conn.socket.close(0)
+        conn.socket = None
+
+    def _send(self, conn: EngineConnection, message: object, buffers: list[bytes] | None = None) -> None:
+        if conn.socket is None:
+            return
+        with contextlib.suppress(zmq.Again, zmq.ZMQError):
+            conn.socket.send_multipart(encode(message, buffers or []), flags=zmq.NOBLOCK)
+
+    # -- receiving ------------------------------------------------------------------------------------
+    async def _recv_loop(self, conn: EngineConnection, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            try:
+                message, _extra = decode(frames)
+            except FrameError as exc:
+                self.num_bad_messages += 1
+                logger.warning("dropped an undecodable message from engine %s: %s", conn.address, exc)
+                continue
+            conn.last_heard = time.monotonic()
+            self._dispatch(conn, message)
+
+    def _dispatch(self, conn: EngineConnection, message: object) -> None:
+        if isinstance(message, Outputs):
+            conn.stats = message.stats or conn.stats
+            for delta in message.deltas:
+                queue = conn.pending.get(delta.request_id)
+                if queue is not None:
+                    queue.put_nowait(delta)
+        elif isinstance(message, Heartbeat):
+            conn.stats = message.stats or conn.stats
+        elif isinstance(message, Ready):
+            if not conn.alive:
+                logger.info("engine %s is up (%s)", conn.address, message.engine_id)
+            conn.ready, conn.alive, conn.refused = message, True, None
+            self._ready_event.set()
+        elif isinstance(message, Refused):
+            conn.refused = message.reason
+            logger.error("engine %s refused this API process: %s", conn.address, message.reason)
+        elif isinstance(message, EngineDead):
+            logger.error("engine %s reported a fatal error: %s", conn.address, message.message)
+            self._mark_dead(conn, f"engine failed: {message.message}")
+
+    # -- liveness -------------------------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            now = time.monotonic()
+            for conn in self.engines:
+                if conn.alive and now - conn.last_heard > self.dead_after_s:
+                    self._mark_dead(conn, f"engine {conn.address} stopped answering")
+                if conn.alive:
+                    self._send(conn, Heartbeat(time.time()))
+                else:
+                    self._send(conn, Hello(PROTOCOL_VERSION, self.client_name))
+
+    def _mark_dead(self, conn: EngineConnection, reason: str) -> None:
+        if conn.alive:
+            logger.error("marking engine %s down: %s", conn.address, reason)
+        conn.alive = False
+        conn.stats = None
+        for request_id, queue in list(conn.pending.items()):
+            queue.put_nowait(EngineLost(reason))
+        conn.pending.clear()
+        # A fresh socket drops anything queued for the dead peer, so a restarted engine never runs stale work.
+        self._close_socket(conn)
+        self._open(conn)
+
+    # -- requests -------------------------------------------------------------------------------------
+    def pick_engine(self, prompt_token_ids: list[int], exclude: set[int] | None = None) -> EngineConnection:
+        live = [c for c in self.engines if c.alive and (not exclude or c.index not in exclude)]
+        if not live:
+            raise EngineUnavailable("no engine is available")
+        least = min(live, key=lambda c: c.load)
+        key = tuple(prompt_token_ids[:_PREFIX_AFFINITY_TOKENS])
+        if len(key) == _PREFIX_AFFINITY_TOKENS:
+            preferred = self._affinity.get(key)
+            for conn in live:
+                if conn.index == preferred and conn.load <= least.load + _AFFINITY_SLACK:
+                    least = conn
+            self._affinity[key] = least.index
+            self._affinity.move_to_end(key)
+            if len(self._affinity) > 4096:
+                self._affinity.popitem(last=False)
+        return least
+
+    async def generate(
+        self, request: AddRequest, buffers: list[bytes] | None = None
+    ) -> AsyncIterator[RequestDelta]:
+        """Deltas for one request until it finishes. Closing the iterator early aborts it on the engine."""
+        tried: set[int] = set()
+        conn = self.pick_engine(request.prompt_token_ids)
+        got_tokens = False
+        while True:
+            queue: asyncio.Queue[RequestDelta | EngineLost] = asyncio.Queue()
+            conn.pending[request.request_id] = queue
+            conn.num_served += 1
+            tried.add(conn.index)
+            self._send(conn, request, buffers)
+            lost: EngineLost | None = None
+            finished = False
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, EngineLost):
+                        lost, finished = item, True
+                        break
+                    got_tokens = got_tokens or bool(item.new_token_ids)
+                    finished = item.finish_reason is not None
+                    yield item
+                    if finished:
+                        return
+            finally:
+                conn.pending.pop(request.request_id, None)
+                if not finished:
+                    self._send(conn, Abort([request.request_id]))
+            if got_tokens:
+                yield _lost_delta(request.request_id, lost.reason)
+                return
+            try:
+                conn = self.pick_engine(request.prompt_token_ids, exclude=tried)
+            except EngineUnavailable:
+                yield _lost_delta(request.request_id, lost.reason)
+                return
+            self.num_retries += 1
+            logger.warning("retrying request %s on engine %s", request.request_id, conn.address)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for conn in self.engines:
+            ids = [r for r in request_ids if r in conn.pending]
+            if ids:
+                self._send(conn, Abort(ids))
+
+
+def _lost_delta(request_id: str, reason: str) -> RequestDelta:
+    return RequestDelta(request_id, [], finish_reason=FinishReason.ERROR, error=reason, error_status=503)

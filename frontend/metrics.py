@@ -1,0 +1,89 @@
+"""Prometheus metrics with vLLM's names, so existing vLLM dashboards work against Tandem.
+
+Engine-side figures (running, waiting, KV usage, prefix cache, preemptions) come from the stats each
+engine sends with its outputs and heartbeats; request-side figures are recorded here as requests finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from frontend.state import AppState
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class RequestMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model_name"]
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=registry)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.", labels, registry=registry)
+        self.request_success = Counter(
+            "vllm:request_success", "Finished requests by finish reason.", [*labels, "finished_reason"], registry=registry
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token.", labels, buckets=_LATENCY_BUCKETS, registry=registry
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds", "Time between tokens.", labels, buckets=_LATENCY_BUCKETS, registry=registry
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", labels, buckets=_LATENCY_BUCKETS, registry=registry
+        )
+
+
+class EngineStatsCollector:
+    """Reads the latest stats each engine reported; nothing is stored twice."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["model_name", "engine"]
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests running on the engine.", labels=labels)
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting on the engine.", labels=labels)
+        kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage (1 = full).", labels=labels)
+        queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=labels)
+        hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=labels)
+        preempt = CounterMetricFamily("vllm:num_preemptions", "Preemptions.", labels=labels)
+        max_seqs = GaugeMetricFamily("tandem:max_step_num_seqs", "Largest number of sequences in one engine step.", labels=labels)
+        served = CounterMetricFamily("tandem:engine_requests", "Requests this API process sent to the engine.", labels=labels)
+        alive = GaugeMetricFamily("tandem:engine_alive", "1 while the engine is live.", labels=labels)
+        model = self.state.ctx.model_name if self.state.ctx else ""
+        for conn in self.state.client.engines:
+            lv = [model, conn.ready.engine_id if conn.ready else conn.address]
+            alive.add_metric(lv, 1.0 if conn.alive else 0.0)
+            served.add_metric(lv, conn.num_served)
+            s = conn.stats
+            if s is None:
+                continue
+            running.add_metric(lv, s.num_running)
+            waiting.add_metric(lv, s.num_waiting)
+            kv.add_metric(lv, s.kv_cache_usage)
+            queries.add_metric(lv, s.prefix_cache_queries)
+            hits.add_metric(lv, s.prefix_cache_hits)
+            preempt.add_metric(lv, s.num_preemptions)
+            max_seqs.add_metric(lv, s.max_step_num_seqs)
+        yield from (running, waiting, kv, queries, hits, preempt, max_seqs, served, alive)
+
+
+def setup_metrics(state: AppState) -> None:
+    registry = CollectorRegistry()
+    registry.register(EngineStatsCollector(state))
+    state.extras["registry"] = registry
+    state.extras["request_metrics"] = RequestMetrics(registry)
+
+
+def request_metrics(state: AppState) -> RequestMetrics | None:
+    return state.extras.get("request_metrics")  # type: ignore[return-value]
+
+
+def render_metrics(state: AppState) -> tuple[bytes, str]:
+    registry = state.extras["registry"]
+    return generate_latest(registry), CONTENT_TYPE_LATEST  # type: ignore[arg-type]

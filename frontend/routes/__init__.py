@@ -1,0 +1,1 @@
+"""HTTP routes: thin handlers that parse, check, and hand over to frontend.serving."""

@@ -1,0 +1,59 @@
+"""Operational routes: health, version, load and Prometheus metrics."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from frontend.serving.streaming import json_response
+from frontend.state import AppState
+
+TANDEM_VERSION = "0.1.0"
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.tandem
+
+
+async def health(request: Request) -> Response:
+    state = _state(request)
+    if state.ctx is not None and state.client.is_healthy and state.accepting:
+        return Response(status_code=200)
+    return Response(status_code=503)
+
+
+async def version(_request: Request) -> Response:
+    return json_response({"version": TANDEM_VERSION})
+
+
+async def load(request: Request) -> Response:
+    state = _state(request)
+    engines = [
+        {
+            "address": c.address,
+            "alive": c.alive,
+            "outstanding": len(c.pending),
+            "num_running": c.stats.num_running if c.stats else None,
+            "num_waiting": c.stats.num_waiting if c.stats else None,
+            "max_step_num_seqs": c.stats.max_step_num_seqs if c.stats else None,
+            "num_served": c.num_served,
+        }
+        for c in state.client.engines
+    ]
+    return json_response({"server_load": state.num_requests_in_flight, "engines": engines})
+
+
+async def metrics(request: Request) -> Response:
+    from frontend.metrics import render_metrics
+
+    body, content_type = render_metrics(_state(request))
+    return Response(body, media_type=content_type)
+
+
+routes = [
+    Route("/health", health, methods=["GET"]),
+    Route("/version", version, methods=["GET"]),
+    Route("/load", load, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

@@ -1,0 +1,32 @@
+"""Runs one API process: uvicorn serving the Starlette app, on a host/port or an inherited socket."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+
+from frontend.app import build_app
+from frontend.config import FrontendConfig
+
+
+def run_api_server(config: FrontendConfig) -> int:
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s [api] %(name)s: %(message)s")
+    app = build_app(config)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        fd=None,
+        log_level=config.log_level,
+        access_log=not config.disable_log_requests,
+        timeout_graceful_shutdown=int(config.shutdown_timeout_s),
+        lifespan="on",
+    )
+    server = uvicorn.Server(uv_config)
+    sockets = None
+    if config.fd is not None:
+        sockets = [socket.socket(fileno=config.fd)]
+    server.run(sockets=sockets)
+    return 0 if server.started else 1

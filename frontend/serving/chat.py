@@ -1,0 +1,171 @@
+"""POST /v1/chat/completions: template -> tokens -> engine -> OpenAI chat responses (JSON or SSE)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import Response, StreamingResponse
+
+from frontend.errors import APIError, invalid_request
+from frontend.sampling_params import build_sampling_params
+from frontend.schemas import ChatCompletionRequest
+from frontend.serving.chat_template import ChatTemplateError, normalize_messages
+from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices, run_choices, usage_dict
+from frontend.serving.model_context import ModelContext
+from frontend.serving.output import ChoiceDelta, ChoiceOutput
+from frontend.serving.responses import chat_chunk, chat_choice, chat_logprobs
+from frontend.serving.streaming import first_or_error, json_response, sse_response
+from frontend.engine_client import EngineClient
+
+
+def render_chat_prompt(ctx: ModelContext, req: ChatCompletionRequest) -> tuple[str, list[str]]:
+    """The rendered prompt text and any prompt-embedding parts (base64) in order."""
+    if ctx.chat_template is None:
+        raise invalid_request("This model has no chat template; use /v1/completions instead.", "messages")
+    messages, embeds = normalize_messages(req.messages)
+    kwargs = dict(req.chat_template_kwargs or {})
+    try:
+        text = ctx.chat_template.render(
+            messages,
+            add_generation_prompt=req.add_generation_prompt
+            if req.add_generation_prompt is not None
+            else True,
+            continue_final_message=bool(req.continue_final_message),
+            tools=req.tools,
+            documents=req.documents,
+            **kwargs,
+        )
+    except ChatTemplateError as exc:
+        raise exc.api_error() from exc
+    return text, embeds
+
+
+def prepare_chat(ctx: ModelContext, req: ChatCompletionRequest) -> PreparedPrompt:
+    text, embeds = render_chat_prompt(ctx, req)
+    if embeds:
+        from frontend.serving.prompt_embeds import prompt_with_embeds
+
+        return prompt_with_embeds(ctx, text, embeds)
+    return PreparedPrompt(ctx.encode(text, add_special_tokens=False), text)
+
+
+def chat_output_factory(ctx: ModelContext, req: ChatCompletionRequest):  # noqa: ANN201
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    def make(prompt: PreparedPrompt, _index: int) -> ChoiceOutput:
+        return ChoiceOutput(
+            ctx.tokenizer,
+            prompt.token_ids,
+            stop=stop,
+            include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True,
+        )
+
+    return make
+
+
+async def create_chat_completion(
+    ctx: ModelContext, client: EngineClient, req: ChatCompletionRequest, request_id: str
+) -> Response:
+    model = ctx.check_model(req.model)
+    prompt = prepare_chat(ctx, req)
+    sampling = build_sampling_params(
+        req,
+        num_prompt_tokens=len(prompt.token_ids),
+        max_model_len=ctx.max_model_len,
+        vocab_size=ctx.ready.vocab_size,
+        eos_token_ids=ctx.ready.eos_token_ids,
+    )
+    n = req.n or 1
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    jobs = plan_choices(
+        response_id,
+        [prompt],
+        [sampling],
+        n,
+        chat_output_factory(ctx, req),
+        priority=req.priority or 0,
+        cache_salt=req.cache_salt,
+    )
+    created = int(time.time())
+    events = await first_or_error(run_choices(client, jobs))
+    if req.stream:
+        return sse_response(_stream_chat(events, jobs, response_id, created, model, req))
+    return json_response(await _collect_chat(events, jobs, response_id, created, model, req))
+
+
+async def _collect_chat(
+    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
+    jobs: list[ChoiceJob],
+    response_id: str,
+    created: int,
+    model: str,
+    req: ChatCompletionRequest,
+) -> dict[str, Any]:
+    async for job, delta in events:
+        if delta.error:
+            raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
+    choices = [chat_choice(j.index, j.output, want_logprobs=bool(req.logprobs)) for j in jobs]
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage_dict(jobs),
+    }
+
+
+async def _stream_chat(
+    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
+    jobs: list[ChoiceJob],
+    response_id: str,
+    created: int,
+    model: str,
+    req: ChatCompletionRequest,
+) -> AsyncIterator[dict[str, Any] | APIError]:
+    opts = req.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    continuous = bool(opts and opts.continuous_usage_stats)
+
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return chat_chunk(
+            response_id,
+            created,
+            model,
+            choices,
+            usage_dict(jobs) if continuous else None,
+            with_usage_key=include_usage,
+        )
+
+    for job in jobs:
+        yield chunk(
+            [
+                {
+                    "index": job.index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+    async for job, delta in events:
+        if delta.error:
+            yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            return
+        if not delta.text and delta.finish_reason is None and not (req.logprobs and delta.logprobs):
+            continue
+        choice: dict[str, Any] = {
+            "index": job.index,
+            "delta": {"content": delta.text} if delta.text or delta.finish_reason is None else {},
+            "logprobs": chat_logprobs(delta.logprobs) if req.logprobs else None,
+            "finish_reason": delta.finish_reason,
+        }
+        if delta.finish_reason is not None:
+            choice["stop_reason"] = delta.stop_reason
+        yield chunk([choice])
+    if include_usage:
+        yield chat_chunk(response_id, created, model, [], usage_dict(jobs), with_usage_key=True)

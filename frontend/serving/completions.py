@@ -1,0 +1,182 @@
+"""POST /v1/completions: prompts (text or token ids) -> engine -> OpenAI completion responses."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import Response
+
+from frontend.engine_client import EngineClient
+from frontend.errors import APIError
+from frontend.sampling_params import build_sampling_params, check_prompt_token_ids
+from frontend.schemas import CompletionRequest
+from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices, run_choices, usage_dict
+from frontend.serving.model_context import ModelContext
+from frontend.serving.output import ChoiceDelta, ChoiceOutput
+from frontend.serving.responses import completion_chunk, completion_logprobs
+from frontend.serving.streaming import first_or_error, json_response, sse_response
+
+# OpenAI's legacy completions default; vLLM uses the same.
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+
+
+def prepare_prompts(ctx: ModelContext, req: CompletionRequest) -> list[PreparedPrompt]:
+    prompt = req.prompt
+    prompts: list[PreparedPrompt] = []
+    if req.prompt_embeds is not None:
+        from frontend.serving.prompt_embeds import prompts_from_embeds
+
+        prompts.extend(prompts_from_embeds(ctx, req.prompt_embeds))
+    if prompt is None:
+        return prompts
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif prompt and all(isinstance(x, int) for x in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    add_special = req.add_special_tokens if req.add_special_tokens is not None else True
+    for item in items:
+        if isinstance(item, str):
+            prompts.append(PreparedPrompt(ctx.encode(item, add_special_tokens=add_special), item))
+        else:
+            check_prompt_token_ids(item, vocab_size=ctx.ready.vocab_size)
+            prompts.append(
+                PreparedPrompt(list(item), ctx.tokenizer.decode(list(item), skip_special_tokens=False))
+            )
+    return prompts
+
+
+async def create_completion(
+    ctx: ModelContext, client: EngineClient, req: CompletionRequest, request_id: str
+) -> Response:
+    model = ctx.check_model(req.model)
+    prompts = prepare_prompts(ctx, req)
+    sampling = [
+        build_sampling_params(
+            req,
+            num_prompt_tokens=len(p.token_ids),
+            max_model_len=ctx.max_model_len,
+            vocab_size=ctx.ready.vocab_size,
+            eos_token_ids=ctx.ready.eos_token_ids,
+            default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS,
+        )
+        for p in prompts
+    ]
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    def make_output(prompt: PreparedPrompt, _index: int) -> ChoiceOutput:
+        return ChoiceOutput(
+            ctx.tokenizer,
+            prompt.token_ids,
+            stop=stop,
+            include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True,
+        )
+
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    jobs = plan_choices(
+        response_id,
+        prompts,
+        sampling,
+        req.n or 1,
+        make_output,
+        priority=req.priority or 0,
+        cache_salt=req.cache_salt,
+    )
+    created = int(time.time())
+    events = await first_or_error(run_choices(client, jobs))
+    if req.stream:
+        return sse_response(_stream(events, jobs, prompts, response_id, created, model, req))
+    return json_response(await _collect(events, jobs, prompts, response_id, created, model, req))
+
+
+def _echo_text(req: CompletionRequest, prompts: list[PreparedPrompt], job: ChoiceJob) -> str:
+    return (prompts[job.prompt_index].text or "") if req.echo else ""
+
+
+async def _collect(
+    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
+    jobs: list[ChoiceJob],
+    prompts: list[PreparedPrompt],
+    response_id: str,
+    created: int,
+    model: str,
+    req: CompletionRequest,
+) -> dict[str, Any]:
+    async for _job, delta in events:
+        if delta.error:
+            raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
+    choices = []
+    for job in jobs:
+        echo = _echo_text(req, prompts, job)
+        choices.append(
+            {
+                "index": job.index,
+                "text": echo + job.output.text,
+                "logprobs": completion_logprobs(job.output.logprobs, len(echo))
+                if req.logprobs is not None
+                else None,
+                "finish_reason": job.output.finish_reason,
+                "stop_reason": job.output.stop_reason,
+            }
+        )
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage_dict(jobs),
+    }
+
+
+async def _stream(
+    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
+    jobs: list[ChoiceJob],
+    prompts: list[PreparedPrompt],
+    response_id: str,
+    created: int,
+    model: str,
+    req: CompletionRequest,
+) -> AsyncIterator[dict[str, Any] | APIError]:
+    opts = req.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    continuous = bool(opts and opts.continuous_usage_stats)
+    echoed: set[int] = set()
+    offsets = {job.index: 0 for job in jobs}
+    async for job, delta in events:
+        if delta.error:
+            yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            return
+        text = delta.text
+        if req.echo and job.index not in echoed:
+            echoed.add(job.index)
+            text = _echo_text(req, prompts, job) + text
+        if not text and delta.finish_reason is None and not delta.logprobs:
+            continue
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = completion_logprobs(delta.logprobs, offsets[job.index])
+            offsets[job.index] += len(text)
+        choice: dict[str, Any] = {
+            "index": job.index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": delta.finish_reason,
+        }
+        if delta.finish_reason is not None:
+            choice["stop_reason"] = delta.stop_reason
+        yield completion_chunk(
+            response_id,
+            created,
+            model,
+            [choice],
+            usage_dict(jobs) if continuous else None,
+            with_usage_key=include_usage,
+        )
+    if include_usage:
+        yield completion_chunk(response_id, created, model, [], usage_dict(jobs), with_usage_key=True)

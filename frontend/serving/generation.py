@@ -1,0 +1,128 @@
+"""Runs the engine requests behind one API request (n choices x prompts) and merges their deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from frontend.engine_client import EngineClient
+from frontend.serving.output import ChoiceDelta, ChoiceOutput
+from protocol.messages import AddRequest, EmbedSpan, SamplingParams
+
+
+@dataclass
+class PreparedPrompt:
+    token_ids: list[int]
+    text: str | None = None  # the prompt as text, for echo
+    embeds: list[EmbedSpan] = field(default_factory=list)
+    buffers: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class ChoiceJob:
+    index: int  # choices[index] in the response
+    prompt_index: int
+    add: AddRequest
+    buffers: list[bytes]
+    output: ChoiceOutput
+
+
+def plan_choices(
+    request_id: str,
+    prompts: list[PreparedPrompt],
+    sampling: list[SamplingParams],
+    n: int,
+    make_output: Callable[[PreparedPrompt, int], ChoiceOutput],
+    *,
+    priority: int = 0,
+    cache_salt: str | None = None,
+) -> list[ChoiceJob]:
+    """One engine request per (prompt, sample), indexed prompt-major as OpenAI does."""
+    jobs = []
+    now = time.time()
+    for p, prompt in enumerate(prompts):
+        for i in range(n):
+            params = sampling[p]
+            if n > 1 and params.seed is not None:
+                params = _with_seed(params, params.seed + i)  # distinct but reproducible samples
+            index = p * n + i
+            add = AddRequest(
+                request_id=f"{request_id}-{index}",
+                prompt_token_ids=prompt.token_ids,
+                sampling=params,
+                arrival_time=now,
+                priority=priority,
+                embeds=prompt.embeds,
+                cache_salt=cache_salt,
+            )
+            jobs.append(ChoiceJob(index, p, add, prompt.buffers, make_output(prompt, p)))
+    return jobs
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    import msgspec
+
+    return msgspec.structs.replace(params, seed=seed)
+
+
+async def run_choices(
+    client: EngineClient, jobs: list[ChoiceJob]
+) -> AsyncIterator[tuple[ChoiceJob, ChoiceDelta]]:
+    """Deltas of all jobs as they arrive. Cancelling the consumer aborts every unfinished engine request."""
+    queue: asyncio.Queue[tuple[ChoiceJob, ChoiceDelta] | None] = asyncio.Queue()
+
+    async def pump(job: ChoiceJob) -> None:
+        try:
+            stream = client.generate(job.add, job.buffers)
+            try:
+                async for delta in stream:
+                    out = job.output.process(delta)
+                    queue.put_nowait((job, out))
+                    if job.output.finished:
+                        break  # a stop string ended it early: closing the stream aborts the engine request
+            finally:
+                await stream.aclose()
+        except Exception as exc:  # routed to the consumer as this choice's error
+            job.output.error = f"{type(exc).__name__}: {exc}"
+            job.output.error_status = getattr(exc, "status", 503)
+            queue.put_nowait(
+                (job, ChoiceDelta("", [], error=job.output.error, error_status=job.output.error_status))
+            )
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(job)) for job in jobs]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+                continue
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def usage_dict(jobs: list[ChoiceJob]) -> dict:
+    """OpenAI usage: each prompt counted once, every choice's completion tokens counted."""
+    first_of_prompt: dict[int, ChoiceJob] = {}
+    for job in jobs:
+        first_of_prompt.setdefault(job.prompt_index, job)
+    prompt_tokens = sum(len(j.add.prompt_token_ids) for j in first_of_prompt.values())
+    completion_tokens = sum(len(j.output.token_ids) for j in jobs)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {
+            "cached_tokens": sum(j.output.num_cached_tokens for j in first_of_prompt.values())
+        },
+    }

@@ -1,0 +1,57 @@
+"""What the API process knows about the served model, all of it from the engine's READY handshake."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from frontend.errors import model_not_found
+from frontend.serving.chat_template import ChatTemplate
+from protocol.messages import Ready
+
+
+@dataclass
+class ModelContext:
+    ready: Ready
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate | None
+    served_model_names: list[str]
+
+    @classmethod
+    def from_ready(cls, ready: Ready, served_model_names: tuple[str, ...] = ()) -> ModelContext:
+        tokenizer = Tokenizer.from_str(ready.tokenizer_json)
+        template = None
+        if ready.chat_template:
+            template = ChatTemplate(
+                ready.chat_template,
+                bos_token=ready.bos_token,
+                eos_token=ready.eos_token,
+                special_tokens=ready.special_tokens,
+            )
+        return cls(ready, tokenizer, template, list(served_model_names) or list(ready.served_model_names))
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.ready.max_model_len
+
+    def check_model(self, name: str | None) -> str:
+        """The served name to answer with; 404 for a name this server does not serve."""
+        if name is None or name == "":
+            return self.model_name
+        if name not in self.served_model_names:
+            raise model_not_found(name)
+        return name
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        bos = self.ready.bos_token
+        if add_special_tokens and self.ready.add_bos_token and bos is not None:
+            bos_id = self.tokenizer.token_to_id(bos)
+            if bos_id is not None and (not ids or ids[0] != bos_id):
+                ids = [bos_id, *ids]
+        return ids

