@@ -206,7 +206,9 @@ def _split_kv_decode_kernel(
     dims = tl.arange(0, BLOCK_D)
     q_mask = row_valid[:, None] & (dims[None, :] < head_size)
     q = tl.load(
-        q_ptr + seq.to(tl.int64) * stride_q_t + head[:, None] * stride_q_h + dims[None, :], mask=q_mask
+        q_ptr + seq.to(tl.int64) * stride_q_t + head[:, None] * stride_q_h + dims[None, :],
+        mask=q_mask,
+        other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)

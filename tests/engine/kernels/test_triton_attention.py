@@ -78,6 +78,16 @@ def test_mixed_batch(device: str, group: int, head_size: int) -> None:
     _check(q, kv_cache, meta, 1e-3, seed, split_kv=False)
 
 
+def test_group_not_a_power_of_two_strided_q(device: str) -> None:
+    # SmolLM2's shape: 9 query heads over 3 KV heads, head_dim 64; q is a view into a fused qkv tensor.
+    seed = 2000
+    q, kv_cache, meta = _build_batch(seed, MIXED, 3, 3, 64, torch.float32, device)
+    qkv = torch.cat([q.flatten(1), torch.zeros(q.shape[0], 2 * 3 * 64, device=device)], dim=1)
+    q_view = qkv[:, : 9 * 64].view(-1, 9, 64)
+    assert not q_view.is_contiguous()
+    _check(q_view, kv_cache, meta, 1e-3, seed)
+
+
 def test_long_prefill_spans_many_kv_tiles(device: str) -> None:
     # 150 new tokens after 60 cached ones: several query tiles and K/V tiles, unmasked and diagonal.
     seed = 2001
@@ -91,7 +101,7 @@ def test_decode_only_single_pass(device: str) -> None:
     _check(q, kv_cache, meta, 1e-3, seed, split_kv=False)
 
 
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
 def test_split_kv_decode(device: str, group: int) -> None:
     # Partitions of 64 positions: 200 spans four (the last partial), 7 only one, 128 exactly two.
     seed = 3000 + group
