@@ -32,7 +32,14 @@ def _check_range(value: float | None, param: str, low: float, high: float, *, lo
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
         bracket = "(" if low_open else "["
-        raise invalid_request(f"`{param}` must be in {bracket}{low}, {high}], got {value}.", param)
+        raise invalid_request(
+            f"`{param}` must be in {bracket}{_number(low)}, {_number(high)}], got {value}.", param
+        )
+
+
+def _number(value: float) -> str:
+    """Bounds as people write them: 0 and 2, not 0.0 and 2.0."""
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def _check_at_least(value: int | None, param: str, low: int) -> None:
