@@ -175,3 +175,18 @@ class PagedBatchBuilder:
 def paged_batch_builder() -> type[PagedBatchBuilder]:
     """The PagedBatchBuilder class: PagedBatchBuilder(num_blocks, block_size, seed)."""
     return PagedBatchBuilder
+
+
+@pytest.fixture(scope="session")
+def default_gguf_path() -> Path:
+    from engine.loader import resolve_model_path
+
+    return resolve_model_path(None)
+
+
+@pytest.fixture(scope="session")
+def default_loaded_model() -> object:
+    """The default SmolLM2 GGUF loaded by Tandem (float32), once per session (~10 s)."""
+    from engine.loader import load_model
+
+    return load_model(None)
