@@ -14,6 +14,8 @@ class StopStringMatcher:
         self._stops = [s for s in dict.fromkeys(stop) if s]  # an empty stop string cannot be matched
         self._include_stop = include_stop_str_in_output
         self._max_hold = max((len(s) for s in self._stops), default=1) - 1
+        # Every proper prefix of every stop string: a held tail must be one of these.
+        self._prefixes = {s[:length] for s in self._stops for length in range(1, len(s))}
         self._held = ""
         self.stop_str: str | None = None  # the matched stop string, once matched
 
@@ -56,7 +58,6 @@ class StopStringMatcher:
     def _partial_match_len(self, buf: str) -> int:
         """Length of the longest suffix of `buf` that is a proper prefix of some stop string."""
         for length in range(min(len(buf), self._max_hold), 0, -1):
-            tail = buf[len(buf) - length :]
-            if any(stop_str.startswith(tail) for stop_str in self._stops):
+            if buf[len(buf) - length :] in self._prefixes:
                 return length
         return 0

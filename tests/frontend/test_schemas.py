@@ -231,3 +231,24 @@ def test_edge_values_that_are_valid() -> None:
     assert decode_chat_request(chat(logprobs=True, top_logprobs=20)).top_logprobs == 20
     assert decode_completion_request(completion(logprobs=0, best_of=2, n=2)).logprobs == 0
     assert decode_chat_request(chat(max_tokens=5, max_completion_tokens=3, min_tokens=3)).min_tokens == 3
+
+
+def test_pure_frontend_modules_do_not_import_torch() -> None:
+    """API processes must start without torch or transformers (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    modules = [
+        "frontend.errors",
+        "frontend.sse",
+        "frontend.schemas",
+        "frontend.sampling_params",
+        "frontend.serving.chat_template",
+        "frontend.serving.detokenizer",
+        "frontend.serving.stop_strings",
+    ]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted(k for k in ('torch', 'transformers') if k in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
