@@ -135,10 +135,10 @@ def test_random_token_streams(byte_level: Tokenizer) -> None:
         assert stream(detok, ids, rng) == byte_level.decode(ids), f"seed={seed} trial={trial} ids={ids}"
 
 
-def test_sentencepiece_keeps_the_leading_space_after_a_prompt(sentencepiece: Tokenizer) -> None:
+@pytest.mark.parametrize("prompt", ["hello", "hello world the fox ok tokens the fox ok hello"])
+def test_sentencepiece_keeps_the_leading_space_after_a_prompt(sentencepiece: Tokenizer, prompt: str) -> None:
     seed = 3
     rng = random.Random(seed)
-    prompt = "hello"
     prompt_ids = sentencepiece.encode(prompt).ids
     for text in [" world 中文", " the fox 🎉 ok", "tokens"]:
         ids = sentencepiece.encode(prompt + text).ids[len(prompt_ids) :]
