@@ -42,8 +42,8 @@ class EngineCore:
         self.parts = parts or build_engine_parts(config)
         self.scheduler = self.parts.scheduler
         self.runner = self.parts.runner
-        self.io = EngineIO(config.listen, **self.parts.curve_keys)
-        self.clients: dict[bytes, float] = {}  # identity -> last time we heard from it
+        self.io = EngineIO(config.listen, heartbeat_interval_s=config.heartbeat_interval_s, **self.parts.curve_keys)
+        self.known_clients: set[bytes] = set()
         self.owner: dict[str, bytes] = {}  # request_id -> identity of the API process that sent it
         self.step_count = 0
         self.max_step_num_seqs = 0
@@ -83,7 +83,7 @@ class EngineCore:
                     break
         except Exception as exc:
             logger.exception("engine core failed")
-            for client in self.clients:
+            for client in list(self.io.clients):
                 self.io.send(client, EngineDead(self.config.engine_id, f"{type(exc).__name__}: {exc}"))
             time.sleep(0.2)  # let the outbox flush
             raise
@@ -98,7 +98,6 @@ class EngineCore:
             return
         while True:
             client_id, message, frames = item
-            self.clients[client_id] = time.monotonic()
             handler = self._handlers.get(type(message))
             if handler is not None:
                 handler(client_id, message, frames)
@@ -112,7 +111,9 @@ class EngineCore:
             reason = f"protocol version {message.protocol_version} is not supported; this engine speaks {PROTOCOL_VERSION}"
             self.io.send(client_id, Refused(reason))
             return
-        logger.info("API process %r connected", message.client_name)
+        if client_id not in self.known_clients:
+            self.known_clients.add(client_id)
+            logger.info("API process %r connected", message.client_name)
         self.io.send(client_id, self.parts.ready)
 
     def _on_heartbeat(self, client_id: bytes, _message: Heartbeat, _frames: list[bytes]) -> None:
@@ -180,6 +181,7 @@ class EngineCore:
             )
             per_client[request.client_id].append(delta)
         stats = self._stats()
+        self.io.stats = stats
         for client_id, deltas in per_client.items():
             self.io.send(client_id, Outputs(self.config.engine_id, deltas, stats))
         for request in finished:
@@ -219,15 +221,14 @@ class EngineCore:
         if now - self._last_heartbeat < self.config.heartbeat_interval_s:
             return
         self._last_heartbeat = now
-        beat = Heartbeat(time.time(), self._stats())
-        for client_id, last_seen in list(self.clients.items()):
+        self.io.stats = self._stats()
+        for client_id, last_seen in list(self.io.clients.items()):
             if now - last_seen > self.config.client_timeout_s:
                 self._drop_client(client_id)
-            else:
-                self.io.send(client_id, beat)
 
     def _drop_client(self, client_id: bytes) -> None:
-        del self.clients[client_id]
+        self.io.forget_client(client_id)
+        self.known_clients.discard(client_id)
         orphans = [rid for rid, owner in self.owner.items() if owner == client_id]
         if orphans:
             logger.warning("API process went silent; aborting its %d requests", len(orphans))

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 import zmq
 
 from protocol.framing import FrameError, decode, encode
+from protocol.messages import Heartbeat, SchedulerStats
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +20,19 @@ _OUTBOX = "inproc://tandem-engine-outbox"
 
 
 class EngineIO:
-    def __init__(self, address: str, *, curve_secret_key: bytes | None = None, curve_public_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        heartbeat_interval_s: float = 1.0,
+        curve_secret_key: bytes | None = None,
+        curve_public_key: bytes | None = None,
+    ) -> None:
         self.address = address
+        self.heartbeat_interval_s = heartbeat_interval_s
+        # identity -> monotonic time of its last message; written by the socket thread only.
+        self.clients: dict[bytes, float] = {}
+        self.stats: SchedulerStats | None = None  # latest stats, published by the engine loop
         self.inputs: queue.Queue[tuple[bytes, Any, list[bytes]]] = queue.Queue()
         self._outputs: queue.Queue[tuple[bytes, Any, list[bytes]] | None] = queue.Queue()
         self._ctx = zmq.Context()
@@ -39,6 +52,9 @@ class EngineIO:
         if self._bind_error is not None:
             raise self._bind_error
         self._threads[1].start()
+
+    def forget_client(self, client_id: bytes) -> None:
+        self.clients.pop(client_id, None)
 
     def send(self, client_id: bytes, message: Any, buffers: list[bytes] | None = None) -> None:
         self._outputs.put((client_id, message, buffers or []))
@@ -75,8 +91,16 @@ class EngineIO:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(outbox, zmq.POLLIN)
+        next_beat = time.monotonic()
         while not self._stop.is_set():
             events = dict(poller.poll(100))
+            now = time.monotonic()
+            if now >= next_beat:
+                # Beats come from this thread, so a long model step never looks like a dead engine.
+                next_beat = now + self.heartbeat_interval_s
+                beat = encode(Heartbeat(time.time(), self.stats))
+                for client_id in list(self.clients):
+                    router.send_multipart([client_id, *beat])
             if router in events:
                 self._receive(router)
             if outbox in events:
@@ -96,6 +120,7 @@ class EngineIO:
             except zmq.Again:
                 return
             client_id, body = frames[0], frames[1:]
+            self.clients[client_id] = time.monotonic()
             try:
                 message, extra = decode(body)
             except FrameError as exc:

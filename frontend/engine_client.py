@@ -36,7 +36,8 @@ from protocol.messages import (
 logger = logging.getLogger(__name__)
 
 _PREFIX_AFFINITY_TOKENS = 64  # requests whose first tokens match prefer the engine that served them
-_AFFINITY_SLACK = 4  # ...unless that engine has this many more outstanding requests than the least loaded
+_AFFINITY_SLACK = 4
+_HELLO_RETRY_S = 2.0  # how often a down engine is asked for a handshake again  # ...unless that engine has this many more outstanding requests than the least loaded
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class EngineConnection:
     pending: dict[str, asyncio.Queue[RequestDelta | EngineLost]] = field(default_factory=dict)
     recv_task: asyncio.Task[None] | None = None
     num_served: int = 0
+    last_hello: float = 0.0
 
     @property
     def load(self) -> int:
@@ -138,6 +140,7 @@ class EngineClient:
         sock.connect(conn.address)
         conn.socket = sock
         conn.recv_task = asyncio.create_task(self._recv_loop(conn, sock))
+        conn.last_hello = time.monotonic()
         self._send(conn, Hello(PROTOCOL_VERSION, self.client_name))
 
     def _close_socket(self, conn: EngineConnection) -> None:
@@ -200,7 +203,8 @@ class EngineClient:
                     self._mark_dead(conn, f"engine {conn.address} stopped answering")
                 if conn.alive:
                     self._send(conn, Heartbeat(time.time()))
-                else:
+                elif now - conn.last_hello >= _HELLO_RETRY_S:
+                    conn.last_hello = now
                     self._send(conn, Hello(PROTOCOL_VERSION, self.client_name))
 
     def _mark_dead(self, conn: EngineConnection, reason: str) -> None:

