@@ -42,7 +42,9 @@ class EngineCore:
         self.parts = parts or build_engine_parts(config)
         self.scheduler = self.parts.scheduler
         self.runner = self.parts.runner
-        self.io = EngineIO(config.listen, heartbeat_interval_s=config.heartbeat_interval_s, **self.parts.curve_keys)
+        self.io = EngineIO(
+            config.listen, heartbeat_interval_s=config.heartbeat_interval_s, **self.parts.curve_keys
+        )
         self.known_clients: set[bytes] = set()
         self.owner: dict[str, bytes] = {}  # request_id -> identity of the API process that sent it
         self.step_count = 0
@@ -62,7 +64,11 @@ class EngineCore:
     # -- lifecycle ------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         def drain(signum: int, _frame: Any) -> None:
-            logger.info("signal %d: refusing new work and draining %d running requests", signum, self.scheduler.num_running)
+            logger.info(
+                "signal %d: refusing new work and draining %d running requests",
+                signum,
+                self.scheduler.num_running,
+            )
             if self.draining:
                 self.stop_event.set()
             self.draining = True
@@ -93,7 +99,11 @@ class EngineCore:
     # -- inputs ---------------------------------------------------------------------------------------
     def _take_inputs(self, block: bool) -> None:
         try:
-            item = self.io.inputs.get(timeout=self.config.heartbeat_interval_s) if block else self.io.inputs.get_nowait()
+            item = (
+                self.io.inputs.get(timeout=self.config.heartbeat_interval_s)
+                if block
+                else self.io.inputs.get_nowait()
+            )
         except queue.Empty:
             return
         while True:
@@ -124,7 +134,9 @@ class EngineCore:
             self._forget(request)
 
     def _reject(self, client_id: bytes, request_id: str, error: str, status: int) -> None:
-        delta = RequestDelta(request_id, [], finish_reason=FinishReason.ERROR, error=error, error_status=status)
+        delta = RequestDelta(
+            request_id, [], finish_reason=FinishReason.ERROR, error=error, error_status=status
+        )
         self.io.send(client_id, Outputs(self.config.engine_id, [delta], self._stats()))
 
     def _on_add(self, client_id: bytes, message: AddRequest, frames: list[bytes]) -> None:
@@ -136,7 +148,9 @@ class EngineCore:
             self._reject(client_id, message.request_id, "the engine's waiting queue is full", 503)
             return
         if message.request_id in self.owner:
-            self._reject(client_id, message.request_id, f"request id {message.request_id!r} is already running", 400)
+            self._reject(
+                client_id, message.request_id, f"request id {message.request_id!r} is already running", 400
+            )
             return
         try:
             request = make_request(message, client_id, frames, self.parts)
@@ -190,7 +204,9 @@ class EngineCore:
     def _fail_step(self, scheduled: list[tuple[Request, int]], error: str) -> None:
         for request, _ in scheduled:
             self.scheduler.finish_with_error(request)
-            delta = RequestDelta(request.request_id, [], finish_reason=FinishReason.ERROR, error=error, error_status=500)
+            delta = RequestDelta(
+                request.request_id, [], finish_reason=FinishReason.ERROR, error=error, error_status=500
+            )
             self.io.send(request.client_id, Outputs(self.config.engine_id, [delta], self._stats()))
             self._forget(request)
 

@@ -39,9 +39,18 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        err = APIError(f"Route {request.method} {request.url.path} not found.", status=404, type="invalid_request_error", code="not_found")
+        err = APIError(
+            f"Route {request.method} {request.url.path} not found.",
+            status=404,
+            type="invalid_request_error",
+            code="not_found",
+        )
     elif exc.status_code == 405:
-        err = APIError(f"Method {request.method} is not allowed on {request.url.path}.", status=405, code="method_not_allowed")
+        err = APIError(
+            f"Method {request.method} is not allowed on {request.url.path}.",
+            status=405,
+            code="method_not_allowed",
+        )
     else:
         err = APIError(str(exc.detail), status=exc.status_code)
     return json_response(err.body(), err.status)
@@ -70,7 +79,9 @@ def build_app(config: FrontendConfig) -> Starlette:
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         ready = await client.start(timeout_s=config.engine_ready_timeout_s)
         state.ctx = ModelContext.from_ready(ready, config.served_model_names)
-        logger.info("serving %s (max_model_len %d)", ", ".join(state.ctx.served_model_names), ready.max_model_len)
+        logger.info(
+            "serving %s (max_model_len %d)", ", ".join(state.ctx.served_model_names), ready.max_model_len
+        )
         try:
             yield
         finally:

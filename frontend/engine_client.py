@@ -11,7 +11,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import zmq
@@ -212,7 +212,7 @@ class EngineClient:
             logger.error("marking engine %s down: %s", conn.address, reason)
         conn.alive = False
         conn.stats = None
-        for request_id, queue in list(conn.pending.items()):
+        for _request_id, queue in list(conn.pending.items()):
             queue.put_nowait(EngineLost(reason))
         conn.pending.clear()
         # A fresh socket drops anything queued for the dead peer, so a restarted engine never runs stale work.
@@ -239,7 +239,7 @@ class EngineClient:
 
     async def generate(
         self, request: AddRequest, buffers: list[bytes] | None = None
-    ) -> AsyncIterator[RequestDelta]:
+    ) -> AsyncGenerator[RequestDelta, None]:
         """Deltas for one request until it finishes. Closing the iterator early aborts it on the engine."""
         tried: set[int] = set()
         conn = self.pick_engine(request.prompt_token_ids)

@@ -16,25 +16,64 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 if TYPE_CHECKING:
     from frontend.state import AppState
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 class RequestMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["model_name"]
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=registry)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.", labels, registry=registry)
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=registry
+        )
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Generation tokens processed.", labels, registry=registry
+        )
         self.request_success = Counter(
-            "vllm:request_success", "Finished requests by finish reason.", [*labels, "finished_reason"], registry=registry
+            "vllm:request_success",
+            "Finished requests by finish reason.",
+            [*labels, "finished_reason"],
+            registry=registry,
         )
         self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Time to first token.", labels, buckets=_LATENCY_BUCKETS, registry=registry
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.itl = Histogram(
-            "vllm:inter_token_latency_seconds", "Time between tokens.", labels, buckets=_LATENCY_BUCKETS, registry=registry
+            "vllm:inter_token_latency_seconds",
+            "Time between tokens.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", labels, buckets=_LATENCY_BUCKETS, registry=registry
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
 
 
@@ -46,14 +85,26 @@ class EngineStatsCollector:
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["model_name", "engine"]
-        running = GaugeMetricFamily("vllm:num_requests_running", "Requests running on the engine.", labels=labels)
-        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting on the engine.", labels=labels)
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running", "Requests running on the engine.", labels=labels
+        )
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Requests waiting on the engine.", labels=labels
+        )
         kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage (1 = full).", labels=labels)
-        queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=labels)
-        hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=labels)
+        queries = CounterMetricFamily(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=labels
+        )
+        hits = CounterMetricFamily(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=labels
+        )
         preempt = CounterMetricFamily("vllm:num_preemptions", "Preemptions.", labels=labels)
-        max_seqs = GaugeMetricFamily("tandem:max_step_num_seqs", "Largest number of sequences in one engine step.", labels=labels)
-        served = CounterMetricFamily("tandem:engine_requests", "Requests this API process sent to the engine.", labels=labels)
+        max_seqs = GaugeMetricFamily(
+            "tandem:max_step_num_seqs", "Largest number of sequences in one engine step.", labels=labels
+        )
+        served = CounterMetricFamily(
+            "tandem:engine_requests", "Requests this API process sent to the engine.", labels=labels
+        )
         alive = GaugeMetricFamily("tandem:engine_alive", "1 while the engine is live.", labels=labels)
         model = self.state.ctx.model_name if self.state.ctx else ""
         for conn in self.state.client.engines:

@@ -50,7 +50,11 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not scope["path"].startswith(_PROTECTED_PREFIXES):
+        if (
+            scope["type"] != "http"
+            or scope.get("method") == "OPTIONS"
+            or not scope["path"].startswith(_PROTECTED_PREFIXES)
+        ):
             await self.app(scope, receive, send)
             return
         given = b""
@@ -63,9 +67,14 @@ class ApiKeyMiddleware:
             return
         err = unauthorized()
         body = json_bytes(err.body())
-        await send({
-            "type": "http.response.start",
-            "status": err.status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": err.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

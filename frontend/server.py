@@ -12,7 +12,9 @@ from frontend.config import FrontendConfig
 
 
 def run_api_server(config: FrontendConfig) -> int:
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s [api] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s [api] %(name)s: %(message)s"
+    )
     app = build_app(config)
     uv_config = uvicorn.Config(
         app,

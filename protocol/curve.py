@@ -16,7 +16,9 @@ def _read(folder: str, name: str) -> bytes:
     try:
         key = path.read_text().strip().encode()
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"CurveZMQ key file {path} is missing (create keys with `tandem keys generate DIR`)") from exc
+        raise FileNotFoundError(
+            f"CurveZMQ key file {path} is missing (create keys with `tandem keys generate DIR`)"
+        ) from exc
     if len(key) != 40:
         raise ValueError(f"{path} does not hold a 40-character Z85 CurveZMQ key")
     return key

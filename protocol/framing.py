@@ -44,7 +44,9 @@ MESSAGE_TYPES: dict[Tag, type] = {
 TAG_OF: dict[type, Tag] = {cls: tag for tag, cls in MESSAGE_TYPES.items()}
 
 _encoder = msgspec.msgpack.Encoder()
-_decoders = {tag: msgspec.msgpack.Decoder(cls) for tag, cls in MESSAGE_TYPES.items()}
+_decoders: dict[Tag, msgspec.msgpack.Decoder[Any]] = {
+    tag: msgspec.msgpack.Decoder(cls) for tag, cls in MESSAGE_TYPES.items()
+}
 _tags_by_value = {tag.value: tag for tag in Tag}
 
 

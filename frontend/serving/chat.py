@@ -7,8 +7,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
+from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
 from frontend.sampling_params import build_sampling_params
 from frontend.schemas import ChatCompletionRequest
@@ -16,9 +17,8 @@ from frontend.serving.chat_template import ChatTemplateError, normalize_messages
 from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices, run_choices, usage_dict
 from frontend.serving.model_context import ModelContext
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
-from frontend.serving.responses import chat_chunk, chat_choice, chat_logprobs
+from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs
 from frontend.serving.streaming import first_or_error, json_response, sse_response
-from frontend.engine_client import EngineClient
 
 
 def render_chat_prompt(ctx: ModelContext, req: ChatCompletionRequest) -> tuple[str, list[str]]:
@@ -105,7 +105,7 @@ async def _collect_chat(
     model: str,
     req: ChatCompletionRequest,
 ) -> dict[str, Any]:
-    async for job, delta in events:
+    async for _job, delta in events:
         if delta.error:
             raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
     choices = [chat_choice(j.index, j.output, want_logprobs=bool(req.logprobs)) for j in jobs]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from frontend.engine_client import EngineClient
@@ -70,7 +70,7 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
 
 async def run_choices(
     client: EngineClient, jobs: list[ChoiceJob]
-) -> AsyncIterator[tuple[ChoiceJob, ChoiceDelta]]:
+) -> AsyncGenerator[tuple[ChoiceJob, ChoiceDelta], None]:
     """Deltas of all jobs as they arrive. Cancelling the consumer aborts every unfinished engine request."""
     queue: asyncio.Queue[tuple[ChoiceJob, ChoiceDelta] | None] = asyncio.Queue()
 

@@ -3,7 +3,7 @@ engine event so that a request refused up front (overload, bad input) gets a rea
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, TypeVar
 
 from starlette.responses import Response, StreamingResponse
@@ -20,8 +20,8 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 
 async def first_or_error(
-    events: AsyncIterator[tuple[Any, ChoiceDelta]],
-) -> AsyncIterator[tuple[Any, ChoiceDelta]]:
+    events: AsyncGenerator[tuple[Any, ChoiceDelta], None],
+) -> AsyncGenerator[tuple[Any, ChoiceDelta], None]:
     """Waits for the first event; raises its error as an APIError (-> HTTP status) if the engine refused it."""
     try:
         first = await anext(events)
@@ -38,18 +38,18 @@ async def first_or_error(
     return _chain(first, events)
 
 
-async def _empty() -> AsyncIterator[tuple[Any, ChoiceDelta]]:
+async def _empty() -> AsyncGenerator[tuple[Any, ChoiceDelta], None]:
     return
     yield  # pragma: no cover
 
 
-async def _chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+async def _chain(first: T, rest: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
     try:
         yield first
         async for item in rest:
             yield item
     finally:
-        await rest.aclose()  # type: ignore[attr-defined]
+        await rest.aclose()
 
 
 def sse_response(chunks: AsyncIterator[dict[str, Any] | APIError]) -> StreamingResponse:

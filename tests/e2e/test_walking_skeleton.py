@@ -97,6 +97,7 @@ def test_sixteen_concurrent_streams_share_engine_steps(default_server: ServerPro
     for text, finish in results:
         assert text.strip()
         assert finish in ("stop", "length")
+
     # The same requests one at a time must give the same greedy text: batching changes nothing.
     async def one(i: int) -> tuple[str, str | None]:
         async with httpx.AsyncClient(timeout=120) as client:
@@ -104,7 +105,7 @@ def test_sixteen_concurrent_streams_share_engine_steps(default_server: ServerPro
 
     assert asyncio.run(one(3)) == results[3]
     metrics = httpx.get(f"{url}/metrics").text
-    match = re.search(r'^tandem:max_step_num_seqs\{[^}]*\} ([0-9.]+)$', metrics, re.MULTILINE)
+    match = re.search(r"^tandem:max_step_num_seqs\{[^}]*\} ([0-9.]+)$", metrics, re.MULTILINE)
     assert match, metrics
     assert float(match.group(1)) >= 16  # all 16 ran in one engine step at least once
 
@@ -121,7 +122,11 @@ def test_sixteen_concurrent_streams_share_engine_steps(default_server: ServerPro
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
     default_server: ServerProcess, body: bytes, status: int, param: str | None
 ) -> None:
-    resp = httpx.post(f"{default_server.base_url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    resp = httpx.post(
+        f"{default_server.base_url}/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
     assert resp.status_code == status
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
