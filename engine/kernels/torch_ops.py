@@ -64,14 +64,14 @@ def write_kv_cache(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
-def _gather_context(kv_cache: Tensor, block_ids: Tensor) -> tuple[Tensor, Tensor]:
-    # block_ids [B, num_blocks] -> K, V [B, num_blocks * block_size, Hkv, D]
-    keys = kv_cache[0][block_ids]
-    values = kv_cache[1][block_ids]
-    batch = block_ids.shape[0]
-    return keys.flatten(1, 2).view(batch, -1, *keys.shape[-2:]), values.flatten(1, 2).view(
-        batch, -1, *values.shape[-2:]
-    )
+def _gather_context(kv_cache: Tensor, block_ids: Tensor) -> Tensor:
+    """block_ids [B, num_blocks] -> K and V stacked as [2, B, Hkv, num_blocks * block_size, D]."""
+    batch, num_blocks = block_ids.shape
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    # index_select on the block axis gathers K and V in one pass; plain advanced indexing is slower.
+    gathered = kv_cache.index_select(1, block_ids.reshape(-1))
+    gathered = gathered.view(2, batch, num_blocks * block_size, num_kv_heads, head_dim)
+    return gathered.transpose(2, 3).contiguous()
 
 
 def _decode_attention(
@@ -79,42 +79,35 @@ def _decode_attention(
 ) -> Tensor:
     """All single-token decodes at once: q [B, Hq, D] -> [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
-    keys, values = _gather_context(kv_cache, block_ids)  # [B, L, Hkv, D]
-    num_kv_heads = keys.shape[2]
-    group = num_heads // num_kv_heads
+    keys, values = _gather_context(kv_cache, block_ids)  # each [B, Hkv, L, D]
+    num_kv_heads = keys.shape[1]
     # One query per sequence, so the `group` query heads sharing a KV head can stand in for
     # the query-length axis: GQA without repeating K/V.
-    grouped_q = q.view(batch, num_kv_heads, group, head_dim)
-    mask = torch.arange(keys.shape[1], device=q.device) < seq_lens.unsqueeze(1)  # [B, L]
+    grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    mask = torch.arange(keys.shape[2], device=q.device) < seq_lens.unsqueeze(1)  # [B, L]
     out = F.scaled_dot_product_attention(
-        grouped_q,
-        keys.transpose(1, 2),
-        values.transpose(1, 2),
-        attn_mask=mask[:, None, None, :],
-        scale=scale,
+        grouped_q, keys, values, attn_mask=mask[:, None, None, :], scale=scale
     )  # [B, Hkv, group, D]
     return out.reshape(batch, num_heads, head_dim)
 
 
 def _prefill_attention(q: Tensor, kv_cache: Tensor, block_ids: Tensor, seq_len: int, scale: float) -> Tensor:
     """One sequence's chunk: q [Q, Hq, D] are the last Q positions of a seq_len-long context."""
-    query_len, num_heads, _ = q.shape
-    keys, values = _gather_context(kv_cache, block_ids.unsqueeze(0))
-    keys = keys[0, :seq_len].transpose(0, 1)  # [Hkv, S, D]
-    values = values[0, :seq_len].transpose(0, 1)
-    group = num_heads // keys.shape[0]
-    if group > 1:
-        keys = keys.repeat_interleave(group, dim=0)
-        values = values.repeat_interleave(group, dim=0)
+    query_len = q.shape[0]
+    keys, values = _gather_context(kv_cache, block_ids.unsqueeze(0))[:, 0, :, :seq_len]  # [Hkv, S, D]
     query = q.transpose(0, 1)  # [Hq, Q, D]
     if query_len == seq_len:
-        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, is_causal=True, scale=scale, enable_gqa=True
+        )
     else:
         # SDPA's is_causal aligns top-left; cached context needs bottom-right alignment.
         context_len = seq_len - query_len
         query_pos = torch.arange(query_len, device=q.device).unsqueeze(1) + context_len
         mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= query_pos  # [Q, S]
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
     return out.transpose(0, 1)
 
 
@@ -142,7 +135,7 @@ def paged_attention(q: Tensor, kv_cache: Tensor, meta: AttentionMetadata, scale:
             seq_idx = torch.tensor(decode_seqs, device=q.device)
             rows = meta.block_table[seq_idx, :num_blocks]
             dec_lens = meta.seq_lens[seq_idx]
-        dec_out = _decode_attention(q[token_ids], kv_cache, rows.long(), dec_lens, scale)
+        dec_out = _decode_attention(q.index_select(0, token_ids), kv_cache, rows.long(), dec_lens, scale)
         out.index_copy_(0, token_ids, dec_out)
 
     for i in range(meta.num_seqs):
