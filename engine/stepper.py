@@ -1,0 +1,132 @@
+"""The transport-free heart of an engine: admit requests, run one step at a time, report deltas.
+
+EngineCore drives it over ZeroMQ; the offline `LLM` API drives it in-process. Both therefore share
+one implementation of admission, scheduling, sampling and stop handling.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from engine.engine_setup import EngineParts
+from engine.request import Request
+from engine.request_intake import RequestRejected, make_request
+from protocol.messages import AddRequest, FinishReason, RequestDelta, SchedulerStats, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+def error_delta(request_id: str, error: str, status: int) -> RequestDelta:
+    return RequestDelta(request_id, [], finish_reason=FinishReason.ERROR, error=error, error_status=status)
+
+
+class EngineStepper:
+    def __init__(self, parts: EngineParts, *, max_waiting_requests: int | None = None) -> None:
+        self.parts = parts
+        self.scheduler = parts.scheduler
+        self.runner = parts.runner
+        self.max_waiting_requests = max_waiting_requests
+        self.owner: dict[str, bytes] = {}  # request_id -> client that sent it
+        self.step_count = 0
+        self.max_step_num_seqs = 0
+        self.last_step_num_seqs = 0
+        self.last_step_num_tokens = 0
+        self.num_bad_messages = 0  # set by the transport
+        self.last_step_had_work = False
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def add(self, message: AddRequest, client_id: bytes, frames: list[bytes]) -> RequestDelta | None:
+        """Queues the request; returns an error delta instead when it cannot be accepted."""
+        limit = self.max_waiting_requests
+        if limit is not None and self.scheduler.num_waiting >= limit:
+            return error_delta(message.request_id, "the engine's waiting queue is full", 503)
+        if message.request_id in self.owner:
+            return error_delta(
+                message.request_id, f"request id {message.request_id!r} is already running", 400
+            )
+        try:
+            request = make_request(message, client_id, frames, self.parts)
+        except RequestRejected as exc:
+            return error_delta(message.request_id, str(exc), 400)
+        self.owner[request.request_id] = client_id
+        self.scheduler.add_request(request)
+        return None
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        for request in self.scheduler.abort_requests(request_ids):
+            self._forget(request)
+
+    def abort_client(self, client_id: bytes) -> int:
+        orphans = [rid for rid, owner in self.owner.items() if owner == client_id]
+        self.abort(orphans)
+        return len(orphans)
+
+    def step(self) -> list[tuple[bytes, RequestDelta]]:
+        """Runs one engine step; returns (client, delta) for every request that produced output."""
+        out = self.scheduler.schedule()
+        self.last_step_had_work = not out.is_empty
+        if out.is_empty:
+            return []
+        self.step_count += 1
+        self.last_step_num_seqs = len(out.scheduled)
+        self.last_step_num_tokens = out.num_tokens
+        self.max_step_num_seqs = max(self.max_step_num_seqs, self.last_step_num_seqs)
+        try:
+            result = self.runner.execute(out)
+        except Exception as exc:
+            logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
+            return self._fail(out.scheduled, f"{type(exc).__name__}: {exc}")
+        finished = self.scheduler.update_after_step(out, result.sampled)
+        finished_ids = {r.request_id for r in finished}
+        deltas = []
+        for request, _ in out.scheduled:
+            token_id = result.sampled.get(request.request_id)
+            if token_id is None or (request.is_finished and request.request_id not in finished_ids):
+                continue
+            lp = result.logprobs.get(request.request_id)
+            delta = RequestDelta(
+                request.request_id,
+                [token_id],
+                finish_reason=request.finish_reason,
+                stop_reason=request.stop_reason,
+                num_cached_tokens=request.num_cached_tokens or 0,
+                logprobs=[TokenLogprob(token_id, lp[0], lp[1], lp[2], lp[3])] if lp else None,
+                num_prompt_tokens=request.num_prompt_tokens,
+            )
+            deltas.append((request.client_id, delta))
+        for request in finished:
+            self._forget(request)
+        return deltas
+
+    def _fail(self, scheduled: list[tuple[Request, int]], error: str) -> list[tuple[bytes, RequestDelta]]:
+        deltas = []
+        for request, _ in scheduled:
+            self.scheduler.finish_with_error(request)
+            deltas.append((request.client_id, error_delta(request.request_id, error, 500)))
+            self._forget(request)
+        return deltas
+
+    def _forget(self, request: Request) -> None:
+        self.owner.pop(request.request_id, None)
+        self.runner.sampler.forget(request.request_id)
+
+    def stats(self) -> SchedulerStats:
+        kv = self.scheduler.kv_cache
+        return SchedulerStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=kv.usage,
+            step=self.step_count,
+            num_scheduled_seqs=self.last_step_num_seqs,
+            num_scheduled_tokens=self.last_step_num_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=kv.num_queried_tokens,
+            prefix_cache_hits=kv.num_hit_tokens,
+            max_step_num_seqs=self.max_step_num_seqs,
+            num_free_blocks=kv.num_free_blocks,
+            num_bad_messages=self.num_bad_messages,
+        )
