@@ -109,7 +109,8 @@ class KVCacheManager:
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Cached block ids for the longest cached prefix, leaving the last prompt token to compute."""
-        if not self.enable_prefix_caching:
+        # Prompt logprobs need the logits of every prompt position, so such a request reads no cache.
+        if not self.enable_prefix_caching or request.sampling.prompt_logprobs is not None:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._extend_hashes(request, max_blocks)
@@ -127,7 +128,9 @@ class KVCacheManager:
         while len(request.block_hashes) < num_full_blocks:
             request.block_hashes.append(self._block_hash(request, len(request.block_hashes)))
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, cached_block_ids: list[int] | None = None
+    ) -> bool:
         """Give the request blocks for num_new_tokens more tokens (after any cached prefix). False if out of blocks."""
         cached_block_ids = cached_block_ids or []
         num_owned = len(request.block_ids) + len(cached_block_ids)

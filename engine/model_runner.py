@@ -10,7 +10,7 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.kv_cache import NULL_BLOCK_ID
 from engine.request import Request
-from engine.sampler import SampleResult, Sampler
+from engine.sampler import LogprobRow, Sampler, SampleResult
 from engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -19,17 +19,27 @@ logger = logging.getLogger(__name__)
 @dataclass
 class StepResult:
     sampled: dict[str, int]  # request_id -> new token, for rows that reached the end of their tokens
-    logprobs: dict[str, tuple[float, int, list[int], list[float]]]
-    prompt_logprobs: dict[str, list[tuple[float, int, list[int], list[float]] | None]]
+    logprobs: dict[str, LogprobRow]
+    prompt_logprobs: dict[str, list[LogprobRow | None]]  # sent once, with the request's first token
 
 
-def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes_per_block(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, arch: object, *, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        arch: object,
+        *,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.model = model
         self.arch = arch
         self.block_size = block_size
@@ -78,7 +88,9 @@ class ModelRunner:
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=dev)
         return input_ids, torch.tensor(positions, dtype=torch.int64, device=dev), meta
 
-    def _input_embeds(self, out: SchedulerOutput, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+    def _input_embeds(
+        self, out: SchedulerOutput, input_ids: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor | None:
         """Token embeddings with prompt-embedding rows spliced in, or None when no row carries any."""
         if not any(r.prompt_embeds for r, _ in out.scheduled):
             return None
@@ -96,7 +108,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, masks: dict[str, torch.Tensor] | None = None) -> StepResult:
         input_ids, positions, meta = self._build_inputs(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, inputs_embeds=self._input_embeds(out, input_ids, meta))
+        hidden = self.model(
+            input_ids, positions, self.kv_caches, meta, inputs_embeds=self._input_embeds(out, input_ids, meta)
+        )
+        for row, (request, num_new) in enumerate(out.scheduled):
+            if request.sampling.prompt_logprobs is not None and not request.sent_prompt_logprobs:
+                self._prompt_logprobs(request, num_new, hidden, meta.query_start_loc_cpu[row])
         # Rows that reach the end of their known tokens sample a new one; mid-prompt chunks do not.
         sample_rows = []
         sample_requests: list[Request] = []
@@ -110,7 +127,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[sample_rows])  # [N, V] float32
         mask_tensor = None
         if masks:
-            mask_tensor = torch.ones(len(sample_requests), logits.shape[1], dtype=torch.bool, device=logits.device)
+            mask_tensor = torch.ones(
+                len(sample_requests), logits.shape[1], dtype=torch.bool, device=logits.device
+            )
             for i, request in enumerate(sample_requests):
                 m = masks.get(request.request_id)
                 if m is not None:
@@ -121,4 +140,18 @@ class ModelRunner:
             lp = sampled.logprobs[i]
             if lp is not None:
                 result.logprobs[request.request_id] = lp
+            if request.sampling.prompt_logprobs is not None and not request.sent_prompt_logprobs:
+                prompt_lps = self.sampler.take_prompt_logprobs(request.request_id)
+                result.prompt_logprobs[request.request_id] = prompt_lps or [None]
+                request.sent_prompt_logprobs = True  # a recompute after preemption does not redo them
         return result
+
+    def _prompt_logprobs(self, request: Request, num_new: int, hidden: torch.Tensor, flat0: int) -> None:
+        """Logprobs of the prompt tokens this chunk predicts (the rows before the last prompt token)."""
+        start = request.num_computed_tokens
+        end = min(start + num_new, request.num_prompt_tokens - 1)
+        step = 256  # rows of [*, vocab] float32 logits at a time
+        for lo in range(start, end, step):
+            hi = min(lo + step, end)
+            logits = self.model.compute_logits(hidden[flat0 + lo - start : flat0 + hi - start])
+            self.sampler.add_prompt_logprobs(request, logits, lo)

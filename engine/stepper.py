@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from engine.engine_setup import EngineParts
 from engine.request import Request
 from engine.request_intake import RequestRejected, make_request
+from engine.scheduler import SchedulerOutput
+from engine.structured import StructuredOutputs
 from protocol.messages import AddRequest, FinishReason, RequestDelta, SchedulerStats, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -19,6 +21,17 @@ logger = logging.getLogger(__name__)
 
 def error_delta(request_id: str, error: str, status: int) -> RequestDelta:
     return RequestDelta(request_id, [], finish_reason=FinishReason.ERROR, error=error, error_status=status)
+
+
+def _prompt_logprobs(
+    request: Request, rows: list[tuple[float, int, list[int], list[float]] | None] | None
+) -> list[TokenLogprob | None] | None:
+    if rows is None:
+        return None
+    return [
+        None if row is None else TokenLogprob(request.prompt_token_ids[pos], row[0], row[1], row[2], row[3])
+        for pos, row in enumerate(rows)
+    ]
 
 
 class EngineStepper:
@@ -34,6 +47,17 @@ class EngineStepper:
         self.last_step_num_tokens = 0
         self.num_bad_messages = 0  # set by the transport
         self.last_step_had_work = False
+        self._structured: StructuredOutputs | None = None
+
+    @property
+    def structured(self) -> StructuredOutputs:
+        # Built on the first constrained request: engines that never see one start no grammar threads.
+        if self._structured is None:
+            ready = self.parts.ready
+            self._structured = StructuredOutputs.create(
+                ready.tokenizer_json, self.parts.vocab_size, self.parts.eos_token_ids
+            )
+        return self._structured
 
     @property
     def has_work(self) -> bool:
@@ -53,6 +77,8 @@ class EngineStepper:
         except RequestRejected as exc:
             return error_delta(message.request_id, str(exc), 400)
         self.owner[request.request_id] = client_id
+        if request.sampling.structured is not None:
+            self.structured.attach(request)  # compiles off this thread; the scheduler waits for it
         self.scheduler.add_request(request)
         return None
 
@@ -67,22 +93,28 @@ class EngineStepper:
 
     def step(self) -> list[tuple[bytes, RequestDelta]]:
         """Runs one engine step; returns (client, delta) for every request that produced output."""
+        grammar_failures = self._poll_grammars()
         out = self.scheduler.schedule()
-        self.last_step_had_work = not out.is_empty
+        self.last_step_had_work = not out.is_empty or bool(grammar_failures)
         if out.is_empty:
-            return []
+            return grammar_failures
         self.step_count += 1
         self.last_step_num_seqs = len(out.scheduled)
         self.last_step_num_tokens = out.num_tokens
         self.max_step_num_seqs = max(self.max_step_num_seqs, self.last_step_num_seqs)
+        sampling_rows = [r for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens]
         try:
-            result = self.runner.execute(out)
+            masks = self._structured.masks(sampling_rows) if self._structured else None
+            result = self.runner.execute(out, masks=masks or None)
         except Exception as exc:
             logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
-            return self._fail(out.scheduled, f"{type(exc).__name__}: {exc}")
+            return grammar_failures + self._fail(out.scheduled, f"{type(exc).__name__}: {exc}")
+        complete, grammar_errors = set(), {}
+        if self._structured is not None:
+            complete, grammar_errors = self._structured.advance(sampling_rows, result.sampled)
         finished = self.scheduler.update_after_step(out, result.sampled)
+        deltas = grammar_failures + self._finish_grammars(out, complete, grammar_errors, finished)
         finished_ids = {r.request_id for r in finished}
-        deltas = []
         for request, _ in out.scheduled:
             token_id = result.sampled.get(request.request_id)
             if token_id is None or (request.is_finished and request.request_id not in finished_ids):
@@ -95,11 +127,49 @@ class EngineStepper:
                 stop_reason=request.stop_reason,
                 num_cached_tokens=request.num_cached_tokens or 0,
                 logprobs=[TokenLogprob(token_id, lp[0], lp[1], lp[2], lp[3])] if lp else None,
+                prompt_logprobs=_prompt_logprobs(request, result.prompt_logprobs.get(request.request_id)),
                 num_prompt_tokens=request.num_prompt_tokens,
             )
             deltas.append((request.client_id, delta))
         for request in finished:
             self._forget(request)
+        return deltas
+
+    def _poll_grammars(self) -> list[tuple[bytes, RequestDelta]]:
+        """Error deltas (400) for requests whose grammar failed to compile; they never ran."""
+        if self._structured is None or not self._structured.compiling:
+            return []
+        deltas = []
+        for request, error in self._structured.poll():
+            self.scheduler.finish_with_error(request)
+            deltas.append((request.client_id, error_delta(request.request_id, error, 400)))
+            self._forget(request)
+        return deltas
+
+    def _finish_grammars(
+        self,
+        out: SchedulerOutput,
+        complete: set[str],
+        errors: dict[str, str],
+        finished: list[Request],
+    ) -> list[tuple[bytes, RequestDelta]]:
+        """A complete grammar ends its request with `stop` (also when max_tokens ended it on the same
+        token); a rejected token ends it with an error. Appends the first kind to `finished`."""
+        deltas = []
+        for request, _ in out.scheduled:
+            request_id = request.request_id
+            if request_id in errors:
+                if request in finished:
+                    finished.remove(request)
+                self.scheduler.finish_with_error(request)
+                deltas.append((request.client_id, error_delta(request_id, errors[request_id], 500)))
+                self._forget(request)
+            elif request_id in complete:
+                if request.is_finished and request.finish_reason is FinishReason.LENGTH:
+                    request.finish_reason = FinishReason.STOP
+                elif not request.is_finished:
+                    self.scheduler.finish_request(request, FinishReason.STOP)
+                    finished.append(request)
         return deltas
 
     def _fail(self, scheduled: list[tuple[Request, int]], error: str) -> list[tuple[bytes, RequestDelta]]:
@@ -112,6 +182,8 @@ class EngineStepper:
 
     def _forget(self, request: Request) -> None:
         self.owner.pop(request.request_id, None)
+        if self._structured is not None:
+            self._structured.forget(request.request_id)
         self.runner.sampler.forget(request.request_id)
 
     def stats(self) -> SchedulerStats:
