@@ -16,9 +16,14 @@ from starlette.responses import Response
 from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient, EngineUnavailable
 from frontend.errors import APIError, engine_unavailable, internal_error
-from frontend.metrics import setup_metrics
-from frontend.middleware import REQUEST_ID_KEY, ApiKeyMiddleware, RequestIdMiddleware
-from frontend.routes import openai_routes, system_routes
+from frontend.metrics import setup_metrics, start_request_metrics
+from frontend.middleware import (
+    REQUEST_ID_KEY,
+    ApiKeyMiddleware,
+    DisconnectMiddleware,
+    RequestIdMiddleware,
+)
+from frontend.routes import extra_routes, openai_routes, system_routes
 from frontend.serving.model_context import ModelContext
 from frontend.serving.streaming import json_response
 from frontend.state import AppState
@@ -79,6 +84,7 @@ def build_app(config: FrontendConfig) -> Starlette:
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         ready = await client.start(timeout_s=config.engine_ready_timeout_s)
         state.ctx = ModelContext.from_ready(ready, config.served_model_names)
+        start_request_metrics(state, state.ctx.model_name)
         logger.info(
             "serving %s (max_model_len %d)", ", ".join(state.ctx.served_model_names), ready.max_model_len
         )
@@ -88,7 +94,10 @@ def build_app(config: FrontendConfig) -> Starlette:
             state.accepting = False
             await client.close()
 
-    middleware = [Middleware(RequestIdMiddleware)]
+    middleware = [
+        Middleware(RequestIdMiddleware, log_requests=not config.disable_log_requests),
+        Middleware(DisconnectMiddleware),
+    ]
     if config.allowed_origins:
         middleware.append(
             Middleware(
@@ -102,7 +111,7 @@ def build_app(config: FrontendConfig) -> Starlette:
     if config.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=config.api_key))
     app = Starlette(
-        routes=[*openai_routes.routes, *system_routes.routes],
+        routes=[*openai_routes.routes, *extra_routes.routes, *system_routes.routes],
         middleware=middleware,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,

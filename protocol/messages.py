@@ -96,6 +96,9 @@ class Ready(Wire):
     special_tokens: dict[str, str] = {}  # named special tokens (pad, unk, ...) for templates
     max_waiting_requests: int | None = None
     embedding_dimensions: int | None = None
+    # Embedding models trained for Matryoshka truncation: the allowed `dimensions` ([] means any);
+    # None means the model does not support truncated embeddings.
+    matryoshka_dimensions: list[int] | None = None
 
 
 class AddRequest(Wire):

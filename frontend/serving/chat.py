@@ -16,6 +16,7 @@ from frontend.schemas import ChatCompletionRequest
 from frontend.serving.chat_template import ChatTemplateError, normalize_messages
 from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices, run_choices, usage_dict
 from frontend.serving.model_context import ModelContext
+from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
 from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs
 from frontend.serving.streaming import first_or_error, json_response, sse_response
@@ -70,6 +71,7 @@ def chat_output_factory(ctx: ModelContext, req: ChatCompletionRequest):  # noqa:
 async def create_chat_completion(
     ctx: ModelContext, client: EngineClient, req: ChatCompletionRequest, request_id: str
 ) -> Response:
+    require_task(ctx, "generate", "/v1/chat/completions")
     model = ctx.check_model(req.model)
     prompt = prepare_chat(ctx, req)
     sampling = build_sampling_params(

@@ -15,6 +15,7 @@ from frontend.sampling_params import build_sampling_params, check_prompt_token_i
 from frontend.schemas import CompletionRequest
 from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices, run_choices, usage_dict
 from frontend.serving.model_context import ModelContext
+from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
 from frontend.serving.responses import completion_chunk, completion_logprobs
 from frontend.serving.streaming import first_or_error, json_response, sse_response
@@ -53,6 +54,7 @@ def prepare_prompts(ctx: ModelContext, req: CompletionRequest) -> list[PreparedP
 async def create_completion(
     ctx: ModelContext, client: EngineClient, req: CompletionRequest, request_id: str
 ) -> Response:
+    require_task(ctx, "generate", "/v1/completions")
     model = ctx.check_model(req.model)
     prompts = prepare_prompts(ctx, req)
     sampling = [

@@ -1,0 +1,103 @@
+"""POST /v1/chat/completions/batch: several conversations in one request, answered as one chat.completion.
+
+Every conversation is rendered and tokenized first, then all go to the engines at once, so they are
+scheduled together; `choices[i]` answers conversation i.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgspec
+from starlette.responses import Response
+
+from frontend.engine_client import EngineClient
+from frontend.errors import APIError, invalid_request
+from frontend.sampling_params import build_sampling_params
+from frontend.schemas import ChatCompletionRequest, ChatMessage
+from frontend.schemas.checks import check_chat_request
+from frontend.serving.chat import chat_output_factory, prepare_chat
+from frontend.serving.generation import plan_choices, run_choices, usage_dict
+from frontend.serving.model_context import ModelContext
+from frontend.serving.model_task import require_task
+from frontend.serving.responses import chat_choice
+from frontend.serving.streaming import first_or_error, json_response
+
+
+class BatchChatCompletionRequest(ChatCompletionRequest, kw_only=True):
+    """A chat completion request whose `messages` is a list of conversations."""
+
+    messages: list[list[ChatMessage]]  # type: ignore[assignment]
+
+
+def split_conversations(req: BatchChatCompletionRequest) -> list[ChatCompletionRequest]:
+    """One checked chat request per conversation, sharing every other field; 400s name the conversation."""
+    if req.n not in (None, 1):
+        raise invalid_request("`n` must be 1 for batch chat completions.", "n")
+    if req.use_beam_search:
+        raise invalid_request("Beam search is not supported for batch chat completions.", "use_beam_search")
+    if req.stream:
+        raise invalid_request("Streaming is not supported for batch chat completions.", "stream")
+    if not req.messages:
+        raise invalid_request("`messages` must hold at least one conversation.", "messages")
+    fields = {name: getattr(req, name) for name in ChatCompletionRequest.__struct_fields__}
+    conversations = []
+    for index, messages in enumerate(req.messages):
+        conversation = ChatCompletionRequest(**{**fields, "messages": messages})
+        try:
+            check_chat_request(conversation)
+        except APIError as err:
+            if err.param and err.param.startswith("messages"):
+                err.param = f"messages[{index}]{err.param.removeprefix('messages')}"
+                err.message = f"Conversation {index}: {err.message}"
+            raise
+        conversations.append(conversation)
+    return conversations
+
+
+async def create_batch_chat_completion(
+    ctx: ModelContext, client: EngineClient, req: BatchChatCompletionRequest, request_id: str
+) -> Response:
+    require_task(ctx, "generate", "/v1/chat/completions/batch")
+    model = ctx.check_model(req.model)
+    conversations = split_conversations(req)
+    prompts = [prepare_chat(ctx, conversation) for conversation in conversations]
+    sampling = [
+        build_sampling_params(
+            conversation,
+            num_prompt_tokens=len(prompt.token_ids),
+            max_model_len=ctx.max_model_len,
+            vocab_size=ctx.ready.vocab_size,
+            eos_token_ids=ctx.ready.eos_token_ids,
+        )
+        for conversation, prompt in zip(conversations, prompts, strict=True)
+    ]
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    jobs = plan_choices(
+        response_id,
+        prompts,
+        sampling,
+        1,
+        chat_output_factory(ctx, conversations[0]),
+        priority=req.priority or 0,
+        cache_salt=req.cache_salt,
+    )
+    created = int(time.time())
+    events = await first_or_error(run_choices(client, jobs))
+    async for _job, delta in events:
+        if delta.error:
+            raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
+    body: dict[str, Any] = {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [chat_choice(j.index, j.output, want_logprobs=bool(req.logprobs)) for j in jobs],
+        "usage": usage_dict(jobs),
+    }
+    return json_response(body)
+
+
+batch_chat_decoder = msgspec.json.Decoder(BatchChatCompletionRequest)
