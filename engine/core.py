@@ -39,7 +39,10 @@ class EngineCore:
         self.parts = parts or build_engine_parts(config)
         self.stepper = EngineStepper(self.parts, max_waiting_requests=config.max_waiting_requests)
         self.io = EngineIO(
-            config.listen, heartbeat_interval_s=config.heartbeat_interval_s, **self.parts.curve_keys
+            config.listen,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            curve_allowed_client_keys=_allowed_client_keys(config),
+            **self.parts.curve_keys,
         )
         self.known_clients: set[bytes] = set()
         self.draining = False
@@ -162,3 +165,11 @@ class EngineCore:
         num_aborted = self.stepper.abort_client(client_id)
         if num_aborted:
             logger.warning("an API process went silent; aborted its %d requests", num_aborted)
+
+
+def _allowed_client_keys(config: EngineConfig) -> list[bytes] | None:
+    if not config.curve_keys_dir:
+        return None
+    from protocol.curve import load_allowed_client_keys
+
+    return load_allowed_client_keys(config.curve_keys_dir)

@@ -27,6 +27,7 @@ class EngineIO:
         heartbeat_interval_s: float = 1.0,
         curve_secret_key: bytes | None = None,
         curve_public_key: bytes | None = None,
+        curve_allowed_client_keys: list[bytes] | None = None,
     ) -> None:
         self.address = address
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -37,6 +38,8 @@ class EngineIO:
         self._outputs: queue.Queue[tuple[bytes, Any, list[bytes]] | None] = queue.Queue()
         self._ctx = zmq.Context()
         self._curve = (curve_secret_key, curve_public_key) if curve_secret_key else None
+        self._allowed_client_keys = frozenset(curve_allowed_client_keys or ())
+        self._authenticator: Any = None
         self._stop = threading.Event()
         self._bound = threading.Event()
         self._bind_error: Exception | None = None
@@ -65,9 +68,22 @@ class EngineIO:
         for t in self._threads:
             if t.is_alive():
                 t.join(timeout=2)
+        if self._authenticator is not None:
+            self._authenticator.stop()
         self._ctx.destroy(linger=0)
 
+    def _start_authenticator(self) -> None:
+        """ZAP handler: without one, a Curve server accepts any client key that knows the server key."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("engine.zap"))
+        auth.start()
+        auth.configure_curve_callback("tandem", credentials_provider=_AllowedKeys(self._allowed_client_keys))
+        self._authenticator = auth
+
     def _make_router(self) -> zmq.Socket:
+        if self._curve:
+            self._start_authenticator()
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.RCVHWM, 0)
@@ -75,6 +91,7 @@ class EngineIO:
         if self._curve:
             router.curve_server = True
             router.curve_secretkey, router.curve_publickey = self._curve
+            router.zap_domain = b"tandem"
         router.bind(self.address)
         return router
 
@@ -139,3 +156,16 @@ class EngineIO:
             client_id, message, buffers = item
             push.send_multipart([client_id, *encode(message, buffers)])
         push.close(0)
+
+
+class _AllowedKeys:
+    """ZAP credentials check: a client may connect only with one of the listed Z85 public keys."""
+
+    def __init__(self, keys: frozenset[bytes]) -> None:
+        self.keys = keys
+
+    def callback(self, _domain: str, client_key: bytes) -> bool:
+        allowed = client_key in self.keys
+        if not allowed:
+            logger.warning("refused a CurveZMQ client with an unknown public key")
+        return allowed

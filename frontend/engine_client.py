@@ -11,11 +11,13 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from protocol.framing import FrameError, decode, encode
 from protocol.messages import (
@@ -36,8 +38,16 @@ from protocol.messages import (
 logger = logging.getLogger(__name__)
 
 _PREFIX_AFFINITY_TOKENS = 64  # requests whose first tokens match prefer the engine that served them
-_AFFINITY_SLACK = 4
-_HELLO_RETRY_S = 2.0  # how often a down engine is asked for a handshake again  # ...unless that engine has this many more outstanding requests than the least loaded
+_AFFINITY_SLACK = 4  # ...unless that engine has this many more outstanding requests than the least loaded
+_HELLO_RETRY_S = 2.0  # how often a down engine is asked for a handshake again
+_FINISH_NAMES = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.ABORT: "abort",
+    FinishReason.ERROR: "error",
+}
+# Socket events: a peer process that dies closes its connection at once, long before heartbeats miss.
+_MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class EngineConnection:
     stats: SchedulerStats | None = None
     pending: dict[str, asyncio.Queue[RequestDelta | EngineLost]] = field(default_factory=dict)
     recv_task: asyncio.Task[None] | None = None
+    monitor_task: asyncio.Task[None] | None = None
     num_served: int = 0
     last_hello: float = 0.0
 
@@ -70,6 +81,35 @@ class EngineConnection:
 
 class EngineUnavailable(Exception):
     """No live engine can take the request."""
+
+
+@dataclass
+class RequestTiming:
+    """What the metrics need to know about one finished engine request."""
+
+    arrival_time: float  # wall clock (time.time()), as sent in AddRequest
+    engine: str = ""
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    inter_token_s: list[float] = field(default_factory=list)
+    finish_reason: str = "abort"
+
+    def observe(self, delta: RequestDelta, now: float) -> None:
+        self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
+        if not delta.new_token_ids:
+            return
+        if self.last_token_at is None:
+            self.first_token_at = now
+        else:
+            self.inter_token_s.append(now - self.last_token_at)
+        self.last_token_at = now
+        self.num_generation_tokens += len(delta.new_token_ids)
+
+
+class RequestMetricsSink(Protocol):
+    def record_request(self, timing: RequestTiming, finished_at: float) -> None: ...
 
 
 class EngineClient:
@@ -95,6 +135,7 @@ class EngineClient:
         self._affinity: OrderedDict[tuple[int, ...], int] = OrderedDict()
         self.num_bad_messages = 0
         self.num_retries = 0
+        self.metrics: RequestMetricsSink | None = None  # set by the app; records every finished request
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self, timeout_s: float = 600.0) -> Ready:
@@ -128,7 +169,7 @@ class EngineClient:
         return any(c.alive for c in self.engines)
 
     def _open(self, conn: EngineConnection) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
+        sock: zmq.asyncio.Socket = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, f"{self.client_name}-{uuid.uuid4().hex[:8]}".encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -137,15 +178,18 @@ class EngineClient:
             sock.curve_secretkey = self.curve_keys["client_secret"]
             sock.curve_publickey = self.curve_keys["client_public"]
             sock.curve_serverkey = self.curve_keys["server_public"]
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         sock.connect(conn.address)
         conn.socket = sock
         conn.recv_task = asyncio.create_task(self._recv_loop(conn, sock))
+        conn.monitor_task = asyncio.create_task(self._monitor_loop(conn, sock, monitor))
         conn.last_hello = time.monotonic()
         self._send(conn, Hello(PROTOCOL_VERSION, self.client_name))
 
     def _close_socket(self, conn: EngineConnection) -> None:
-        if conn.recv_task is not None:
-            conn.recv_task.cancel()
+        for task in (conn.recv_task, conn.monitor_task):
+            if task is not None:
+                task.cancel()
         if conn.socket is not None:
             conn.socket.close(0)
         conn.socket = None
@@ -171,6 +215,27 @@ class EngineClient:
                 continue
             conn.last_heard = time.monotonic()
             self._dispatch(conn, message)
+
+    async def _monitor_loop(
+        self, conn: EngineConnection, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket
+    ) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if conn.socket is not sock:
+                    return  # a newer socket took over this engine
+                if event["event"] == zmq.EVENT_DISCONNECTED and conn.alive:
+                    self._mark_dead(conn, f"engine {conn.address} closed its connection")
+                    return
+                if event["event"] != zmq.EVENT_DISCONNECTED and conn.refused is None:
+                    conn.refused = (
+                        "CurveZMQ authentication failed: the engine does not accept this client key"
+                    )
+                    logger.error("engine %s: %s", conn.address, conn.refused)
+        except (zmq.ZMQError, asyncio.CancelledError):
+            return
+        finally:
+            monitor.close(0)
 
     def _dispatch(self, conn: EngineConnection, message: object) -> None:
         if isinstance(message, Outputs):
@@ -238,13 +303,36 @@ class EngineClient:
         return least
 
     async def generate(
-        self, request: AddRequest, buffers: list[bytes] | None = None
+        self,
+        request: AddRequest,
+        buffers: list[bytes] | None = None,
+        *,
+        outcome: Callable[[], str | None] | None = None,
     ) -> AsyncGenerator[RequestDelta, None]:
-        """Deltas for one request until it finishes. Closing the iterator early aborts it on the engine."""
+        """Deltas for one request until it finishes. Closing the iterator early aborts it on the engine.
+
+        `outcome` tells the metrics why a request the caller closed early ended (a stop string: "stop").
+        """
+        timing = RequestTiming(request.arrival_time, num_prompt_tokens=len(request.prompt_token_ids))
+        deltas = self._generate(request, buffers, timing)
+        try:
+            async for delta in deltas:
+                yield delta
+        finally:
+            await deltas.aclose()  # now, not at garbage collection: that is what sends ABORT
+            if timing.finish_reason == "abort" and outcome is not None:
+                timing.finish_reason = outcome() or "abort"
+            if self.metrics is not None and timing.engine:
+                self.metrics.record_request(timing, time.time())
+
+    async def _generate(
+        self, request: AddRequest, buffers: list[bytes] | None, timing: RequestTiming
+    ) -> AsyncGenerator[RequestDelta, None]:
         tried: set[int] = set()
         conn = self.pick_engine(request.prompt_token_ids)
         got_tokens = False
         while True:
+            timing.engine = conn.ready.engine_id if conn.ready else conn.address
             queue: asyncio.Queue[RequestDelta | EngineLost] = asyncio.Queue()
             conn.pending[request.request_id] = queue
             conn.num_served += 1
@@ -260,6 +348,9 @@ class EngineClient:
                         break
                     got_tokens = got_tokens or bool(item.new_token_ids)
                     finished = item.finish_reason is not None
+                    timing.observe(item, time.time())
+                    if item.finish_reason is not None:
+                        timing.finish_reason = _FINISH_NAMES[FinishReason(item.finish_reason)]
                     yield item
                     if finished:
                         return
@@ -267,13 +358,16 @@ class EngineClient:
                 conn.pending.pop(request.request_id, None)
                 if not finished:
                     self._send(conn, Abort([request.request_id]))
+            reason = lost.reason if lost is not None else "the engine was lost"
             if got_tokens:
-                yield _lost_delta(request.request_id, lost.reason)
+                timing.finish_reason = "error"
+                yield _lost_delta(request.request_id, reason)
                 return
             try:
                 conn = self.pick_engine(request.prompt_token_ids, exclude=tried)
             except EngineUnavailable:
-                yield _lost_delta(request.request_id, lost.reason)
+                timing.finish_reason = "error"
+                yield _lost_delta(request.request_id, reason)
                 return
             self.num_retries += 1
             logger.warning("retrying request %s on engine %s", request.request_id, conn.address)

@@ -1,11 +1,14 @@
 """Prometheus metrics with vLLM's names, so existing vLLM dashboards work against Tandem.
 
 Engine-side figures (running, waiting, KV usage, prefix cache, preemptions) come from the stats each
-engine sends with its outputs and heartbeats; request-side figures are recorded here as requests finish.
+engine sends with its outputs and heartbeats; every API process sees the same figures, so only the
+process answering the scrape reports them (never summed). Request-side figures are recorded as requests
+finish and, with PROMETHEUS_MULTIPROC_DIR set (the launcher does), summed over all API processes.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -14,7 +17,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
+    from frontend.engine_client import RequestTiming
     from frontend.state import AppState
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -40,8 +46,11 @@ _LATENCY_BUCKETS = (
 
 
 class RequestMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        labels = ["model_name"]
+    """Per-request histograms and counters, labelled by model and the engine that served the request."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        self.model_name = model_name
+        labels = ["model_name", "engine"]
         self.prompt_tokens = Counter(
             "vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=registry
         )
@@ -76,6 +85,18 @@ class RequestMetrics:
             registry=registry,
         )
 
+    def record_request(self, timing: RequestTiming, finished_at: float) -> None:
+        labels = (self.model_name, timing.engine)
+        self.prompt_tokens.labels(*labels).inc(timing.num_prompt_tokens)
+        self.generation_tokens.labels(*labels).inc(timing.num_generation_tokens)
+        self.request_success.labels(*labels, timing.finish_reason).inc()
+        self.e2e.labels(*labels).observe(max(finished_at - timing.arrival_time, 0.0))
+        if timing.first_token_at is not None:
+            self.ttft.labels(*labels).observe(max(timing.first_token_at - timing.arrival_time, 0.0))
+        itl = self.itl.labels(*labels)
+        for gap in timing.inter_token_s:
+            itl.observe(gap)
+
 
 class EngineStatsCollector:
     """Reads the latest stats each engine reported; nothing is stored twice."""
@@ -102,15 +123,11 @@ class EngineStatsCollector:
         max_seqs = GaugeMetricFamily(
             "tandem:max_step_num_seqs", "Largest number of sequences in one engine step.", labels=labels
         )
-        served = CounterMetricFamily(
-            "tandem:engine_requests", "Requests this API process sent to the engine.", labels=labels
-        )
         alive = GaugeMetricFamily("tandem:engine_alive", "1 while the engine is live.", labels=labels)
         model = self.state.ctx.model_name if self.state.ctx else ""
         for conn in self.state.client.engines:
             lv = [model, conn.ready.engine_id if conn.ready else conn.address]
             alive.add_metric(lv, 1.0 if conn.alive else 0.0)
-            served.add_metric(lv, conn.num_served)
             s = conn.stats
             if s is None:
                 continue
@@ -121,14 +138,31 @@ class EngineStatsCollector:
             hits.add_metric(lv, s.prefix_cache_hits)
             preempt.add_metric(lv, s.num_preemptions)
             max_seqs.add_metric(lv, s.max_step_num_seqs)
-        yield from (running, waiting, kv, queries, hits, preempt, max_seqs, served, alive)
+        yield from (running, waiting, kv, queries, hits, preempt, max_seqs, alive)
 
 
 def setup_metrics(state: AppState) -> None:
+    """The scrape registry; request metrics are attached once the model name is known (start_request_metrics)."""
     registry = CollectorRegistry()
+    multiproc_dir = os.environ.get(MULTIPROC_ENV)
+    if multiproc_dir:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        MultiProcessCollector(registry, path=multiproc_dir)
     registry.register(EngineStatsCollector(state))
     state.extras["registry"] = registry
-    state.extras["request_metrics"] = RequestMetrics(registry)
+
+
+def start_request_metrics(state: AppState, model_name: str) -> RequestMetrics:
+    """Creates the request metrics and has the engine client record into them."""
+    registry = state.extras["registry"]
+    # In multi-process mode the values live in files that MultiProcessCollector reads back, so the
+    # metric objects must not be registered for scraping a second time.
+    target = CollectorRegistry() if os.environ.get(MULTIPROC_ENV) else registry
+    metrics = RequestMetrics(target, model_name)  # type: ignore[arg-type]
+    state.extras["request_metrics"] = metrics
+    state.client.metrics = metrics
+    return metrics
 
 
 def request_metrics(state: AppState) -> RequestMetrics | None:

@@ -1,8 +1,13 @@
-"""Pure-ASGI middleware: request ids on every response, and API-key checks on the model routes."""
+"""Pure-ASGI middleware: request ids and request logging, cancelling handlers whose client went away,
+and API-key checks on the model routes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
+import logging
+import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -11,14 +16,16 @@ from frontend.errors import unauthorized
 from frontend.sse import json_bytes
 
 REQUEST_ID_KEY = "tandem.request_id"
+request_logger = logging.getLogger("tandem.requests")
 _PROTECTED_PREFIXES = ("/v1", "/inference", "/tokenize", "/detokenize")
 
 
 class RequestIdMiddleware:
-    """Every response carries X-Request-Id: the client's own, or a fresh one."""
+    """Every response carries X-Request-Id: the client's own, or a fresh one; one log line per request."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, log_requests: bool = True) -> None:
         self.app = app
+        self.log_requests = log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,15 +38,86 @@ class RequestIdMiddleware:
                 break
         request_id = request_id or uuid.uuid4().hex
         scope[REQUEST_ID_KEY] = request_id
+        started = time.monotonic()
+        status: int | None = None
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if self.log_requests:
+                client = scope.get("client")
+                request_logger.info(
+                    "request %s %s %s from %s -> %s in %.3fs",
+                    request_id,
+                    scope.get("method"),
+                    scope["path"],
+                    f"{client[0]}:{client[1]}" if client else "?",
+                    status if status is not None else "no response (client gone)",
+                    time.monotonic() - started,
+                )
+
+
+class DisconnectMiddleware:
+    """Cancels a POST handler as soon as its client disconnects, so the engine aborts its requests and
+    frees their KV blocks at once. Streaming responses would notice on their next write; a non-streaming
+    handler would otherwise generate to the end for nobody."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        body_read = asyncio.Event()
+        gone = asyncio.Event()
+        response_done = False
+
+        async def app_receive() -> Message:
+            if body_read.is_set():  # the watcher owns the channel from here on
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+            elif not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def app_send(message: Message) -> None:
+            nonlocal response_done
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                response_done = True
+            await send(message)
+
+        async def watch() -> None:
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        handler = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not handler.done() and not response_done:
+                handler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
+        finally:
+            for task in (handler, watcher):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 class ApiKeyMiddleware:

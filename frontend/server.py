@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import socket
 
 import uvicorn
@@ -22,8 +23,9 @@ def run_api_server(config: FrontendConfig) -> int:
         port=config.port,
         fd=None,
         log_level=config.log_level,
-        access_log=not config.disable_log_requests,
-        timeout_graceful_shutdown=int(config.shutdown_timeout_s),
+        access_log=False,  # RequestIdMiddleware logs each request, with its id (unless --disable-log-requests)
+        # SIGTERM: stop accepting, let in-flight requests finish for this long, then cancel them.
+        timeout_graceful_shutdown=math.ceil(config.shutdown_timeout_s),
         lifespan="on",
     )
     server = uvicorn.Server(uv_config)

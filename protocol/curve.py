@@ -1,6 +1,8 @@
 """CurveZMQ key files: one Z85 key per file in a keys folder (made by `tandem keys generate`).
 
 Layout: server.public, server.secret (engines), client.public, client.secret (API processes).
+Engines accept only clients whose public key is in client.public or in a `NAME.client.public` file
+(so several API fleets, or an old and a new key during rotation, can be allowed at once).
 Reading needs only the standard library; generating keys lives in tandem.keys (it needs pyzmq).
 """
 
@@ -25,12 +27,16 @@ def _read(folder: str, name: str) -> bytes:
 
 
 def load_server_keys(folder: str) -> tuple[bytes, bytes]:
-    """(public, secret) of the engine, plus the client public key it accepts via load_allowed_client_key."""
+    """(public, secret) of the engine; the client keys it accepts come from load_allowed_client_keys."""
     return _read(folder, "server.public"), _read(folder, "server.secret")
 
 
-def load_allowed_client_key(folder: str) -> bytes:
-    return _read(folder, "client.public")
+def load_allowed_client_keys(folder: str) -> list[bytes]:
+    """Every client public key the engine accepts (client.public and any NAME.client.public)."""
+    names = sorted(p.name for p in Path(folder).glob("*.client.public"))
+    if (Path(folder) / "client.public").exists() or not names:
+        names.insert(0, "client.public")
+    return [_read(folder, name) for name in names]
 
 
 def load_client_keys(folder: str) -> dict[str, bytes]:

@@ -1,10 +1,12 @@
 """`tandem serve`: starts M engine cores and N API processes on this machine, waits until the server
-answers, supervises the children, and stops them all on Ctrl-C / SIGTERM (no orphans)."""
+answers, supervises the children (one that dies after start-up is restarted in place; the others keep
+serving), and stops them all on Ctrl-C / SIGTERM (no orphans)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ import urllib.request
 from tandem.args import API_GROUP, ENGINE_GROUP, unparse_group
 
 _POLL_S = 0.5
+_MAX_RESTARTS = 5  # per child; past this the server stops instead of restarting in a loop
 
 
 def _bind_listener(host: str, port: int) -> socket.socket:
@@ -42,11 +45,29 @@ def _security_argv(ns: argparse.Namespace) -> list[str]:
 class Children:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._specs: dict[str, tuple[list[str], tuple[int, ...], dict[str, str] | None]] = {}
+        self.num_restarts: dict[str, int] = {}
 
-    def start(self, name: str, argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        pass_fds: tuple[int, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         # Own process group per child, so a terminal's Ctrl-C reaches us first and we stop them in order.
-        proc = subprocess.Popen(argv, pass_fds=pass_fds, start_new_session=True)
-        self.procs.append((name, proc))
+        proc = subprocess.Popen(argv, pass_fds=pass_fds, start_new_session=True, env=env)
+        self._specs[name] = (argv, pass_fds, env)
+        self.procs = [(n, p) for n, p in self.procs if n != name] + [(name, proc)]
+
+    def restart(self, name: str) -> bool:
+        """Starts a dead child again with the same command line; False once it has failed too often."""
+        self.num_restarts[name] = self.num_restarts.get(name, 0) + 1
+        if self.num_restarts[name] > _MAX_RESTARTS:
+            return False
+        argv, pass_fds, env = self._specs[name]
+        self.start(name, argv, pass_fds, env)
+        return True
 
     def first_exited(self) -> tuple[str, int] | None:
         for name, proc in self.procs:
@@ -84,6 +105,10 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     run_dir = tempfile.mkdtemp(prefix="tandem-")
     engines = [f"ipc://{run_dir}/engine-{i}.sock" for i in range(ns.data_parallel_size)]
     listener = _bind_listener(ns.host, ns.port)
+    # Request metrics of all API processes are summed from per-process files in this folder.
+    metrics_dir = os.path.join(run_dir, "metrics")
+    os.mkdir(metrics_dir)
+    api_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     children = Children()
     stopping = False
 
@@ -101,8 +126,9 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     names = ["--served-model-name", *ns.served_model_name] if ns.served_model_name else []
     for i in range(ns.api_server_count):
         argv = _child_argv("api", *engine_args, "--fd", str(listener.fileno()), *api_flags, *names)
-        children.start(f"api-{i}", argv + _security_argv(ns), pass_fds=(listener.fileno(),))
-    listener.close()  # the children hold it now
+        children.start(f"api-{i}", argv + _security_argv(ns), pass_fds=(listener.fileno(),), env=api_env)
+    # The listener stays open here too (this process never accepts on it), so a restarted API process
+    # can inherit it again.
 
     host = f"[{ns.host}]" if ":" in ns.host else ns.host
     url = f"http://{host}:{ns.port}"
@@ -112,6 +138,10 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         exited = children.first_exited()
         if exited is not None:
             name, code = exited
+            # Before the first healthy answer an exit is a start-up failure: restarting would loop.
+            if announced and children.restart(name):
+                print(f"tandem: {name} exited with code {code}; restarted it", file=sys.stderr, flush=True)
+                continue
             print(f"tandem: {name} exited with code {code}; stopping the server", file=sys.stderr, flush=True)
             exit_code = code or 1
             break
@@ -120,9 +150,6 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
             announced = True
         time.sleep(_POLL_S)
     children.stop(timeout_s=ns.shutdown_timeout + 5)
-    for address in engines:
-        path = address.removeprefix("ipc://")
-        if os.path.exists(path):
-            os.unlink(path)
-    os.rmdir(run_dir) if not os.listdir(run_dir) else None
+    listener.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
     return exit_code

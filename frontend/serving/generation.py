@@ -76,7 +76,8 @@ async def run_choices(
 
     async def pump(job: ChoiceJob) -> None:
         try:
-            stream = client.generate(job.add, job.buffers)
+            # outcome: a stop string ends a request early, and the metrics should count it as "stop".
+            stream = client.generate(job.add, job.buffers, outcome=lambda: job.output.finish_reason)
             try:
                 async for delta in stream:
                     out = job.output.process(delta)

@@ -1,0 +1,212 @@
+"""EngineClient against scripted fake engines (real ZeroMQ ROUTER sockets, no model): handshake, routing,
+engines that die or go silent, retries, re-handshakes and request metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from frontend.engine_client import EngineClient, RequestTiming
+from protocol.framing import decode, encode
+from protocol.messages import (
+    Abort,
+    AddRequest,
+    FinishReason,
+    Heartbeat,
+    Hello,
+    Outputs,
+    Ready,
+    RequestDelta,
+    SamplingParams,
+    SchedulerStats,
+)
+from tests.server_process import free_port
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeEngine:
+    """A ROUTER that handshakes, beats, records ADD/ABORT, and sends whatever deltas a test scripts."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, engine_id: str, *, beat: bool = True) -> None:
+        self.ctx, self.address, self.engine_id, self.beat = ctx, address, engine_id, beat
+        self.adds: list[tuple[bytes, AddRequest]] = []
+        self.aborted: list[str] = []
+        self.clients: set[bytes] = set()
+        self.running = 0
+        self.sock: zmq.asyncio.Socket | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.address)
+        self.tasks = [asyncio.create_task(self._recv()), asyncio.create_task(self._beats())]
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.sock is not None:
+            self.sock.close(0)
+        self.sock = None
+
+    def send(self, client: bytes, message: object) -> None:
+        assert self.sock is not None
+        self.sock.send_multipart([client, *encode(message)])
+
+    def deltas(self, client: bytes, *deltas: RequestDelta) -> None:
+        self.send(client, Outputs(self.engine_id, list(deltas), SchedulerStats(self.running, 0, 0.0)))
+
+    async def _recv(self) -> None:
+        assert self.sock is not None
+        while True:
+            client, *frames = await self.sock.recv_multipart()
+            message, _ = decode(frames)
+            self.clients.add(client)
+            if isinstance(message, Hello):
+                self.send(
+                    client, Ready(self.engine_id, ["m"], 64, 512, 8, 16, "{}", None, None, None, [2], False)
+                )
+            elif isinstance(message, AddRequest):
+                self.adds.append((client, message))
+            elif isinstance(message, Abort):
+                self.aborted.extend(message.request_ids)
+
+    async def _beats(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            if self.beat:
+                for client in self.clients:
+                    self.send(client, Heartbeat(time.time(), SchedulerStats(self.running, 0, 0.0)))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.timings: list[RequestTiming] = []
+
+    def record_request(self, timing: RequestTiming, finished_at: float) -> None:
+        self.timings.append(timing)
+
+
+def _add(request_id: str, prompt: list[int] | None = None) -> AddRequest:
+    return AddRequest(request_id, prompt or [1, 2, 3], SamplingParams(max_tokens=4), time.time())
+
+
+async def _until(predicate, timeout_s: float = 3.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def two_engines() -> AsyncIterator[tuple[EngineClient, FakeEngine, FakeEngine]]:
+    ctx = zmq.asyncio.Context()
+    a = FakeEngine(ctx, f"tcp://127.0.0.1:{free_port()}", "engine-a")
+    b = FakeEngine(ctx, f"tcp://127.0.0.1:{free_port()}", "engine-b")
+    a.start()
+    b.start()
+    client = EngineClient([a.address, b.address], heartbeat_interval_s=0.1, dead_after_s=0.6)
+    await client.start(timeout_s=5)
+    await _until(lambda: all(c.alive for c in client.engines))
+    yield client, a, b
+    await client.close()
+    a.stop()
+    b.stop()
+    ctx.destroy(linger=0)
+
+
+async def test_requests_go_to_the_least_loaded_engine(two_engines) -> None:  # noqa: ANN001
+    client, a, b = two_engines
+    a.running = 10  # engine a reports a long queue
+    await asyncio.sleep(0.3)
+    stream = client.generate(_add("r1"))
+    task = asyncio.ensure_future(anext(stream))
+    await _until(lambda: len(b.adds) == 1)
+    assert a.adds == []
+    b.deltas(b.adds[0][0], RequestDelta("r1", [7], finish_reason=FinishReason.LENGTH))
+    delta = await task
+    assert delta.new_token_ids == [7]
+    await stream.aclose()
+
+
+async def test_closing_a_stream_early_aborts_on_the_engine(two_engines) -> None:  # noqa: ANN001
+    client, a, b = two_engines
+    stream = client.generate(_add("r2"))
+    task = asyncio.ensure_future(anext(stream))
+    await _until(lambda: len(a.adds) + len(b.adds) == 1)
+    engine = a if a.adds else b
+    engine.deltas(engine.adds[0][0], RequestDelta("r2", [5]))
+    await task
+    await stream.aclose()
+    await _until(lambda: engine.aborted == ["r2"])
+
+
+async def test_dead_engine_fails_started_requests_and_retries_fresh_ones(two_engines) -> None:  # noqa: ANN001
+    client, a, b = two_engines
+    client.dead_after_s = 30.0  # so only the closed connection can explain a quick failover
+    recorder = Recorder()
+    client.metrics = recorder
+    # One request per engine: "started" on a gets a token, "fresh" on a gets none.
+    started = client.generate(_add("started"))
+    first = asyncio.ensure_future(anext(started))
+    await _until(lambda: len(a.adds) + len(b.adds) == 1)
+    victim, survivor = (a, b) if a.adds else (b, a)
+    victim.deltas(victim.adds[0][0], RequestDelta("started", [9]))
+    assert (await first).new_token_ids == [9]
+    fresh_conn = next(c for c in client.engines if c.address == victim.address)
+    fresh = client.generate(_add("fresh"))
+    client_pick = client.pick_engine
+    client.pick_engine = lambda ids, exclude=None: (  # type: ignore[method-assign]
+        fresh_conn if not exclude else client_pick(ids, exclude)
+    )
+    fresh_first = asyncio.ensure_future(anext(fresh))
+    await _until(lambda: len(victim.adds) == 2)
+    t0 = time.monotonic()
+    victim.stop()  # the process is gone: its connection closes
+    lost = await asyncio.wait_for(anext(started), 3)
+    assert lost.finish_reason == FinishReason.ERROR and lost.error_status == 503
+    assert time.monotonic() - t0 < 2.0  # noticed from the closed connection, not after missed beats
+    # The request without tokens went to the other engine and finishes there.
+    await _until(lambda: [m.request_id for _, m in survivor.adds] == ["fresh"])
+    survivor.deltas(survivor.adds[0][0], RequestDelta("fresh", [4], finish_reason=FinishReason.STOP))
+    assert (await fresh_first).finish_reason == FinishReason.STOP
+    assert client.num_retries == 1
+    await started.aclose()
+    await fresh.aclose()
+    reasons = sorted((t.engine, t.finish_reason, t.num_generation_tokens) for t in recorder.timings)
+    assert reasons == sorted([(victim.engine_id, "error", 1), (survivor.engine_id, "stop", 1)])
+
+
+async def test_silent_engine_is_marked_down_and_rehandshaken_when_back(two_engines) -> None:  # noqa: ANN001
+    client, a, _b = two_engines
+    a.beat = False
+    conn = client.engines[0]
+    await _until(lambda: not conn.alive, timeout_s=3)
+    assert client.is_healthy  # b is still live
+    # Restart engine a on the same address: the client handshakes again by itself.
+    a.stop()
+    a.beat = True
+    await asyncio.sleep(0.2)
+    a.start()
+    await _until(lambda: conn.alive, timeout_s=5)
+
+
+async def test_health_is_false_with_no_live_engine(two_engines) -> None:  # noqa: ANN001
+    client, a, b = two_engines
+    a.stop()
+    b.stop()
+    await _until(lambda: not client.is_healthy, timeout_s=3)
+    with pytest.raises(Exception, match="no engine"):
+        client.pick_engine([1])
