@@ -1,4 +1,4 @@
-"""`tandem` command line: serve (engines + API processes), engine, api, keys."""
+"""`tandem` command line: serve (engines + API processes), engine, api, keys, bench."""
 
 from __future__ import annotations
 
@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     gen = keys_sub.add_parser("generate", help="Write a server and a client key pair into DIR.")
     gen.add_argument("dir", help="Folder to create the keys in.")
+
+    from tandem.bench.commands import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -105,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         from frontend.server import run_api_server
 
         return run_api_server(frontend_config(ns, engines=ns.engine, fd=ns.fd))
+    if ns.command == "bench":
+        from tandem.bench.commands import run_bench
+
+        return run_bench(parser, ns)
     if ns.command == "keys":
         from tandem.keys import generate_keys
 

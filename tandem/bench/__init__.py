@@ -1,0 +1,1 @@
+"""`tandem bench`: serving, offline-throughput and latency benchmarks."""
