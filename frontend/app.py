@@ -64,10 +64,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     request_id = request.scope.get(REQUEST_ID_KEY, "?")
     if isinstance(exc, EngineUnavailable):
-        return await _api_error(request, engine_unavailable(str(exc)))
-    logger.exception("request %s failed", request_id)
-    err = internal_error(request_id)
-    return json_response(err.body(), err.status)
+        response = await _api_error(request, engine_unavailable(str(exc)))
+    else:
+        logger.exception("request %s failed", request_id)
+        err = internal_error(request_id)
+        response = json_response(err.body(), err.status)
+    # Starlette answers unhandled errors outside the user middleware, so RequestIdMiddleware never
+    # sees this response: set the header here.
+    response.headers["X-Request-Id"] = request_id
+    return response
 
 
 def build_app(config: FrontendConfig) -> Starlette:

@@ -18,7 +18,7 @@ from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices,
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
-from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs
+from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs, prompt_logprobs_json
 from frontend.serving.streaming import first_or_error, json_response, sse_response
 
 
@@ -111,7 +111,7 @@ async def _collect_chat(
         if delta.error:
             raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
     choices = [chat_choice(j.index, j.output, want_logprobs=bool(req.logprobs)) for j in jobs]
-    return {
+    body = {
         "id": response_id,
         "object": "chat.completion",
         "created": created,
@@ -119,6 +119,11 @@ async def _collect_chat(
         "choices": choices,
         "usage": usage_dict(jobs),
     }
+    if req.prompt_logprobs is not None:  # vLLM extension: one list for the shared prompt
+        body["prompt_logprobs"] = prompt_logprobs_json(
+            jobs[0].output.tokenizer, jobs[0].output.prompt_logprobs
+        )
+    return body
 
 
 async def _stream_chat(
@@ -131,7 +136,8 @@ async def _stream_chat(
 ) -> AsyncIterator[dict[str, Any] | APIError]:
     opts = req.stream_options
     include_usage = bool(opts and opts.include_usage)
-    continuous = bool(opts and opts.continuous_usage_stats)
+    # As vLLM: usage on every chunk only together with include_usage.
+    continuous = include_usage and bool(opts and opts.continuous_usage_stats)
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         return chat_chunk(

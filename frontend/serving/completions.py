@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
+import msgspec
 from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
@@ -16,8 +18,8 @@ from frontend.schemas import CompletionRequest
 from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices, run_choices, usage_dict
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
-from frontend.serving.output import ChoiceDelta, ChoiceOutput
-from frontend.serving.responses import completion_chunk, completion_logprobs
+from frontend.serving.output import ChoiceDelta, ChoiceOutput, LogprobEntry
+from frontend.serving.responses import completion_chunk, completion_logprobs, prompt_logprobs_json
 from frontend.serving.streaming import first_or_error, json_response, sse_response
 
 # OpenAI's legacy completions default; vLLM uses the same.
@@ -68,6 +70,10 @@ async def create_completion(
         )
         for p in prompts
     ]
+    if req.echo and req.logprobs is not None:
+        # Echo with logprobs shows the prompt tokens' logprobs first: the engine must compute them.
+        wanted = max(req.prompt_logprobs or 0, req.logprobs)
+        sampling = [msgspec.structs.replace(p, prompt_logprobs=wanted) for p in sampling]
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
 
     def make_output(prompt: PreparedPrompt, _index: int) -> ChoiceOutput:
@@ -100,6 +106,40 @@ def _echo_text(req: CompletionRequest, prompts: list[PreparedPrompt], job: Choic
     return (prompts[job.prompt_index].text or "") if req.echo else ""
 
 
+def _echo_entries(req: CompletionRequest, output: ChoiceOutput) -> list[LogprobEntry]:
+    """The prompt tokens' logprob entries, cut to the `logprobs` alternatives the request asked for."""
+    k = req.logprobs or 0
+    return [replace(e, top=e.top[:k]) for e in output.prompt_entries()]
+
+
+def _logprobs(
+    req: CompletionRequest, output: ChoiceOutput, entries: list[LogprobEntry], echo: str | None
+) -> dict[str, Any]:
+    """Completion logprobs for `entries`; with `echo` (the echoed text) the prompt tokens come first."""
+    if echo is None:
+        return completion_logprobs(entries, 0)
+    prompt_part = completion_logprobs(_echo_entries(req, output), 0)
+    output_part = completion_logprobs(entries, len(echo))
+    return {key: prompt_part[key] + output_part[key] for key in prompt_part}
+
+
+def _choice_body(job: ChoiceJob, req: CompletionRequest, prompts: list[PreparedPrompt]) -> dict[str, Any]:
+    echo = _echo_text(req, prompts, job)
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs = _logprobs(req, job.output, job.output.logprobs, echo if req.echo else None)
+    choice: dict[str, Any] = {
+        "index": job.index,
+        "text": echo + job.output.text,
+        "logprobs": logprobs,
+        "finish_reason": job.output.finish_reason,
+        "stop_reason": job.output.stop_reason,
+    }
+    if req.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = prompt_logprobs_json(job.output.tokenizer, job.output.prompt_logprobs)
+    return choice
+
+
 async def _collect(
     events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
     jobs: list[ChoiceJob],
@@ -112,26 +152,12 @@ async def _collect(
     async for _job, delta in events:
         if delta.error:
             raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
-    choices = []
-    for job in jobs:
-        echo = _echo_text(req, prompts, job)
-        choices.append(
-            {
-                "index": job.index,
-                "text": echo + job.output.text,
-                "logprobs": completion_logprobs(job.output.logprobs, len(echo))
-                if req.logprobs is not None
-                else None,
-                "finish_reason": job.output.finish_reason,
-                "stop_reason": job.output.stop_reason,
-            }
-        )
     return {
         "id": response_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": choices,
+        "choices": [_choice_body(job, req, prompts) for job in jobs],
         "usage": usage_dict(jobs),
     }
 
@@ -147,23 +173,27 @@ async def _stream(
 ) -> AsyncIterator[dict[str, Any] | APIError]:
     opts = req.stream_options
     include_usage = bool(opts and opts.include_usage)
-    continuous = bool(opts and opts.continuous_usage_stats)
+    # As vLLM: usage on every chunk only together with include_usage.
+    continuous = include_usage and bool(opts and opts.continuous_usage_stats)
     echoed: set[int] = set()
-    offsets = {job.index: 0 for job in jobs}
+    offsets = {job.index: 0 for job in jobs}  # text offset of each choice's next token
     async for job, delta in events:
         if delta.error:
             yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
             return
         text = delta.text
+        echo = None
         if req.echo and job.index not in echoed:
             echoed.add(job.index)
-            text = _echo_text(req, prompts, job) + text
+            echo = _echo_text(req, prompts, job)
+            text = echo + text
         if not text and delta.finish_reason is None and not delta.logprobs:
             continue
         logprobs = None
         if req.logprobs is not None:
-            logprobs = completion_logprobs(delta.logprobs, offsets[job.index])
-            offsets[job.index] += len(text)
+            start = len(echo) if echo is not None else offsets[job.index]
+            logprobs = _logprobs(req, job.output, delta.logprobs, echo)
+            offsets[job.index] = start + sum(len(e.token) for e in delta.logprobs)
         choice: dict[str, Any] = {
             "index": job.index,
             "text": text,

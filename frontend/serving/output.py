@@ -12,14 +12,33 @@ from frontend.serving.stop_strings import StopStringMatcher
 from protocol.messages import FinishReason, RequestDelta, TokenLogprob
 
 _FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
+# JSON has no -inf; OpenAI-compatible servers send this floor instead (vLLM uses the same).
+MIN_LOGPROB = -9999.0
 
 
 @dataclass
 class LogprobEntry:
     token: str
-    logprob: float
+    logprob: float | None  # None only for the first prompt token (nothing predicts it)
     bytes: list[int]
     top: list[tuple[str, float, list[int]]]
+    token_id: int = 0
+    rank: int | None = None
+
+
+def logprob_entry(tokenizer: Tokenizer, lp: TokenLogprob) -> LogprobEntry:
+    top = [
+        (token_text(tokenizer, i), max(v, MIN_LOGPROB), token_bytes(tokenizer, i))
+        for i, v in zip(lp.top_ids, lp.top_logprobs, strict=False)
+    ]
+    return LogprobEntry(
+        token_text(tokenizer, lp.token_id),
+        max(lp.logprob, MIN_LOGPROB),
+        token_bytes(tokenizer, lp.token_id),
+        top,
+        lp.token_id,
+        lp.rank,
+    )
 
 
 @dataclass
@@ -61,6 +80,9 @@ class ChoiceOutput:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.error: str | None = None
         self.error_status: int | None = None
+        # Engine prompt logprobs (first delta only): position 0 is None, as nothing predicts it.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.prompt_token_ids = prompt_token_ids
 
     @property
     def finished(self) -> bool:
@@ -74,13 +96,20 @@ class ChoiceOutput:
     def text(self) -> str:
         return "".join(self.text_parts)
 
-    def _logprob_entry(self, lp: TokenLogprob) -> LogprobEntry:
+    def prompt_entries(self) -> list[LogprobEntry]:
+        """The prompt tokens as logprob entries (for echo), the first with logprob None."""
         tok = self.tokenizer
-        top = [
-            (token_text(tok, i), v, token_bytes(tok, i))
-            for i, v in zip(lp.top_ids, lp.top_logprobs, strict=False)
-        ]
-        return LogprobEntry(token_text(tok, lp.token_id), lp.logprob, token_bytes(tok, lp.token_id), top)
+        rows = self.prompt_logprobs or []
+        entries = []
+        for pos, token_id in enumerate(self.prompt_token_ids):
+            lp = rows[pos] if pos < len(rows) else None
+            if lp is None:
+                entries.append(
+                    LogprobEntry(token_text(tok, token_id), None, token_bytes(tok, token_id), [], token_id)
+                )
+            else:
+                entries.append(logprob_entry(tok, lp))
+        return entries
 
     def process(self, delta: RequestDelta) -> ChoiceDelta:
         """Text and tokens this delta adds; once a stop string matches, later deltas add nothing."""
@@ -89,11 +118,15 @@ class ChoiceOutput:
         self.num_cached_tokens = delta.num_cached_tokens or self.num_cached_tokens
         if delta.num_prompt_tokens:
             self.num_prompt_tokens = delta.num_prompt_tokens
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         new_text = self.detokenizer.push(delta.new_token_ids) if delta.new_token_ids else ""
+        if delta.finish_reason is not None and delta.finish_reason is not FinishReason.ERROR:
+            new_text += self.detokenizer.finish()  # bytes of an incomplete character held back so far
         out = ChoiceDelta("", list(delta.new_token_ids))
         self.token_ids.extend(delta.new_token_ids)
         if delta.logprobs:
-            out.logprobs = [self._logprob_entry(lp) for lp in delta.logprobs]
+            out.logprobs = [logprob_entry(self.tokenizer, lp) for lp in delta.logprobs]
             self.logprobs.extend(out.logprobs)
         if self.stop_matcher is not None:
             emit, matched = self.stop_matcher.feed(new_text)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from frontend.serving.output import ChoiceOutput, LogprobEntry
+from tokenizers import Tokenizer
+
+from frontend.serving.detokenizer import token_text
+from frontend.serving.output import MIN_LOGPROB, ChoiceOutput, LogprobEntry
+from protocol.messages import TokenLogprob
 
 
 def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
@@ -22,6 +26,8 @@ def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
 
 
 def completion_logprobs(entries: list[LogprobEntry], text_offset_start: int) -> dict[str, Any]:
+    """OpenAI's legacy format. `top_logprobs` always holds the chosen token too (up to logprobs + 1
+    entries, as OpenAI documents); an echoed first prompt token has null logprob and top_logprobs."""
     offsets = []
     pos = text_offset_start
     for e in entries:
@@ -30,8 +36,43 @@ def completion_logprobs(entries: list[LogprobEntry], text_offset_start: int) -> 
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{t: v for t, v, _ in e.top} for e in entries],
+        "top_logprobs": [_completion_top(e) for e in entries],
         "text_offset": offsets,
+    }
+
+
+def _completion_top(entry: LogprobEntry) -> dict[str, float] | None:
+    if entry.logprob is None:
+        return None
+    top = {t: v for t, v, _ in entry.top}
+    top.setdefault(entry.token, entry.logprob)
+    return top
+
+
+def prompt_logprobs_json(tokenizer: Tokenizer, rows: list[TokenLogprob | None] | None) -> list[Any] | None:
+    """vLLM's `prompt_logprobs`: per prompt position None (the first) or {token id: {logprob, rank,
+    decoded_token}} holding the prompt token and the top alternatives."""
+    if rows is None:
+        return None
+    result: list[Any] = []
+    for lp in rows:
+        if lp is None:
+            result.append(None)
+            continue
+        position = {
+            str(lp.token_id): _prompt_logprob(tokenizer, lp.token_id, lp.logprob, lp.rank),
+        }
+        for rank, (token_id, value) in enumerate(zip(lp.top_ids, lp.top_logprobs, strict=False), start=1):
+            position.setdefault(str(token_id), _prompt_logprob(tokenizer, token_id, value, rank))
+        result.append(position)
+    return result
+
+
+def _prompt_logprob(tokenizer: Tokenizer, token_id: int, logprob: float, rank: int) -> dict[str, Any]:
+    return {
+        "logprob": max(logprob, MIN_LOGPROB),
+        "rank": rank,
+        "decoded_token": token_text(tokenizer, token_id),
     }
 
 
