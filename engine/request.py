@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from protocol.messages import FinishReason, SamplingParams
 
@@ -56,6 +57,8 @@ class Request:
     stop_reason: int | None = None
     num_preemptions: int = 0
     sent_prompt_logprobs: bool = False
+    # engine.structured.RequestGrammar for constrained requests; typed loosely so the scheduler stays light.
+    grammar: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -76,6 +79,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def is_waiting_for_grammar(self) -> bool:
+        return self.grammar is not None and not self.grammar.is_ready
 
     def token_id_at(self, position: int) -> int:
         n = len(self.prompt_token_ids)

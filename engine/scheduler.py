@@ -126,14 +126,18 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _next_waiting(self) -> Request:
+    def _next_waiting(self) -> Request | None:
+        # A request whose grammar is still compiling is skipped; the ones behind it may run.
+        ready = (r for r in self.waiting if not r.is_waiting_for_grammar)
         if self.limits.priority_policy:
-            return min(self.waiting, key=lambda r: (r.priority, r.arrival_time))
-        return self.waiting[0]
+            return min(ready, key=lambda r: (r.priority, r.arrival_time), default=None)
+        return next(ready, None)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             request = self._next_waiting()
+            if request is None:
+                break
             cached = self.kv_cache.find_cached_prefix(request)
             num_cached = len(cached) * self.kv_cache.block_size
             num_new = self._num_new_tokens(request, num_cached, budget)
@@ -193,3 +197,8 @@ class Scheduler:
     def finish_with_error(self, request: Request) -> None:
         if not request.is_finished:
             self._finish(request, FinishReason.ERROR)
+
+    def finish_request(self, request: Request, reason: FinishReason) -> None:
+        """Ends a request for a reason found outside the scheduler (its grammar is complete, say)."""
+        if not request.is_finished:
+            self._finish(request, reason)

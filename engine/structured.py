@@ -1,0 +1,197 @@
+"""Structured outputs in the engine: grammars compiled off the loop (cached by spec) and per-step token masks.
+
+The grammar library is llguidance (see docs/structured-outputs-and-tools.md for why). A spec is compiled
+into a pristine `LLMatcher` on a small thread pool; each request gets a cheap deep copy once it is ready,
+so a slow compile only keeps its own request waiting while the batch runs on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import llguidance
+import llguidance.numpy as llg_numpy
+import msgspec
+import numpy as np
+import torch
+
+from engine.request import Request
+from protocol.messages import StructuredSpec
+
+logger = logging.getLogger(__name__)
+
+# Compact JSON with single spaces: a small model at temperature 1 otherwise spends its token budget on
+# whitespace (flexible whitespace allows endless newlines). A schema can opt back in with "x-guidance".
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_spec_encoder = msgspec.msgpack.Encoder()
+
+
+class GrammarError(ValueError):
+    """The spec does not compile; the message is the library's."""
+
+
+def grammar_for_spec(spec: StructuredSpec) -> str:
+    """The llguidance grammar (its JSON form) for a spec. Raises GrammarError for unusable text."""
+    try:
+        if spec.json_schema is not None:
+            return llguidance.LLMatcher.grammar_from_json_schema(spec.json_schema, defaults=JSON_OPTIONS)
+        if spec.regex is not None:
+            return llguidance.LLMatcher.grammar_from_regex(spec.regex)
+        if spec.choice is not None:
+            return llguidance.grammar_from("choice", json.dumps(spec.choice))
+        if spec.grammar is not None:
+            return llguidance.grammar_from("grammar", spec.grammar)  # Lark, or GBNF converted to Lark
+    except ValueError as exc:
+        raise GrammarError(str(exc)) from None
+    return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_OPTIONS)
+
+
+class GrammarCompiler:
+    """Compiles specs to pristine matchers on worker threads; keeps the last `cache_size` results by spec."""
+
+    def __init__(
+        self,
+        tokenizer_json: str,
+        vocab_size: int,
+        eos_token_ids: Iterable[int],
+        *,
+        max_workers: int = 2,
+        cache_size: int = 256,
+    ) -> None:
+        self._tokenizer_json = tokenizer_json
+        self._vocab_size = vocab_size
+        self._eos_token_ids = sorted(eos_token_ids)
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._tokenizer_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar")
+        self._cache: OrderedDict[bytes, Future[llguidance.LLMatcher]] = OrderedDict()
+        self._cache_size = cache_size
+        # Test-only: called on the worker thread before each compile (to simulate a slow grammar).
+        self.before_compile: Callable[[StructuredSpec], None] | None = None
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        # Built on first use (~1 s for a 50k vocabulary), on a worker thread, never on the engine loop.
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.LLTokenizer(
+                    self._tokenizer_json, n_vocab=self._vocab_size, eos_token=self._eos_token_ids
+                )
+            return self._tokenizer
+
+    def submit(self, spec: StructuredSpec) -> Future[llguidance.LLMatcher]:
+        key = _spec_encoder.encode(spec)
+        future = self._cache.get(key)
+        if future is not None:
+            self._cache.move_to_end(key)
+            return future
+        future = self._pool.submit(self._compile, spec)
+        self._cache[key] = future
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return future
+
+    def _compile(self, spec: StructuredSpec) -> llguidance.LLMatcher:
+        if self.before_compile is not None:
+            self.before_compile(spec)
+        grammar = grammar_for_spec(spec)
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(matcher.get_error())
+        return matcher
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RequestGrammar:
+    """One request's grammar: the pending compile, then its own matcher."""
+
+    def __init__(self, future: Future[llguidance.LLMatcher]) -> None:
+        self.future = future
+        self.matcher: llguidance.LLMatcher | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        return self.matcher is not None
+
+
+class StructuredOutputs:
+    """Engine-side structured outputs: attach grammars, compute masks for a step, advance matchers."""
+
+    def __init__(self, compiler: GrammarCompiler, vocab_size: int) -> None:
+        self.compiler = compiler
+        self.vocab_size = vocab_size
+        self.compiling: dict[str, Request] = {}
+        self._executor = llguidance.LLExecutor()
+        self._num_words = (vocab_size + 31) // 32
+        self._shifts = torch.arange(32, dtype=torch.int32)
+
+    @classmethod
+    def create(cls, tokenizer_json: str, vocab_size: int, eos_token_ids: Iterable[int]) -> StructuredOutputs:
+        return cls(GrammarCompiler(tokenizer_json, vocab_size, eos_token_ids), vocab_size)
+
+    def attach(self, request: Request) -> None:
+        spec = request.sampling.structured
+        if spec is None:
+            return
+        request.grammar = RequestGrammar(self.compiler.submit(spec))
+        self.compiling[request.request_id] = request
+
+    def forget(self, request_id: str) -> None:
+        self.compiling.pop(request_id, None)
+
+    def poll(self) -> list[tuple[Request, str]]:
+        """Hands finished compiles to their requests; returns (request, error) for compiles that failed."""
+        failed = []
+        for request_id, request in list(self.compiling.items()):
+            grammar: RequestGrammar = request.grammar
+            if not grammar.future.done():
+                continue
+            del self.compiling[request_id]
+            exc = grammar.future.exception()
+            if exc is not None:
+                message = str(exc) if isinstance(exc, GrammarError) else f"{type(exc).__name__}: {exc}"
+                failed.append((request, f"Invalid structured output constraint: {message}"))
+            else:
+                grammar.matcher = grammar.future.result().deep_copy()
+        return failed
+
+    def masks(self, rows: list[Request]) -> dict[str, torch.Tensor]:
+        """Allowed-token masks (bool [V]) for the constrained requests among `rows` that sample this step."""
+        constrained = [r for r in rows if r.grammar is not None and r.grammar.matcher is not None]
+        if not constrained:
+            return {}
+        bitmask = np.full((len(constrained), self._num_words), -1, dtype=np.int32)  # [B, V/32]
+        pairs = [(r.grammar.matcher, i) for i, r in enumerate(constrained)]
+        llg_numpy.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
+        words = torch.from_numpy(bitmask)
+        allowed = ((words.unsqueeze(-1) >> self._shifts) & 1).bool()  # [B, V/32, 32]
+        allowed = allowed.view(len(constrained), -1)[:, : self.vocab_size]  # [B, V]
+        return {r.request_id: allowed[i] for i, r in enumerate(constrained)}
+
+    def advance(self, rows: list[Request], sampled: dict[str, int]) -> tuple[set[str], dict[str, str]]:
+        """Feeds each constrained request its new token. Returns (ids whose grammar is complete, id -> error)."""
+        pairs = []
+        owners = []
+        for request in rows:
+            token_id = sampled.get(request.request_id)
+            if token_id is None or request.grammar is None or request.grammar.matcher is None:
+                continue
+            pairs.append((request.grammar.matcher, token_id))
+            owners.append(request)
+        if not pairs:
+            return set(), {}
+        results = self._executor.consume_token_par(pairs)
+        complete, errors = set(), {}
+        for request, ok, (matcher, _) in zip(owners, results, pairs, strict=True):
+            if not ok:
+                errors[request.request_id] = f"structured output rejected a token: {matcher.get_error()}"
+            elif matcher.is_stopped():
+                complete.add(request.request_id)
+        return complete, errors
