@@ -15,6 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.embedding_runner import EmbeddingParts, EmbeddingStepper, build_embedding_parts
 from engine.engine_setup import EngineParts, build_engine_parts
 from engine.io import EngineIO
 from engine.stepper import EngineStepper, error_delta
@@ -36,8 +37,14 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: EngineConfig, parts: EngineParts | None = None) -> None:
         self.config = config
-        self.parts = parts or build_engine_parts(config)
-        self.stepper = EngineStepper(self.parts, max_waiting_requests=config.max_waiting_requests)
+        self.parts: EngineParts | EmbeddingParts
+        self.stepper: EngineStepper | EmbeddingStepper
+        if parts is None and config.task == "embed":
+            self.parts = build_embedding_parts(config)
+            self.stepper = EmbeddingStepper(self.parts, max_waiting_requests=config.max_waiting_requests)
+        else:
+            self.parts = parts or build_engine_parts(config)
+            self.stepper = EngineStepper(self.parts, max_waiting_requests=config.max_waiting_requests)
         self.io = EngineIO(
             config.listen,
             heartbeat_interval_s=config.heartbeat_interval_s,
@@ -58,7 +65,7 @@ class EngineCore:
     # -- lifecycle ------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         def drain(signum: int, _frame: Any) -> None:
-            running = self.stepper.scheduler.num_running
+            running = self.stepper.stats().num_running
             logger.info("signal %d: refusing new work and draining %d running requests", signum, running)
             if self.draining:
                 self.stop_event.set()

@@ -48,6 +48,10 @@ def _decode_embeds(message: AddRequest, frames: list[bytes], parts: EngineParts)
 
 def make_request(message: AddRequest, client_id: bytes, frames: list[bytes], parts: EngineParts) -> Request:
     ids = message.prompt_token_ids
+    if message.embed_task:
+        raise RequestRejected(
+            "this engine generates text; embeddings need an engine started with --task embed"
+        )
     if not ids:
         raise RequestRejected("the prompt is empty")
     if min(ids) < 0 or max(ids) >= parts.vocab_size:
