@@ -33,12 +33,13 @@ def build_cos_sin_cache(
 ) -> Tensor:
     """[max_position, rot_dim] float32 = cat(cos, sin), each over the rot_dim / 2 frequencies."""
     inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
-    rope_type = "default" if rope_scaling is None else rope_scaling.get("rope_type", rope_scaling.get("type"))
+    scaling = rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "linear":
-        inv_freq = inv_freq / float(rope_scaling["factor"])  # type: ignore[index]
+        inv_freq = inv_freq / float(scaling["factor"])
     elif rope_type == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)  # type: ignore[arg-type]
-    elif rope_type not in (None, "default"):
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif rope_type != "default":
         raise ValueError(
             f"rope scaling type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
         )
@@ -62,6 +63,7 @@ class RotaryEmbedding(nn.Module):
         self.is_neox = is_neox
         cache = build_cos_sin_cache(rot_dim or head_dim, max_position, base, rope_scaling)
         # Not persistent: it is derived from the config, never loaded from a checkpoint.
+        self.cos_sin_cache: Tensor
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:

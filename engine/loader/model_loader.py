@@ -136,9 +136,9 @@ def load_model(
     torch_dtype = _choose_dtype(dtype, arch, gguf_path is not None, device)
     torch.manual_seed(seed)  # dummy weights are the seeded default initialization
     with _default_dtype(torch_dtype), torch.device(device):
-        module = model_cls(arch)  # type: ignore[call-arg]
+        module = model_cls(arch)
     if load_format != "dummy":
-        module.load_weights(weights)  # type: ignore[operator]
+        module.load_weights(weights)
     module.eval()
     module.requires_grad_(False)
     return LoadedModel(module, arch, tokenizer, served_name, torch_dtype)

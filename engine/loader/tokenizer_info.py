@@ -74,9 +74,10 @@ def tokenizer_info_from_folder(folder: Path, model_config: dict[str, Any]) -> To
     bos_token = _token_text(config.get("bos_token"))
     eos_token = _token_text(config.get("eos_token"))
 
-    eos_ids = []
-    if eos_token is not None and tokenizer.token_to_id(eos_token) is not None:
-        eos_ids.append(tokenizer.token_to_id(eos_token))
+    eos_ids: list[int] = []
+    eos_id = None if eos_token is None else tokenizer.token_to_id(eos_token)
+    if eos_id is not None:
+        eos_ids.append(eos_id)
     eos_ids += _as_id_list(generation.get("eos_token_id")) + _as_id_list(model_config.get("eos_token_id"))
 
     add_bos = config.get("add_bos_token")

@@ -162,13 +162,13 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"{name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
             param.copy_(tensor)
             loaded.add(name)
-        self._check_all_loaded(params, modules, loaded)
+        self._check_all_loaded(list(params), modules, loaded)
 
     def _check_all_loaded(
-        self, params: dict[str, Tensor], modules: dict[str, nn.Module], loaded: set[str]
+        self, param_names: list[str], modules: dict[str, nn.Module], loaded: set[str]
     ) -> None:
-        expected = set()
-        for name in params:
+        expected: set[str] = set()
+        for name in param_names:
             module_path, _, leaf = name.rpartition(".")
             module = modules[module_path]
             if isinstance(module, MergedLinear):

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.loader import LoadedModel
+
+TinyModelDir = Callable[[str], Path]  # tiny_model_dir(variant) -> saved HF folder
 
 TINY_SHAPE = {
     "hidden_size": 64,
@@ -113,7 +116,7 @@ def build_tiny_hf_model(variant: str, seed: int = 0) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyModelDir:
     """tiny_model_dir(variant) -> a saved HF folder (config, safetensors, tokenizer files), built once."""
     built: dict[str, Path] = {}
 
@@ -185,8 +188,8 @@ def default_gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def default_loaded_model() -> object:
+def default_loaded_model() -> LoadedModel:
     """The default SmolLM2 GGUF loaded by Tandem (float32), once per session (~10 s)."""
     from engine.loader import load_model
 
-    return load_model(None)
+    return load_model(None, dtype="float32")

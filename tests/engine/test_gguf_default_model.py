@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
-import pytest
 import torch
 from tokenizers import Tokenizer
 
+from engine.loader import LoadedModel
 from tests.engine.conftest import PagedBatchBuilder
 
 TOKENIZER_CASES = [
@@ -36,18 +36,7 @@ TOKENIZER_CASES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def hf_gguf_oracle(default_gguf_path: Path) -> tuple[torch.nn.Module, object]:
-    """transformers' model and tokenizer from the same GGUF (float32), built once (~20 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(default_gguf_path.parent), default_gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model.eval(), tokenizer
-
-
-def test_default_model_metadata(default_loaded_model) -> None:  # type: ignore[no-untyped-def]
+def test_default_model_metadata(default_loaded_model: LoadedModel) -> None:
     loaded = default_loaded_model
     assert loaded.default_served_name == "SmolLM2-135M-Instruct"
     assert loaded.dtype == torch.float32
@@ -64,7 +53,9 @@ def test_default_model_metadata(default_loaded_model) -> None:  # type: ignore[n
     assert info.chat_template is not None and "<|im_start|>" in info.chat_template
 
 
-def test_prompt_logits_match_transformers(default_loaded_model, hf_gguf_oracle) -> None:  # type: ignore[no-untyped-def]
+def test_prompt_logits_match_transformers(
+    default_loaded_model: LoadedModel, hf_gguf_oracle: tuple[torch.nn.Module, Any]
+) -> None:
     hf_model, hf_tokenizer = hf_gguf_oracle
     loaded = default_loaded_model
     prompts = [
@@ -96,7 +87,9 @@ def test_prompt_logits_match_transformers(default_loaded_model, hf_gguf_oracle) 
             )
 
 
-def test_gguf_tokenizer_matches_transformers(default_loaded_model, hf_gguf_oracle) -> None:  # type: ignore[no-untyped-def]
+def test_gguf_tokenizer_matches_transformers(
+    default_loaded_model: LoadedModel, hf_gguf_oracle: tuple[torch.nn.Module, Any]
+) -> None:
     _, hf_tokenizer = hf_gguf_oracle
     ours = Tokenizer.from_str(default_loaded_model.tokenizer.tokenizer_json)
     assert ours.get_vocab_size() == hf_tokenizer.vocab_size == 49152

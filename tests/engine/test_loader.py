@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from engine.loader import load_model, resolve_model_path
+from engine.loader import LoadedModel, load_model, resolve_model_path
 from engine.loader.gguf_file import unpermute_rotary_rows
-from tests.engine.conftest import PagedBatchBuilder
+from tests.engine.conftest import PagedBatchBuilder, TinyModelDir
 
 
-def _logits(loaded, ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
     arch = loaded.arch
     builder = PagedBatchBuilder(8, 4, seed=0)
     dtype = loaded.dtype
@@ -30,7 +30,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_sharded_folder_loads_like_single_file(tiny_model_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_sharded_folder_loads_like_single_file(tiny_model_dir: TinyModelDir, tmp_path: Path) -> None:
     single = tiny_model_dir("llama")
     sharded = tmp_path / "sharded"
     shutil.copytree(single, sharded)
@@ -54,7 +54,7 @@ def test_sharded_folder_loads_like_single_file(tiny_model_dir, tmp_path: Path) -
     assert b.default_served_name == "sharded"
 
 
-def test_dummy_load_has_checkpoint_shapes_and_is_seeded(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_dummy_load_has_checkpoint_shapes_and_is_seeded(tiny_model_dir: TinyModelDir) -> None:
     folder = tiny_model_dir("qwen3")
     real = load_model(str(folder))
     dummy = load_model(str(folder), load_format="dummy", seed=3)
@@ -75,7 +75,7 @@ def test_dummy_load_from_gguf_metadata(default_gguf_path: Path) -> None:
     assert loaded.default_served_name == "SmolLM2-135M-Instruct"
 
 
-def test_bfloat16_load(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_bfloat16_load(tiny_model_dir: TinyModelDir) -> None:
     folder = tiny_model_dir("llama3_rope")
     full = load_model(str(folder), dtype="float32")
     half = load_model(str(folder), dtype="bfloat16")
@@ -89,7 +89,7 @@ def test_bfloat16_load(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
     torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
 
 
-def test_tokenizer_info_from_folder(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_tokenizer_info_from_folder(tiny_model_dir: TinyModelDir) -> None:
     info = load_model(str(tiny_model_dir("llama"))).tokenizer
     tokenizer = Tokenizer.from_str(info.tokenizer_json)
     assert info.bos_token == "<s>" and info.eos_token == "<|im_end|>"
@@ -114,7 +114,7 @@ def test_unpermute_inverts_llama_cpp_row_order() -> None:
     assert torch.equal(unpermute_rotary_rows(permuted, num_heads), weight)
 
 
-def test_bad_inputs_raise_clear_errors(tiny_model_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_bad_inputs_raise_clear_errors(tiny_model_dir: TinyModelDir, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="neither a .gguf file nor a folder with config.json"):

@@ -9,7 +9,7 @@ import torch
 
 from engine.loader import load_model
 from engine.models.config import ModelArchConfig
-from tests.engine.conftest import TINY_VARIANTS, PagedBatchBuilder, build_tiny_hf_model
+from tests.engine.conftest import TINY_VARIANTS, PagedBatchBuilder, TinyModelDir, build_tiny_hf_model
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 64
@@ -52,7 +52,9 @@ def _hf_logits(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
-def test_prefill_and_paged_decode_match_transformers(variant: str, tiny_model_dir, hf_models) -> None:  # type: ignore[no-untyped-def]
+def test_prefill_and_paged_decode_match_transformers(
+    variant: str, tiny_model_dir: TinyModelDir, hf_models: dict[str, torch.nn.Module]
+) -> None:
     seed = sum(map(ord, variant))
     rng = random.Random(seed)
     loaded = load_model(str(tiny_model_dir(variant)))
@@ -83,7 +85,9 @@ def test_prefill_and_paged_decode_match_transformers(variant: str, tiny_model_di
 
 
 @pytest.mark.parametrize("variant", ["llama", "llama3_rope", "qwen2", "qwen3"])
-def test_greedy_batch_matches_transformers_generate(variant: str, tiny_model_dir, hf_models) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_batch_matches_transformers_generate(
+    variant: str, tiny_model_dir: TinyModelDir, hf_models: dict[str, torch.nn.Module]
+) -> None:
     seed = 7 + len(variant)
     rng = random.Random(seed)
     loaded = load_model(str(tiny_model_dir(variant)))
@@ -112,7 +116,7 @@ def test_greedy_batch_matches_transformers_generate(variant: str, tiny_model_dir
         assert generated[s] == out[0, len(prompt) :].tolist(), f"seed={seed} seq={s}"
 
 
-def test_inputs_embeds_replace_lookup(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_inputs_embeds_replace_lookup(tiny_model_dir: TinyModelDir) -> None:
     loaded = load_model(str(tiny_model_dir("qwen3")))
     ids = [3, 17, 250, 9]
     by_ids = PagedRunner(loaded.model, loaded.arch, 1)
@@ -127,7 +131,7 @@ def test_inputs_embeds_replace_lookup(tiny_model_dir) -> None:  # type: ignore[n
     assert logits.dtype == torch.float32
 
 
-def test_tied_and_untied_heads(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_tied_and_untied_heads(tiny_model_dir: TinyModelDir) -> None:
     tied = load_model(str(tiny_model_dir("qwen2"))).model
     untied = load_model(str(tiny_model_dir("llama"))).model
     assert tied.lm_head.weight is tied.model.embed_tokens.weight

@@ -10,6 +10,7 @@ import torch
 
 from engine.kernels import dispatch, torch_ops
 from engine.layers.rotary import build_cos_sin_cache
+from tests.engine.conftest import PagedBatchBuilder
 
 
 def _rms_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -35,7 +36,7 @@ def test_rms_norm_and_fused_add(seed: int) -> None:
     torch.testing.assert_close(low.double(), _rms_ref(x, weight, 1e-6), atol=0.05, rtol=0.02)
 
 
-def _rotary_ref(positions, x, cache, is_neox):  # type: ignore[no-untyped-def]
+def _rotary_ref(positions: torch.Tensor, x: torch.Tensor, cache: torch.Tensor, is_neox: bool) -> torch.Tensor:
     """Per-element rotation of pairs, in float64."""
     out = x.double().clone()
     rot_dim = cache.shape[1]
@@ -77,7 +78,7 @@ def test_silu_and_mul() -> None:
     torch.testing.assert_close(dispatch.silu_and_mul(x), torch_ops.silu_and_mul(x))
 
 
-def _attention_ref(q, keys, values, scale):  # type: ignore[no-untyped-def]
+def _attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """q [Q, Hq, D] are the last Q positions of keys/values [S, Hkv, D]; float64, causal, GQA."""
     query_len, num_heads, _ = q.shape
     seq_len, num_kv_heads, _ = keys.shape
@@ -106,8 +107,8 @@ BATCHES = [
 @pytest.mark.parametrize("batch_index", range(len(BATCHES)))
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_paged_attention_matches_reference(
-    group: int, batch_index: int, block_size: int, paged_batch_builder
-) -> None:  # type: ignore[no-untyped-def]
+    group: int, batch_index: int, block_size: int, paged_batch_builder: type[PagedBatchBuilder]
+) -> None:
     seed = 100 * group + 10 * batch_index + block_size
     gen = torch.Generator().manual_seed(seed)
     num_kv_heads, head_dim = 2, 8
@@ -156,7 +157,9 @@ def test_write_kv_cache_places_tokens_at_slots() -> None:
     assert int((kv_cache[0] != 0).sum()) == 3 * 2 * 3
 
 
-def test_padded_tokens_write_null_block_and_output_zeros(paged_batch_builder) -> None:  # type: ignore[no-untyped-def]
+def test_padded_tokens_write_null_block_and_output_zeros(
+    paged_batch_builder: type[PagedBatchBuilder],
+) -> None:
     """A runner may pad T (e.g. for graphs): padded tokens write to block 0 and get zero outputs."""
     rng = random.Random(6)
     gen = torch.Generator().manual_seed(6)
@@ -174,7 +177,7 @@ def test_padded_tokens_write_null_block_and_output_zeros(paged_batch_builder) ->
     torch.testing.assert_close(out[:5].double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_bfloat16_paged_attention_close_to_float32(paged_batch_builder) -> None:  # type: ignore[no-untyped-def]
+def test_bfloat16_paged_attention_close_to_float32(paged_batch_builder: type[PagedBatchBuilder]) -> None:
     gen = torch.Generator().manual_seed(7)
     builder = paged_batch_builder(16, 4, seed=7)
     meta, _ = builder.step({0: 9, 1: 1, 2: 6})
