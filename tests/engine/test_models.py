@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -136,3 +137,38 @@ def test_tied_and_untied_heads(tiny_model_dir: TinyModelDir) -> None:
     untied = load_model(str(tiny_model_dir("llama"))).model
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     assert not torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["llama3_rope", "qwen3"])
+def test_cuda_triton_path_matches_cpu(variant: str, tiny_model_dir: TinyModelDir) -> None:
+    """The same model through dispatch's Triton kernels on CUDA and the torch ops on CPU."""
+    folder = str(tiny_model_dir(variant))
+    cpu = load_model(folder, dtype="float32")
+    gpu = load_model(folder, dtype="float32", device="cuda")
+    builder = PagedBatchBuilder(NUM_BLOCKS, BLOCK_SIZE, seed=11)
+    arch = cpu.arch
+    shape = (2, NUM_BLOCKS, BLOCK_SIZE, arch.num_key_value_heads, arch.head_dim)
+    caches = {
+        dev: [torch.zeros(shape, device=dev) for _ in range(arch.num_hidden_layers)]
+        for dev in ("cpu", "cuda")
+    }
+    rng = random.Random(11)
+    steps = [{0: 9, 1: 1, 2: 5}, {0: 1, 1: 1, 2: 7}, {0: 1, 1: 1, 2: 1}]
+    for step in steps:
+        meta, positions = builder.step(step)
+        input_ids = torch.tensor([rng.randrange(arch.vocab_size) for _ in range(int(positions.shape[0]))])
+        cuda_meta = dataclasses.replace(
+            meta,
+            query_start_loc=meta.query_start_loc.cuda(),
+            seq_lens=meta.seq_lens.cuda(),
+            block_table=meta.block_table.cuda(),
+            slot_mapping=meta.slot_mapping.cuda(),
+        )
+        with torch.no_grad():
+            expected = cpu.model.compute_logits(cpu.model(input_ids, positions, caches["cpu"], meta))
+            got = gpu.model.compute_logits(
+                gpu.model(input_ids.cuda(), positions.cuda(), caches["cuda"], cuda_meta)
+            )
+        torch.testing.assert_close(got.cpu(), expected, atol=2e-3, rtol=2e-3, msg=f"step={step}")
