@@ -136,7 +136,9 @@ def _choice_body(job: ChoiceJob, req: CompletionRequest, prompts: list[PreparedP
         "stop_reason": job.output.stop_reason,
     }
     if req.prompt_logprobs is not None:
-        choice["prompt_logprobs"] = prompt_logprobs_json(job.output.tokenizer, job.output.prompt_logprobs)
+        choice["prompt_logprobs"] = prompt_logprobs_json(
+            job.output.tokenizer, job.output.prompt_logprobs, req.prompt_logprobs
+        )
     return choice
 
 

@@ -68,6 +68,7 @@ class ChoiceOutput:
         self.detokenizer = IncrementalDetokenizer(
             tokenizer, prompt_token_ids, skip_special_tokens=skip_special_tokens
         )
+        self.include_stop_str_in_output = include_stop_str_in_output
         self.stop_matcher = (
             StopStringMatcher(stop, include_stop_str_in_output=include_stop_str_in_output) if stop else None
         )
@@ -120,7 +121,11 @@ class ChoiceOutput:
             self.num_prompt_tokens = delta.num_prompt_tokens
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
-        new_text = self.detokenizer.push(delta.new_token_ids) if delta.new_token_ids else ""
+        text_ids = delta.new_token_ids
+        if delta.finish_reason is FinishReason.STOP and text_ids and not self.include_stop_str_in_output:
+            # The engine stopped on EOS or a stop token id: like vLLM, its text is not output.
+            text_ids = text_ids[:-1]
+        new_text = self.detokenizer.push(text_ids) if text_ids else ""
         if delta.finish_reason is not None and delta.finish_reason is not FinishReason.ERROR:
             new_text += self.detokenizer.finish()  # bytes of an incomplete character held back so far
         out = ChoiceDelta("", list(delta.new_token_ids))

@@ -49,9 +49,11 @@ def _completion_top(entry: LogprobEntry) -> dict[str, float] | None:
     return top
 
 
-def prompt_logprobs_json(tokenizer: Tokenizer, rows: list[TokenLogprob | None] | None) -> list[Any] | None:
+def prompt_logprobs_json(
+    tokenizer: Tokenizer, rows: list[TokenLogprob | None] | None, num_top: int | None = None
+) -> list[Any] | None:
     """vLLM's `prompt_logprobs`: per prompt position None (the first) or {token id: {logprob, rank,
-    decoded_token}} holding the prompt token and the top alternatives."""
+    decoded_token}} holding the prompt token and the `num_top` most likely alternatives."""
     if rows is None:
         return None
     result: list[Any] = []
@@ -62,7 +64,9 @@ def prompt_logprobs_json(tokenizer: Tokenizer, rows: list[TokenLogprob | None] |
         position = {
             str(lp.token_id): _prompt_logprob(tokenizer, lp.token_id, lp.logprob, lp.rank),
         }
-        for rank, (token_id, value) in enumerate(zip(lp.top_ids, lp.top_logprobs, strict=False), start=1):
+        for rank, (token_id, value) in enumerate(
+            zip(lp.top_ids[:num_top], lp.top_logprobs, strict=False), start=1
+        ):
             position.setdefault(str(token_id), _prompt_logprob(tokenizer, token_id, value, rank))
         result.append(position)
     return result
