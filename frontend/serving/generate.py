@@ -212,7 +212,8 @@ async def _stream(
 ) -> AsyncIterator[dict[str, Any] | APIError]:
     opts = req.stream_options
     include_usage = bool(opts and opts.include_usage)
-    continuous = bool(opts and opts.continuous_usage_stats)
+    # As vLLM: per-chunk usage only when the final usage chunk is asked for too.
+    continuous = include_usage and bool(opts and opts.continuous_usage_stats)
     async for _job, delta in events:
         if delta.error:
             yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
