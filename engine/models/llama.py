@@ -27,7 +27,7 @@ STACKED_PARAMS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArchConfig) -> None:
+    def __init__(self, arch: ModelArchConfig, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads = arch.num_attention_heads
         self.num_kv_heads = arch.num_key_value_heads
@@ -36,9 +36,7 @@ class LlamaAttention(nn.Module):
         kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(arch.hidden_size, [q_size, kv_size, kv_size], bias=arch.attention_bias)
         self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=False)
-        self.rotary_emb = RotaryEmbedding(
-            self.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling
-        )
+        self.rotary_emb = rotary_emb  # shared by all layers
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,9 +58,9 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
 
-    def __init__(self, arch: ModelArchConfig) -> None:
+    def __init__(self, arch: ModelArchConfig, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = self.attention_cls(arch)
+        self.self_attn = self.attention_cls(arch, rotary_emb)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
@@ -90,7 +88,11 @@ class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArchConfig, layer_cls: type[LlamaDecoderLayer]) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(layer_cls(arch) for _ in range(arch.num_hidden_layers))
+        # One cos/sin table for all layers: at 128k positions it is tens of MB.
+        self.rotary_emb = RotaryEmbedding(
+            arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling
+        )
+        self.layers = nn.ModuleList(layer_cls(arch, self.rotary_emb) for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(

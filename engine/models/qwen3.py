@@ -6,13 +6,14 @@ from torch import Tensor
 
 from engine.attention import AttentionMetadata
 from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelArchConfig
 from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 
 class Qwen3Attention(LlamaAttention):
-    def __init__(self, arch: ModelArchConfig) -> None:
-        super().__init__(arch)
+    def __init__(self, arch: ModelArchConfig, rotary_emb: RotaryEmbedding) -> None:
+        super().__init__(arch, rotary_emb)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
 
