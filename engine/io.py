@@ -4,7 +4,9 @@ encoded outputs), another encodes outputs, so serialization overlaps the forward
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from typing import Any
@@ -55,6 +57,7 @@ class EngineIO:
         if self._bind_error is not None:
             raise self._bind_error
         self._threads[1].start()
+        _notify_systemd_ready()
 
     def forget_client(self, client_id: bytes) -> None:
         self.clients.pop(client_id, None)
@@ -156,6 +159,20 @@ class EngineIO:
             client_id, message, buffers = item
             push.send_multipart([client_id, *encode(message, buffers)])
         push.close(0)
+
+
+def _notify_systemd_ready() -> None:
+    """Type=notify units (deploy/systemd/) count the engine as started once its socket is bound."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # abstract socket namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"READY=1", path)
+    except OSError as exc:
+        logger.warning("could not notify systemd of readiness: %s", exc)
 
 
 class _AllowedKeys:

@@ -142,3 +142,17 @@ def test_extra_client_keys_can_be_allowed(tmp_path) -> None:  # noqa: ANN001
         (tmp_path / "client.public").read_text().strip().encode(),
         (second / "client.public").read_text().strip().encode(),
     ]
+
+
+def test_systemd_is_told_when_the_socket_is_bound(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    notify_path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(notify_path)
+        listener.settimeout(3)
+        monkeypatch.setenv("NOTIFY_SOCKET", notify_path)
+        io = EngineIO(f"tcp://127.0.0.1:{free_port()}")
+        io.start()
+        try:
+            assert listener.recv(64) == b"READY=1"
+        finally:
+            io.close()
