@@ -23,6 +23,9 @@ class AttentionMetadata:
     # Host copies, so the CPU path can loop over sequences without device syncs.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Force the GPU attention path (None: the kernel's heuristic). CUDA-graph capture forces split-KV so
+    # the launch grid depends only on max_seq_len, which is then the graph's context cap.
+    split_kv: bool | None = None
 
     @property
     def num_seqs(self) -> int:

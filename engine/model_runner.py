@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.cuda_graphs import DecodeGraphs, build_decode_graphs
 from engine.kv_cache import NULL_BLOCK_ID
 from engine.request import Request
 from engine.sampler import LogprobRow, Sampler, SampleResult
@@ -39,6 +40,9 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        max_num_seqs: int = 256,
+        max_model_len: int = 2048,
+        enforce_eager: bool = False,
     ) -> None:
         self.model = model
         self.arch = arch
@@ -50,6 +54,42 @@ class ModelRunner:
         # [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim] per layer
         self.kv_caches = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.sampler = Sampler(arch.vocab_size, device)  # type: ignore[attr-defined]
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and not enforce_eager:
+            self.graphs = build_decode_graphs(
+                lambda: DecodeGraphs(
+                    model,
+                    self.kv_caches,
+                    max_num_seqs=max_num_seqs,
+                    max_model_len=max_model_len,
+                    block_size=block_size,
+                    device=device,
+                ),
+                self._graphs_match_eager,
+            )
+
+    @torch.inference_mode()
+    def _graphs_match_eager(self, graphs: DecodeGraphs) -> bool:
+        """One padded decode batch (3 sequences in blocks 1-4, still unused at start-up) both ways."""
+        bs = self.block_size
+        seq_lens = [5, bs + 3, 2]
+        meta = AttentionMetadata(
+            query_start_loc=torch.arange(4, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+            block_table=torch.tensor([[1, 0], [2, 3], [4, 0]], dtype=torch.int32, device=self.device),
+            slot_mapping=torch.tensor(
+                [1 * bs + 4, 3 * bs + 2, 4 * bs + 1], dtype=torch.int64, device=self.device
+            ),
+            max_query_len=1,
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=[0, 1, 2, 3],
+            seq_lens_cpu=seq_lens,
+        )
+        input_ids = torch.tensor([11, 12, 13], dtype=torch.int64, device=self.device)
+        positions = torch.tensor([s - 1 for s in seq_lens], dtype=torch.int64, device=self.device)
+        eager = self.model(input_ids, positions, self.kv_caches, meta).float()
+        graphed = graphs.run(input_ids, positions, meta).float()
+        return bool(torch.allclose(eager, graphed, rtol=3e-2, atol=3e-2))
 
     def _build_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size
@@ -108,9 +148,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, masks: dict[str, torch.Tensor] | None = None) -> StepResult:
         input_ids, positions, meta = self._build_inputs(out)
-        hidden = self.model(
-            input_ids, positions, self.kv_caches, meta, inputs_embeds=self._input_embeds(out, input_ids, meta)
-        )
+        inputs_embeds = self._input_embeds(out, input_ids, meta)
+        if self.graphs is not None and self.graphs.can_run(meta, has_embeds=inputs_embeds is not None):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, inputs_embeds=inputs_embeds)
         for row, (request, num_new) in enumerate(out.scheduled):
             if request.sampling.prompt_logprobs is not None and not request.sent_prompt_logprobs:
                 self._prompt_logprobs(request, num_new, hidden, meta.query_start_loc_cpu[row])

@@ -311,6 +311,8 @@ def paged_attention(
     if num_tokens == 0:
         return out
     if split_kv is None:
+        split_kv = meta.split_kv
+    if split_kv is None:
         split_kv = should_split_kv(meta, num_kv_heads, partition_size)
     upcast, precision = _dot_settings(q)
     block_d = max(16, triton.next_power_of_2(head_size))
