@@ -52,19 +52,42 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = pick_device(config.device)
-    loaded = load_model(config.model, load_format=config.load_format, dtype=config.dtype, device=str(device), seed=config.seed)
+    loaded = load_model(
+        config.model, load_format=config.load_format, dtype=config.dtype, device=str(device), seed=config.seed
+    )
     arch = loaded.arch
-    per_block = kv_cache_bytes_per_block(arch.num_hidden_layers, config.block_size, arch.num_key_value_heads, arch.head_dim, loaded.dtype)
+    per_block = kv_cache_bytes_per_block(
+        arch.num_hidden_layers, config.block_size, arch.num_key_value_heads, arch.head_dim, loaded.dtype
+    )
     num_blocks = _num_kv_blocks(config, per_block, device)
     capacity = (num_blocks - 1) * config.block_size
     max_model_len = min(config.max_model_len or arch.max_position_embeddings, capacity)
     if config.max_model_len and config.max_model_len > capacity:
-        logger.warning("max_model_len %d exceeds the KV cache (%d tokens); using %d", config.max_model_len, capacity, capacity)
+        logger.warning(
+            "max_model_len %d exceeds the KV cache (%d tokens); using %d",
+            config.max_model_len,
+            capacity,
+            capacity,
+        )
     logger.info(
         "KV cache: %d blocks of %d tokens (%.1f MiB); max_model_len %d; at most %.1f sequences of that length at once",
-        num_blocks, config.block_size, num_blocks * per_block / 2**20, max_model_len, capacity / max_model_len,
+        num_blocks,
+        config.block_size,
+        num_blocks * per_block / 2**20,
+        max_model_len,
+        capacity / max_model_len,
     )
-    runner = ModelRunner(loaded.model, arch, num_blocks=num_blocks, block_size=config.block_size, dtype=loaded.dtype, device=device)
+    runner = ModelRunner(
+        loaded.model,
+        arch,
+        num_blocks=num_blocks,
+        block_size=config.block_size,
+        dtype=loaded.dtype,
+        device=device,
+        max_num_seqs=config.max_num_seqs,
+        max_model_len=max_model_len,
+        enforce_eager=config.enforce_eager,
+    )
     limits = SchedulerLimits(
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
