@@ -7,8 +7,12 @@ import json
 import random
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from tandem.bench.stats import distribution
+
+if TYPE_CHECKING:
+    from tandem.offline import LLM
 
 
 def add_latency_args(p: argparse.ArgumentParser) -> None:
@@ -20,8 +24,9 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-json", default=None, help="Write the numbers here.")
 
 
-def run_latency_bench(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
-    from tandem import LLM, SamplingParams
+def run_latency_bench(parser: argparse.ArgumentParser, ns: argparse.Namespace, llm: LLM | None = None) -> int:
+    """Runs the benchmark; `llm` reuses an already loaded model (its engine flags then do not apply)."""
+    from tandem import LLM, SamplingParams  # noqa: F811
     from tandem.bench.engine_options import llm_options
     from tandem.bench.throughput import random_prompt_ids
 
@@ -31,7 +36,7 @@ def run_latency_bench(parser: argparse.ArgumentParser, ns: argparse.Namespace) -
         )
         return 2
     # Prefix caching would turn every prompt after the first into a cache hit; measure the real work.
-    llm = LLM(ns.model, **{"enable_prefix_caching": False, **llm_options(parser, ns)})
+    llm = llm or LLM(ns.model, **{"enable_prefix_caching": False, **llm_options(parser, ns)})
     tokenizer = llm.get_tokenizer()
     rng = random.Random(ns.seed)
     full = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)

@@ -7,6 +7,10 @@ import json
 import random
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tandem.offline import LLM
 
 
 def add_throughput_args(p: argparse.ArgumentParser) -> None:
@@ -29,14 +33,17 @@ def random_prompt_ids(tokenizer, rng: random.Random, num_prompts: int, input_len
     return prompts
 
 
-def run_throughput_bench(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
-    from tandem import LLM, SamplingParams
+def run_throughput_bench(
+    parser: argparse.ArgumentParser, ns: argparse.Namespace, llm: LLM | None = None
+) -> int:
+    """Runs the benchmark; `llm` reuses an already loaded model (its engine flags then do not apply)."""
+    from tandem import LLM, SamplingParams  # noqa: F811
     from tandem.bench.engine_options import llm_options
 
     if min(ns.num_prompts, ns.input_len, ns.output_len) < 1:
         print("tandem bench throughput: counts and lengths must be at least 1", file=sys.stderr)
         return 2
-    llm = LLM(ns.model, **llm_options(parser, ns))
+    llm = llm or LLM(ns.model, **llm_options(parser, ns))
     params = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)
     prompts: list = []
     if ns.dataset_path:
