@@ -346,6 +346,10 @@ class EngineClient:
                     if isinstance(item, EngineLost):
                         lost, finished = item, True
                         break
+                    if _refused_for_now(item) and not got_tokens:
+                        # Full queue or draining: another engine may well take it.
+                        lost, finished = EngineLost(item.error or "the engine refused the request"), True
+                        break
                     got_tokens = got_tokens or bool(item.new_token_ids)
                     finished = item.finish_reason is not None
                     timing.observe(item, time.time())
@@ -377,6 +381,10 @@ class EngineClient:
             ids = [r for r in request_ids if r in conn.pending]
             if ids:
                 self._send(conn, Abort(ids))
+
+
+def _refused_for_now(delta: RequestDelta) -> bool:
+    return delta.finish_reason == FinishReason.ERROR and delta.error_status == 503
 
 
 def _lost_delta(request_id: str, reason: str) -> RequestDelta:

@@ -38,6 +38,11 @@ async def load(request: Request) -> Response:
             "num_waiting": c.stats.num_waiting if c.stats else None,
             "max_step_num_seqs": c.stats.max_step_num_seqs if c.stats else None,
             "num_served": c.num_served,
+            "engine_id": c.ready.engine_id if c.ready else None,
+            "num_kv_blocks": c.ready.num_kv_blocks if c.ready else None,
+            "num_free_blocks": c.stats.num_free_blocks if c.stats else None,
+            "kv_cache_usage": c.stats.kv_cache_usage if c.stats else None,
+            "num_bad_messages": c.stats.num_bad_messages if c.stats else None,
         }
         for c in state.client.engines
     ]

@@ -1,0 +1,163 @@
+"""Issue 9 acceptance, security: a CurveZMQ engine on TCP that only the right client key can use, an API
+process with an API key and CORS, and an engine that refuses to listen off loopback without keys."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import zmq
+
+from protocol.curve import load_client_keys
+from protocol.framing import encode
+from protocol.messages import PROTOCOL_VERSION, Hello
+from tandem.args import add_api_args, add_security_args, frontend_config
+from tests.conftest import DEFAULT_MODEL_NAME
+from tests.e2e.test_scale_out import wait_for_engines
+from tests.server_process import REPO, ServerProcess, free_port
+
+API_KEY = "s3cret-token"
+ORIGIN = "http://ui.example"
+
+
+def _tandem(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tandem", *args], capture_output=True, text=True, timeout=timeout_s, cwd=REPO
+    )
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the real keys, a folder with the server's public key but another client key pair)."""
+    root = tmp_path_factory.mktemp("keys")
+    good, wrong = root / "good", root / "wrong"
+    assert _tandem("keys", "generate", str(good)).returncode == 0
+    assert _tandem("keys", "generate", str(wrong)).returncode == 0
+    (wrong / "server.secret").unlink()
+    shutil.copy(good / "server.public", wrong / "server.public")
+    return good, wrong
+
+
+@pytest.fixture(scope="module")
+def secured(keys: tuple[Path, Path]) -> Iterator[tuple[str, ServerProcess, ServerProcess]]:
+    good, _ = keys
+    engine_port = free_port()
+    address = f"tcp://127.0.0.1:{engine_port}"
+    engine = ServerProcess(
+        ["engine", "--listen", address, "--curve-keys", str(good), "--kv-cache-memory", "128M"],
+        port=engine_port,
+    )
+    api_port = free_port()
+    api = ServerProcess(
+        [
+            "api",
+            "--engine",
+            address,
+            "--curve-keys",
+            str(good),
+            "--port",
+            str(api_port),
+            "--api-key",
+            API_KEY,
+            "--allowed-origins",
+            ORIGIN,
+        ],
+        port=api_port,
+    )
+    try:
+        api.wait_healthy()
+        yield address, engine, api
+    finally:
+        api.stop()
+        engine.stop()
+
+
+def _chat(base_url: str, headers: dict[str, str]) -> httpx.Response:
+    body = {"model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    return httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def test_api_key_is_required_on_model_routes(secured) -> None:  # noqa: ANN001
+    _, _, api = secured
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        resp = _chat(api.base_url, headers)
+        assert resp.status_code == 401
+        assert resp.json()["error"]["code"] is not None or resp.json()["error"]["type"]
+        assert httpx.get(f"{api.base_url}/v1/models", headers=headers).status_code == 401
+    ok = _chat(api.base_url, {"Authorization": f"Bearer {API_KEY}"})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    # Operational routes stay open for probes and scrapers.
+    assert httpx.get(f"{api.base_url}/health").status_code == 200
+    assert httpx.get(f"{api.base_url}/metrics").status_code == 200
+
+
+def test_cors_allows_only_the_configured_origin(secured) -> None:  # noqa: ANN001
+    _, _, api = secured
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    allowed = httpx.options(f"{api.base_url}/v1/chat/completions", headers={"Origin": ORIGIN, **preflight})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    other = httpx.options(
+        f"{api.base_url}/v1/chat/completions", headers={"Origin": "http://evil.example", **preflight}
+    )
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_wrong_curve_key_cannot_submit_work(secured, keys: tuple[Path, Path]) -> None:  # noqa: ANN001
+    address, _, api = secured
+    _, wrong = keys
+    # A raw client with an unknown key pair: its HELLO never reaches the engine, nothing comes back.
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    creds = load_client_keys(str(wrong))
+    dealer.curve_secretkey, dealer.curve_publickey = creds["client_secret"], creds["client_public"]
+    dealer.curve_serverkey = creds["server_public"]
+    dealer.connect(address)
+    dealer.send_multipart(encode(Hello(PROTOCOL_VERSION, "intruder")))
+    assert dealer.poll(3000) == 0
+    ctx.destroy(linger=0)
+    # An API process with the wrong key gives up with a clear reason instead of serving.
+    port = free_port()
+    started = time.monotonic()
+    bad_api = _tandem(
+        "api",
+        "--engine",
+        address,
+        "--curve-keys",
+        str(wrong),
+        "--port",
+        str(port),
+        "--engine-ready-timeout",
+        "4",
+    )
+    assert bad_api.returncode != 0
+    assert "authentication failed" in bad_api.stderr + bad_api.stdout
+    assert time.monotonic() - started < 45
+    # The engine is unharmed and still serves the right client.
+    assert _chat(api.base_url, {"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    wait_for_engines(api.base_url, lambda e: e["alive"], timeout_s=10)
+
+
+def test_engine_refuses_to_listen_off_loopback_without_keys() -> None:
+    result = _tandem("engine", "--listen", f"tcp://0.0.0.0:{free_port()}")
+    assert result.returncode == 2
+    assert "--curve-keys" in result.stderr and "--insecure" in result.stderr
+
+
+def test_api_key_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_api_args(parser)
+    add_security_args(parser)
+    monkeypatch.setenv("TANDEM_API_KEY", "from-env")
+    config = frontend_config(parser.parse_args([]), engines=["tcp://127.0.0.1:1"])
+    assert config.api_key == "from-env"
+    config = frontend_config(parser.parse_args(["--api-key", "flag"]), engines=["tcp://127.0.0.1:1"])
+    assert config.api_key == "flag"
