@@ -36,7 +36,8 @@ def anyio_backend() -> str:
 
 
 class FakeEngine:
-    """A ROUTER that handshakes, beats, records ADD/ABORT, and sends whatever deltas a test scripts."""
+    """A ROUTER that handshakes, beats, records ADD/ABORT, and sends whatever deltas a test scripts.
+    With beat=False it plays a hung engine: the connection stays open but nothing comes back."""
 
     def __init__(self, ctx: zmq.asyncio.Context, address: str, engine_id: str, *, beat: bool = True) -> None:
         self.ctx, self.address, self.engine_id, self.beat = ctx, address, engine_id, beat
@@ -73,6 +74,8 @@ class FakeEngine:
             client, *frames = await self.sock.recv_multipart()
             message, _ = decode(frames)
             self.clients.add(client)
+            if not self.beat:
+                continue  # hung: neither beats nor answers
             if isinstance(message, Hello):
                 self.send(
                     client, Ready(self.engine_id, ["m"], 64, 512, 8, 16, "{}", None, None, None, [2], False)
