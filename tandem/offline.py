@@ -31,6 +31,7 @@ from tandem.offline_params import (
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
+    from engine.embedding_runner import EmbeddingStepper
     from engine.stepper import EngineStepper
 
 _CLIENT = b"offline"
@@ -48,12 +49,21 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
         self.config = engine_config(model, engine_options)
-        from engine.engine_setup import build_engine_parts  # torch: imported only when a model is loaded
-        from engine.stepper import EngineStepper
+        # torch and the engine are imported only when a model is loaded; the same choice as EngineCore's.
+        if self.config.task == "embed":
+            from engine.embedding_runner import EmbeddingStepper, build_embedding_parts
 
-        parts = build_engine_parts(self.config)
-        self.stepper: EngineStepper = EngineStepper(parts)
-        self.ctx = ModelContext.from_ready(parts.ready)
+            embed_parts = build_embedding_parts(self.config)
+            self.stepper: EngineStepper | EmbeddingStepper = EmbeddingStepper(embed_parts)
+            ready = embed_parts.ready
+        else:
+            from engine.engine_setup import build_engine_parts
+            from engine.stepper import EngineStepper
+
+            parts = build_engine_parts(self.config)
+            self.stepper = EngineStepper(parts)
+            ready = parts.ready
+        self.ctx = ModelContext.from_ready(ready)
         self._ids = itertools.count()
 
     @property
@@ -101,7 +111,8 @@ class LLM:
         return self._run(prepared, _params_list(sampling_params, len(prepared)), use_tqdm, "Chatting")
 
     def embed(self, texts: str | list[str], use_tqdm: bool = True) -> list[EmbeddingOutput]:
-        """Pooled, normalized embeddings; needs an embedding model loaded with `task="embed"`."""
+        """Pooled, normalized embeddings; needs an embedding model loaded with `task="embed"`
+        (`LLM(task="embed")` loads the default one, all-MiniLM-L6-v2)."""
         if self.ctx.ready.task != "embed":
             raise ValueError(
                 "this LLM generates text; load an embedding model with LLM(MODEL, task='embed') to embed"
@@ -110,7 +121,12 @@ class LLM:
         outputs: list[EmbeddingOutput] = []
         jobs: dict[str, tuple[int, PreparedPrompt]] = {}
         for i, text in enumerate(items):
-            prompt = self._prepare_prompt(text)
+            # As /v1/embeddings does: the tokenizer's own special tokens ([CLS] ... [SEP] for BERT).
+            prompt = PreparedPrompt(self.ctx.tokenizer.encode(text, add_special_tokens=True).ids, text)
+            if len(prompt.token_ids) > self.ctx.max_model_len:
+                raise ValueError(
+                    f"input {i} has {len(prompt.token_ids)} tokens; this model takes at most {self.ctx.max_model_len}"
+                )
             rid = str(next(self._ids))
             add = AddRequest(
                 rid, prompt.token_ids, WireSamplingParams(max_tokens=1), time.time(), embed_task=True

@@ -141,3 +141,26 @@ def test_bad_prompts_and_options(offline_llm: LLM) -> None:
     with pytest.raises(TypeError, match="unknown engine option.*max_num_seq\\b"):
         engine_config(None, {"max_num_seq": 4})
     assert engine_config(None, {"kv_cache_memory": "64M"}).kv_cache_memory == 64 * 2**20
+
+
+def test_embed_with_the_default_embedding_model() -> None:
+    import numpy as np
+
+    llm = LLM(task="embed")
+    texts = [
+        "A cat sits on the mat.",
+        "A cat is sitting on a mat.",
+        "Stock prices fell sharply.",
+        "A cat sits on the mat.",
+    ]
+    outputs = llm.embed(texts, use_tqdm=False)
+    assert [o.prompt for o in outputs] == texts
+    assert outputs[0].prompt_token_ids[0] == 101 and outputs[0].prompt_token_ids[-1] == 102  # [CLS] ... [SEP]
+    vectors = np.array([o.embedding for o in outputs])
+    assert vectors.shape == (4, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1] > 0.9 > 0.3 > similarity[0, 2]
+    assert np.allclose(vectors[0], vectors[3], atol=1e-6)
+    with pytest.raises(ValueError, match="embedding model"):
+        llm.generate("hi", use_tqdm=False)
