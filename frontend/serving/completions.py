@@ -113,11 +113,16 @@ def _echo_entries(req: CompletionRequest, output: ChoiceOutput) -> list[LogprobE
 
 
 def _logprobs(
-    req: CompletionRequest, output: ChoiceOutput, entries: list[LogprobEntry], echo: str | None
+    req: CompletionRequest,
+    output: ChoiceOutput,
+    entries: list[LogprobEntry],
+    echo: str | None,
+    text_offset: int = 0,
 ) -> dict[str, Any]:
-    """Completion logprobs for `entries`; with `echo` (the echoed text) the prompt tokens come first."""
+    """Completion logprobs for `entries` (the first at `text_offset`); with `echo` (the echoed text) the
+    prompt tokens come first and the output's offsets start after the echo."""
     if echo is None:
-        return completion_logprobs(entries, 0)
+        return completion_logprobs(entries, text_offset)
     prompt_part = completion_logprobs(_echo_entries(req, output), 0)
     output_part = completion_logprobs(entries, len(echo))
     return {key: prompt_part[key] + output_part[key] for key in prompt_part}
@@ -194,7 +199,7 @@ async def _stream(
         logprobs = None
         if req.logprobs is not None:
             start = len(echo) if echo is not None else offsets[job.index]
-            logprobs = _logprobs(req, job.output, delta.logprobs, echo)
+            logprobs = _logprobs(req, job.output, delta.logprobs, echo, start)
             offsets[job.index] = start + sum(len(e.token) for e in delta.logprobs)
         choice: dict[str, Any] = {
             "index": job.index,
