@@ -24,8 +24,8 @@ serve: $(STAMP)
 	$(BIN)/tandem serve $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check protocol frontend engine tandem tests benchmarks
-	$(BIN)/ruff format --check protocol frontend engine tandem tests benchmarks
+	$(BIN)/ruff check protocol frontend engine tandem tests benchmarks examples
+	$(BIN)/ruff format --check protocol frontend engine tandem tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -34,6 +34,10 @@ unit: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+# The example scripts against a real server (also part of `make test`, through tests/e2e/test_examples.py).
+examples: $(STAMP)
+	$(BIN)/pytest -q tests/e2e/test_examples.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
