@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 PERCENTILES = (90, 99)  # the median is reported as its own key
 
 
@@ -31,6 +29,8 @@ class RequestResult:
 
 def distribution(values: list[float], *, scale: float = 1000.0) -> dict[str, float | None]:
     """mean, median, std, p90 and p99, scaled (default: seconds -> milliseconds)."""
+    import numpy as np  # here, not at import time: `tandem serve` imports this module's parser side
+
     if not values:
         return {"mean": None, "median": None, "std": None, **{f"p{p}": None for p in PERCENTILES}}
     arr = np.asarray(values, dtype=np.float64) * scale
