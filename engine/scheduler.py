@@ -197,8 +197,3 @@ class Scheduler:
     def finish_with_error(self, request: Request) -> None:
         if not request.is_finished:
             self._finish(request, FinishReason.ERROR)
-
-    def finish_request(self, request: Request, reason: FinishReason) -> None:
-        """Ends a request for a reason found outside the scheduler (its grammar is complete, say)."""
-        if not request.is_finished:
-            self._finish(request, reason)

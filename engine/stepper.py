@@ -109,11 +109,11 @@ class EngineStepper:
         except Exception as exc:
             logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
             return grammar_failures + self._fail(out.scheduled, f"{type(exc).__name__}: {exc}")
-        complete, grammar_errors = set(), {}
+        grammar_errors = {}
         if self._structured is not None:
-            complete, grammar_errors = self._structured.advance(sampling_rows, result.sampled)
+            grammar_errors = self._structured.advance(sampling_rows, result.sampled)
         finished = self.scheduler.update_after_step(out, result.sampled)
-        deltas = grammar_failures + self._finish_grammars(out, complete, grammar_errors, finished)
+        deltas = grammar_failures + self._fail_grammars(out, grammar_errors, finished)
         finished_ids = {r.request_id for r in finished}
         for request, _ in out.scheduled:
             token_id = result.sampled.get(request.request_id)
@@ -146,30 +146,21 @@ class EngineStepper:
             self._forget(request)
         return deltas
 
-    def _finish_grammars(
-        self,
-        out: SchedulerOutput,
-        complete: set[str],
-        errors: dict[str, str],
-        finished: list[Request],
+    def _fail_grammars(
+        self, out: SchedulerOutput, errors: dict[str, str], finished: list[Request]
     ) -> list[tuple[bytes, RequestDelta]]:
-        """A complete grammar ends its request with `stop` (also when max_tokens ended it on the same
-        token); a rejected token ends it with an error. Appends the first kind to `finished`."""
+        """A token its grammar rejected (never expected: the mask forbids it) ends the request with an error.
+        A complete grammar needs nothing here: its mask then allows only EOS, which stops the request."""
         deltas = []
         for request, _ in out.scheduled:
-            request_id = request.request_id
-            if request_id in errors:
-                if request in finished:
-                    finished.remove(request)
-                self.scheduler.finish_with_error(request)
-                deltas.append((request.client_id, error_delta(request_id, errors[request_id], 500)))
-                self._forget(request)
-            elif request_id in complete:
-                if request.is_finished and request.finish_reason is FinishReason.LENGTH:
-                    request.finish_reason = FinishReason.STOP
-                elif not request.is_finished:
-                    self.scheduler.finish_request(request, FinishReason.STOP)
-                    finished.append(request)
+            error = errors.get(request.request_id)
+            if error is None:
+                continue
+            if request in finished:
+                finished.remove(request)
+            self.scheduler.finish_with_error(request)
+            deltas.append((request.client_id, error_delta(request.request_id, error, 500)))
+            self._forget(request)
         return deltas
 
     def _fail(self, scheduled: list[tuple[Request, int]], error: str) -> list[tuple[bytes, RequestDelta]]:

@@ -175,8 +175,8 @@ class StructuredOutputs:
         allowed = allowed.view(len(constrained), -1)[:, : self.vocab_size]  # [B, V]
         return {r.request_id: allowed[i] for i, r in enumerate(constrained)}
 
-    def advance(self, rows: list[Request], sampled: dict[str, int]) -> tuple[set[str], dict[str, str]]:
-        """Feeds each constrained request its new token. Returns (ids whose grammar is complete, id -> error)."""
+    def advance(self, rows: list[Request], sampled: dict[str, int]) -> dict[str, str]:
+        """Feeds each constrained request its new token; returns request_id -> error for rejected tokens."""
         pairs = []
         owners = []
         for request in rows:
@@ -186,12 +186,10 @@ class StructuredOutputs:
             pairs.append((request.grammar.matcher, token_id))
             owners.append(request)
         if not pairs:
-            return set(), {}
+            return {}
         results = self._executor.consume_token_par(pairs)
-        complete, errors = set(), {}
-        for request, ok, (matcher, _) in zip(owners, results, pairs, strict=True):
-            if not ok:
-                errors[request.request_id] = f"structured output rejected a token: {matcher.get_error()}"
-            elif matcher.is_stopped():
-                complete.add(request.request_id)
-        return complete, errors
+        return {
+            request.request_id: f"structured output rejected a token: {matcher.get_error()}"
+            for request, ok, (matcher, _) in zip(owners, results, pairs, strict=True)
+            if not ok
+        }

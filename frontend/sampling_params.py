@@ -8,6 +8,7 @@ import msgspec
 
 from frontend.errors import invalid_request
 from frontend.schemas import ChatCompletionRequest, CompletionRequest, StructuredOutputs
+from frontend.structured_check import check_structured_spec, spec_param
 from protocol.messages import SamplingParams, StructuredSpec
 
 _json_encoder = msgspec.json.Encoder()
@@ -47,6 +48,8 @@ def build_sampling_params(
                 "Tool calling cannot be combined with another output constraint.", "tool_choice"
             )
         structured = structured_override
+    if structured is not None:
+        check_structured_spec(structured, spec_param(req))
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_or(req.temperature, 1.0),

@@ -14,6 +14,7 @@ from frontend.schemas import decode_chat_request, decode_completion_request
 from frontend.serving.chat import create_chat_completion
 from frontend.serving.completions import create_completion
 from frontend.serving.streaming import json_response
+from frontend.serving.tools import ToolSettings
 from frontend.state import AppState
 
 
@@ -24,7 +25,10 @@ def _state(request: Request) -> AppState:
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
     req = decode_chat_request(await read_body(request, state.config.max_request_body_bytes))
-    return await create_chat_completion(state.model, state.client, req, request.scope[REQUEST_ID_KEY])
+    tools = ToolSettings(state.config.enable_auto_tool_choice, state.config.tool_call_parser)
+    return await create_chat_completion(
+        state.model, state.client, req, request.scope[REQUEST_ID_KEY], tool_settings=tools
+    )
 
 
 async def completions(request: Request) -> Response:

@@ -20,6 +20,7 @@ from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
 from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs, prompt_logprobs_json
 from frontend.serving.streaming import first_or_error, json_response, sse_response
+from frontend.serving.tools import ToolPlan, ToolSettings, ToolStream, apply_tool_calls, plan_tools
 
 
 def render_chat_prompt(ctx: ModelContext, req: ChatCompletionRequest) -> tuple[str, list[str]]:
@@ -69,10 +70,16 @@ def chat_output_factory(ctx: ModelContext, req: ChatCompletionRequest):  # noqa:
 
 
 async def create_chat_completion(
-    ctx: ModelContext, client: EngineClient, req: ChatCompletionRequest, request_id: str
+    ctx: ModelContext,
+    client: EngineClient,
+    req: ChatCompletionRequest,
+    request_id: str,
+    *,
+    tool_settings: ToolSettings | None = None,
 ) -> Response:
     require_task(ctx, "generate", "/v1/chat/completions")
     model = ctx.check_model(req.model)
+    tool_plan = plan_tools(req, tool_settings or ToolSettings())
     prompt = prepare_chat(ctx, req)
     sampling = build_sampling_params(
         req,
@@ -80,6 +87,7 @@ async def create_chat_completion(
         max_model_len=ctx.max_model_len,
         vocab_size=ctx.ready.vocab_size,
         eos_token_ids=ctx.ready.eos_token_ids,
+        structured_override=tool_plan.structured if tool_plan else None,
     )
     n = req.n or 1
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -95,8 +103,8 @@ async def create_chat_completion(
     created = int(time.time())
     events = await first_or_error(run_choices(client, jobs))
     if req.stream:
-        return sse_response(_stream_chat(events, jobs, response_id, created, model, req))
-    return json_response(await _collect_chat(events, jobs, response_id, created, model, req))
+        return sse_response(_stream_chat(events, jobs, response_id, created, model, req, tool_plan))
+    return json_response(await _collect_chat(events, jobs, response_id, created, model, req, tool_plan))
 
 
 async def _collect_chat(
@@ -106,11 +114,15 @@ async def _collect_chat(
     created: int,
     model: str,
     req: ChatCompletionRequest,
+    tool_plan: ToolPlan | None = None,
 ) -> dict[str, Any]:
     async for _job, delta in events:
         if delta.error:
             raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
     choices = [chat_choice(j.index, j.output, want_logprobs=bool(req.logprobs)) for j in jobs]
+    if tool_plan is not None:
+        for job, choice in zip(jobs, choices, strict=True):
+            apply_tool_calls(choice, job.output.text, tool_plan)
     body = {
         "id": response_id,
         "object": "chat.completion",
@@ -133,6 +145,7 @@ async def _stream_chat(
     created: int,
     model: str,
     req: ChatCompletionRequest,
+    tool_plan: ToolPlan | None = None,
 ) -> AsyncIterator[dict[str, Any] | APIError]:
     opts = req.stream_options
     include_usage = bool(opts and opts.include_usage)
@@ -149,6 +162,7 @@ async def _stream_chat(
             with_usage_key=include_usage,
         )
 
+    tool_streams = {job.index: ToolStream(tool_plan) for job in jobs} if tool_plan else {}
     for job in jobs:
         yield chunk(
             [
@@ -164,13 +178,20 @@ async def _stream_chat(
         if delta.error:
             yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
             return
-        if not delta.text and delta.finish_reason is None and not (req.logprobs and delta.logprobs):
-            continue
+        finish_reason = delta.finish_reason
+        if tool_plan is not None:  # content and tool-call deltas from the choice's parser
+            message, finish_reason = tool_streams[job.index].step(delta.text, finish_reason)
+            if not message and finish_reason is None and not (req.logprobs and delta.logprobs):
+                continue
+        else:
+            if not delta.text and finish_reason is None and not (req.logprobs and delta.logprobs):
+                continue
+            message = {"content": delta.text} if delta.text or finish_reason is None else {}
         choice: dict[str, Any] = {
             "index": job.index,
-            "delta": {"content": delta.text} if delta.text or delta.finish_reason is None else {},
+            "delta": message,
             "logprobs": chat_logprobs(delta.logprobs) if req.logprobs else None,
-            "finish_reason": delta.finish_reason,
+            "finish_reason": finish_reason,
         }
         if delta.finish_reason is not None:
             choice["stop_reason"] = delta.stop_reason

@@ -191,12 +191,12 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
         ),
         ({"structured_outputs": {"regex": "a+"}}, StructuredSpec(regex="a+")),
         ({"structured_outputs": {"choice": ["yes", "no"]}}, StructuredSpec(choice=["yes", "no"])),
-        ({"structured_outputs": {"grammar": "root ::= 'x'"}}, StructuredSpec(grammar="root ::= 'x'")),
+        ({"structured_outputs": {"grammar": 'root ::= "x"'}}, StructuredSpec(grammar='root ::= "x"')),
         ({"structured_outputs": {"json_object": True}}, StructuredSpec(any_json_object=True)),
         ({"guided_json": SCHEMA}, StructuredSpec(json_schema=json.dumps(SCHEMA, separators=(",", ":")))),
         ({"guided_regex": "[0-9]+"}, StructuredSpec(regex="[0-9]+")),
         ({"guided_choice": ["a"]}, StructuredSpec(choice=["a"])),
-        ({"guided_grammar": "g"}, StructuredSpec(grammar="g")),
+        ({"guided_grammar": 'start: "g"'}, StructuredSpec(grammar='start: "g"')),
     ],
 )
 def test_structured_outputs_mapping(fields: dict[str, Any], spec: StructuredSpec | None) -> None:

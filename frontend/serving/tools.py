@@ -1,0 +1,193 @@
+"""Tool calling for chat: `tools` / `tool_choice` checks, the JSON schema that forces a call (required or
+a named function) through structured outputs, and tool calls in responses and streams."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from frontend.errors import invalid_request
+from frontend.schemas import ChatCompletionRequest
+from frontend.serving.tool_parsers import TOOL_PARSERS, JsonToolParser, StreamDelta, ToolParser
+from frontend.serving.tool_parsers.base import ExtractedToolCalls, ToolCall, new_tool_call_id
+from protocol.messages import StructuredSpec
+
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+
+
+@dataclass(frozen=True)
+class ToolSettings:
+    """The server's tool flags (`--enable-auto-tool-choice`, `--tool-call-parser`)."""
+
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    mode: str  # "auto", "required" or "named"
+    tool_names: frozenset[str]
+    parser_name: str | None = None  # auto: the configured parser
+    named: str | None = None  # named: the function the call must use
+    structured: StructuredSpec | None = None  # required / named: the constraint that forces the call
+
+    def new_parser(self) -> ToolParser:
+        if self.mode == "named":
+            assert self.named is not None  # set together with the mode by plan_tools()
+            return NamedToolParser(self.named)
+        if self.mode == "required":
+            return JsonToolParser(self.tool_names)
+        return TOOL_PARSERS[self.parser_name or "hermes"](self.tool_names)
+
+
+def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """name -> function definition, checking each tool's shape."""
+    functions: dict[str, dict[str, Any]] = {}
+    for index, tool in enumerate(tools):
+        param = f"tools[{index}]"
+        if tool.get("type", "function") != "function":
+            raise invalid_request(f"`{param}.type` must be 'function'.", f"{param}.type")
+        function = tool.get("function")
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+        ):
+            raise invalid_request(f"`{param}.function.name` is required.", f"{param}.function.name")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise invalid_request(
+                f"`{param}.function.parameters` must be a JSON schema object.", f"{param}.function.parameters"
+            )
+        functions[function["name"]] = function
+    return functions
+
+
+def _named_choice(tool_choice: dict[str, Any]) -> str:
+    function = tool_choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if tool_choice.get("type") != "function" or not isinstance(name, str):
+        raise invalid_request(
+            '`tool_choice` must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.',
+            "tool_choice",
+        )
+    return name
+
+
+def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+    return function.get("parameters") or {"type": "object", "properties": {}}
+
+
+def _call_schema(name: str, function: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": _parameters(function)},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def required_schema(functions: dict[str, dict[str, Any]], *, parallel: bool) -> dict[str, Any]:
+    """Schema of a call to any of the functions; an array of one or more calls when `parallel`."""
+    calls = [_call_schema(name, f) for name, f in functions.items()]
+    one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return {"type": "array", "items": one, "minItems": 1} if parallel else one
+
+
+def plan_tools(req: ChatCompletionRequest, settings: ToolSettings) -> ToolPlan | None:
+    """What tool handling a chat request needs; None when its output is plain content."""
+    tools = req.tools or []
+    functions = _functions(tools)
+    choice = req.tool_choice
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if isinstance(choice, str) and choice not in TOOL_CHOICE_MODES:
+        raise invalid_request(
+            f'`tool_choice` must be "none", "auto", "required" or a named function; got {choice!r}.',
+            "tool_choice",
+        )
+    if choice == "none":
+        return None
+    if not tools:
+        raise invalid_request("`tool_choice` needs `tools`.", "tool_choice")
+    names = frozenset(functions)
+    if choice == "auto":
+        if not (settings.enable_auto_tool_choice and settings.tool_call_parser):
+            raise invalid_request(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                "tool_choice",
+            )
+        return ToolPlan("auto", names, parser_name=settings.tool_call_parser)
+    if choice == "required":
+        parallel = req.parallel_tool_calls is not False
+        schema = required_schema(functions, parallel=parallel)
+        return ToolPlan("required", names, structured=StructuredSpec(json_schema=json.dumps(schema)))
+    name = _named_choice(choice)  # type: ignore[arg-type]
+    if name not in functions:
+        raise invalid_request(
+            f"`tool_choice` names function {name!r}, which is not in `tools`.", "tool_choice"
+        )
+    spec = StructuredSpec(json_schema=json.dumps(_parameters(functions[name])))
+    return ToolPlan("named", names, named=name, structured=spec)
+
+
+class NamedToolParser(ToolParser):
+    """A forced call to one function: the whole output is its arguments."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(frozenset({name}))
+        self.name = name
+        self.id = new_tool_call_id()
+
+    def extract(self, text: str) -> ExtractedToolCalls:
+        try:
+            json.loads(text)
+        except ValueError:
+            return ExtractedToolCalls(text, [])  # cut short (max_tokens): not a call
+        return ExtractedToolCalls(None, [ToolCall(self.id, self.name, text)])
+
+    def feed(self, text: str) -> StreamDelta:
+        out = StreamDelta()
+        if self.num_calls == 0:
+            self.num_calls = 1
+            function = {"name": self.name, "arguments": ""}
+            out.tool_calls.append({"index": 0, "id": self.id, "type": "function", "function": function})
+        if text:
+            out.tool_calls.append({"index": 0, "function": {"arguments": text}})
+        return out
+
+    def finish(self) -> StreamDelta:
+        return StreamDelta()
+
+
+def apply_tool_calls(choice: dict[str, Any], text: str, plan: ToolPlan) -> None:
+    """Rewrites a finished chat choice so calls found in `text` become `message.tool_calls`."""
+    extracted = plan.new_parser().extract(text)
+    if not extracted.tool_calls:
+        return
+    message = choice["message"]
+    message["content"] = extracted.content
+    message["tool_calls"] = [call.to_dict() for call in extracted.tool_calls]
+    if choice["finish_reason"] == "stop":
+        choice["finish_reason"] = "tool_calls"
+
+
+class ToolStream:
+    """One streamed choice: text deltas in, `delta` bodies (content and/or tool_calls) out."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.parser = plan.new_parser()
+
+    def step(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        out = self.parser.feed(text) if text else StreamDelta()
+        if finish_reason is not None:
+            out.extend(self.parser.finish())
+            if finish_reason == "stop" and self.parser.num_calls:
+                finish_reason = "tool_calls"
+        body: dict[str, Any] = {}
+        if out.content:
+            body["content"] = out.content
+        if out.tool_calls:
+            body["tool_calls"] = out.tool_calls
+        return body, finish_reason

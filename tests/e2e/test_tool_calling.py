@@ -1,0 +1,144 @@
+"""Issue 7 acceptance, tool calling: forced calls (required, named) always name an existing function with
+arguments that validate; streams rebuild to the same call; auto mode parses Hermes-style calls."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.conftest import DEFAULT_MODEL_NAME
+from tests.server_process import ServerProcess
+
+NUM_SAMPLES = 20
+WEATHER_PARAMS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 16},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME_PARAMS = {
+    "type": "object",
+    "properties": {"timezone": {"enum": ["UTC", "CET", "PST"]}},
+    "required": ["timezone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_PARAMS}},
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME_PARAMS}},
+]
+PARAMS = {"get_weather": WEATHER_PARAMS, "get_time": TIME_PARAMS}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def chat(server: ServerProcess, **fields: Any) -> httpx.Response:
+    body = {"model": DEFAULT_MODEL_NAME, "messages": MESSAGES, "tools": TOOLS, "temperature": 1.0, **fields}
+    return httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=600)
+
+
+def check_calls(response: httpx.Response, *, only: str | None = None) -> list[dict[str, Any]]:
+    """Every choice carries valid calls; returns all of them."""
+    assert response.status_code == 200, response.text
+    calls = []
+    for choice in response.json()["choices"]:
+        message = choice["message"]
+        assert choice["finish_reason"] == "tool_calls" and message["content"] is None, choice
+        assert message["tool_calls"], choice
+        for call in message["tool_calls"]:
+            assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
+            name = call["function"]["name"]
+            assert name in PARAMS and (only is None or name == only)
+            jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMS[name])
+            calls.append(call)
+    return calls
+
+
+def test_required_tool_choice_always_calls_a_tool(default_server: ServerProcess) -> None:
+    response = chat(default_server, tool_choice="required", n=NUM_SAMPLES, max_tokens=100)
+    assert len(response.json()["choices"]) == NUM_SAMPLES
+    assert len(check_calls(response)) >= NUM_SAMPLES
+
+
+def test_named_tool_choice_always_calls_that_tool(default_server: ServerProcess) -> None:
+    response = chat(default_server, tool_choice=NAMED, n=NUM_SAMPLES, max_tokens=60)
+    assert len(response.json()["choices"]) == NUM_SAMPLES
+    calls = check_calls(response, only="get_weather")
+    assert len(calls) == NUM_SAMPLES  # exactly one call per choice
+
+
+def stream_calls(server: ServerProcess, **fields: Any) -> tuple[list[dict[str, str]], str | None]:
+    """Streams a request with the OpenAI SDK and rebuilds its tool calls from the deltas."""
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    num_argument_deltas = 0
+    for chunk in client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=MESSAGES, tools=TOOLS, stream=True, **fields
+    ):
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for delta in choice.delta.tool_calls or []:
+                if delta.index not in calls:  # the first delta of a call carries its id and name
+                    assert delta.id and delta.type == "function" and delta.function.name
+                    calls[delta.index] = {"id": delta.id, "name": delta.function.name, "arguments": ""}
+                else:
+                    assert delta.id is None and not delta.function.name
+                    num_argument_deltas += 1
+                calls[delta.index]["arguments"] += delta.function.arguments or ""
+    assert num_argument_deltas > 1  # arguments really arrive in fragments
+    return [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
+def test_streaming_rebuilds_the_same_call(default_server: ServerProcess, tool_choice: Any) -> None:
+    fields = {"tool_choice": tool_choice, "temperature": 0, "max_tokens": 80}
+    whole = check_calls(chat(default_server, **fields))
+    streamed, finish = stream_calls(default_server, **fields)
+    assert finish == "tool_calls"
+    pairs = [(c["function"]["name"], c["function"]["arguments"]) for c in whole]
+    assert [(c["name"], c["arguments"]) for c in streamed] == pairs
+
+
+HERMES_CALL = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "unit": "celsius"\}\}</tool_call>'
+
+
+def test_auto_parses_hermes_calls_and_passes_plain_text(default_server: ServerProcess) -> None:
+    # The small model does not call tools by itself; a regex makes it write a Hermes-style call.
+    fields = {"tool_choice": "auto", "max_tokens": 60, "guided_regex": HERMES_CALL}
+    (call,) = check_calls(chat(default_server, **fields), only="get_weather")
+    assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
+    streamed, finish = stream_calls(default_server, **fields, temperature=0)
+    assert finish == "tool_calls" and [c["name"] for c in streamed] == ["get_weather"]
+    plain = chat(default_server, max_tokens=8, temperature=0).json()["choices"][0]
+    assert plain["message"]["content"] and not plain["message"]["tool_calls"]
+    assert plain["finish_reason"] in ("stop", "length")
+
+
+def test_multi_turn_with_tool_results_and_errors(default_server: ServerProcess) -> None:
+    turn = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "chatcmpl-tool-1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+            }
+        ],
+    }
+    result = {"role": "tool", "tool_call_id": "chatcmpl-tool-1", "content": '{"temperature": 21}'}
+    response = chat(default_server, messages=[*MESSAGES, turn, result], tool_choice="none", max_tokens=8)
+    assert response.status_code == 200, response.text
+    unknown = {"type": "function", "function": {"name": "nope"}}
+    response = chat(default_server, tool_choice=unknown, max_tokens=8)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice"
+    response = chat(default_server, tool_choice="required", max_tokens=8, guided_regex="a+")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice"
