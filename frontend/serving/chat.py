@@ -133,7 +133,7 @@ async def _collect_chat(
     }
     if req.prompt_logprobs is not None:  # vLLM extension: one list for the shared prompt
         body["prompt_logprobs"] = prompt_logprobs_json(
-            jobs[0].output.tokenizer, jobs[0].output.prompt_logprobs
+            jobs[0].output.tokenizer, jobs[0].output.prompt_logprobs, req.prompt_logprobs
         )
     return body
 
