@@ -100,7 +100,11 @@ def test_grammar_json_object_and_completions_endpoint(default_server: ServerProc
     assert text in ("yes", "no")
     (text,) = contents(
         chat(
-            default_server, "Any JSON.", max_tokens=60, temperature=0, response_format={"type": "json_object"}
+            default_server,
+            'Reply with exactly this JSON: {"ok": true}',
+            max_tokens=60,
+            temperature=0,
+            response_format={"type": "json_object"},
         )
     )
     assert isinstance(json.loads(text), dict)

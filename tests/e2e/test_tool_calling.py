@@ -80,8 +80,10 @@ def stream_calls(server: ServerProcess, **fields: Any) -> tuple[list[dict[str, s
     calls: dict[int, dict[str, str]] = {}
     finish = None
     num_argument_deltas = 0
+    sdk_fields = {k: v for k, v in fields.items() if k in ("tool_choice", "temperature", "max_tokens")}
+    extra = {k: v for k, v in fields.items() if k not in sdk_fields}  # vLLM extensions
     for chunk in client.chat.completions.create(
-        model=DEFAULT_MODEL_NAME, messages=MESSAGES, tools=TOOLS, stream=True, **fields
+        model=DEFAULT_MODEL_NAME, messages=MESSAGES, tools=TOOLS, stream=True, extra_body=extra, **sdk_fields
     ):
         for choice in chunk.choices:
             finish = choice.finish_reason or finish
@@ -125,7 +127,7 @@ def test_auto_parses_hermes_calls_and_passes_plain_text(default_server: ServerPr
 def test_multi_turn_with_tool_results_and_errors(default_server: ServerProcess) -> None:
     turn = {
         "role": "assistant",
-        "content": None,
+        "content": "",  # SmolLM2's template concatenates content, so None would be a template error
         "tool_calls": [
             {
                 "id": "chatcmpl-tool-1",
