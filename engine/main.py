@@ -12,7 +12,9 @@ def run_engine(config: EngineConfig) -> int:
     from engine.core import EngineCore
 
     logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s %(levelname)s [{config.engine_id}] %(name)s: %(message)s", stream=sys.stderr
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s [{config.engine_id}] %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     try:
         core = EngineCore(config)

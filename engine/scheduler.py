@@ -180,7 +180,10 @@ class Scheduler:
             if token_id in sampling.stop_token_ids:
                 request.stop_reason = token_id
                 return FinishReason.STOP
-        if request.num_output_tokens >= sampling.max_tokens or request.num_tokens >= self.limits.max_model_len:
+        if (
+            request.num_output_tokens >= sampling.max_tokens
+            or request.num_tokens >= self.limits.max_model_len
+        ):
             return FinishReason.LENGTH
         return None
 
