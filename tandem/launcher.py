@@ -21,13 +21,25 @@ _POLL_S = 0.5
 _MAX_RESTARTS = 5  # per child; past this the server stops instead of restarting in a loop
 
 
+class PortInUse(OSError):
+    """The port is already taken (by another server, or an earlier `tandem serve`)."""
+
+
 def _bind_listener(host: str, port: int) -> socket.socket:
+    # One socket, bound once and inherited by every API process (the kernel spreads accept() across
+    # them). No SO_REUSEPORT: with it a second `tandem serve` on the same port would silently share
+    # the port with the first one instead of failing.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortInUse(
+            f"cannot listen on {host}:{port}: {exc.strerror}. Is another server using it? "
+            "Pick another port with --port."
+        ) from exc
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -102,9 +114,13 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     serve_parser = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     engine_flags = unparse_group(serve_parser, ENGINE_GROUP, ns)
     api_flags = unparse_group(serve_parser, API_GROUP, ns)
+    try:
+        listener = _bind_listener(ns.host, ns.port)
+    except PortInUse as exc:
+        print(f"tandem serve: {exc}", file=sys.stderr)
+        return 2
     run_dir = tempfile.mkdtemp(prefix="tandem-")
     engines = [f"ipc://{run_dir}/engine-{i}.sock" for i in range(ns.data_parallel_size)]
-    listener = _bind_listener(ns.host, ns.port)
     # Request metrics of all API processes are summed from per-process files in this folder.
     metrics_dir = os.path.join(run_dir, "metrics")
     os.mkdir(metrics_dir)

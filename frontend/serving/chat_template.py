@@ -174,7 +174,9 @@ def normalize_messages(messages: list) -> tuple[list[dict], list[str]]:
         fields = _as_dict(message)
         out: dict[str, Any] = {
             "role": fields["role"],
-            "content": _content_text(fields.get("content"), embeds),
+            # An assistant turn that only made tool calls has content null; templates written for string
+            # content (SmolLM2's among them) cannot concatenate None, so it becomes "".
+            "content": _content_text(fields.get("content"), embeds) or "",
         }
         for key in ("name", "tool_call_id", "reasoning_content"):
             if fields.get(key) is not None:
