@@ -180,7 +180,12 @@ def test_api_process_killed_its_requests_are_aborted_by_the_engines(topo: Topolo
         await client.aclose()
 
     asyncio.run(start_streams())
-    running = sum(topo.engine_view(i)["num_running"] or 0 for i in range(2))
+    # The stats another API process sees are up to one heartbeat (1 s) old: poll briefly.
+    deadline = time.monotonic() + 3.0
+    running = 0
+    while time.monotonic() < deadline and running < 4:
+        running = sum(topo.engine_view(i)["num_running"] or 0 for i in range(2))
+        time.sleep(0.2)
     assert running >= 4  # the dead API process's requests are still there...
     # ...until the engines miss its heartbeats (10 s) and abort them.
     wait_for_engines(topo.api.base_url, all_blocks_free, timeout_s=25)
