@@ -33,7 +33,9 @@ HERMES_TEXT = (
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris \\"}\\" <x>", '
     '"unit": "c"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
 )
-JSON_ARRAY = '[{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_time", "parameters": {}}]'
+JSON_ARRAY = (
+    '[{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_time", "parameters": {}}]'
+)
 
 
 def stream(parser: ToolParser, text: str, seed: int) -> tuple[str, list[dict[str, Any]]]:
@@ -75,7 +77,11 @@ def test_hermes_extracts_calls_and_content() -> None:
 
 
 def test_hermes_text_without_valid_calls_is_content() -> None:
-    for text in ("just words", "<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>'):
+    for text in (
+        "just words",
+        "<tool_call>{not json}</tool_call>",
+        '<tool_call>{"arguments": {}}</tool_call>',
+    ):
         found = HermesToolParser().extract(text)
         assert found.content == text and not found.tool_calls
 
@@ -124,7 +130,9 @@ def test_required_schema_accepts_calls_and_rejects_others() -> None:
     functions = {"get_weather": WEATHER["function"], "get_time": TIME["function"]}
     schema = required_schema(functions, parallel=True)
     jsonschema.validate([{"name": "get_weather", "arguments": {"city": "Oslo"}}], schema)
-    jsonschema.validate([{"name": "get_time", "arguments": {}}, {"name": "get_time", "arguments": {}}], schema)
+    jsonschema.validate(
+        [{"name": "get_time", "arguments": {}}, {"name": "get_time", "arguments": {}}], schema
+    )
     for bad in ([], [{"name": "nope", "arguments": {}}], [{"name": "get_weather", "arguments": {}}]):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
