@@ -1,9 +1,6 @@
 """POST /v1/embeddings with `tandem serve --task embed` (default: all-MiniLM-L6-v2).
 
-Reference vectors: sentence-transformers is not installable here without its missing dependencies
-(scikit-learn, scipy, Pillow), so the reference is computed the way sentence-transformers computes it
-for this model: `transformers.AutoModel` on the same folder, mean pooling over the attention mask,
-then L2 normalization (modules.json: Transformer -> Pooling(mean) -> Normalize).
+Reference vectors come from `sentence-transformers` itself, loading the same packaged folder offline.
 """
 
 from __future__ import annotations
@@ -51,19 +48,13 @@ def embed_server() -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def reference() -> torch.Tensor:
-    from transformers import AutoModel, AutoTokenizer
+    from sentence_transformers import SentenceTransformer
 
     from engine.loader.encoder_folder import resolve_encoder_path
 
     folder, _ = resolve_encoder_path(None)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModel.from_pretrained(str(folder)).eval()
-    batch = tokenizer(SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state  # [B, L, H]
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(mean, p=2, dim=1)
+    model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    return model.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=False)
 
 
 def _embed(server: ServerProcess, **body: object) -> httpx.Response:
