@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.responses import Response
@@ -14,7 +14,14 @@ from frontend.errors import APIError, invalid_request
 from frontend.sampling_params import build_sampling_params
 from frontend.schemas import ChatCompletionRequest
 from frontend.serving.chat_template import ChatTemplateError, normalize_messages
-from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices, run_choices, usage_dict
+from frontend.serving.generation import (
+    ChoiceJob,
+    PreparedPrompt,
+    output_factory,
+    plan_choices,
+    run_choices,
+    usage_dict,
+)
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
@@ -54,19 +61,10 @@ def prepare_chat(ctx: ModelContext, req: ChatCompletionRequest) -> PreparedPromp
     return PreparedPrompt(ctx.encode(text, add_special_tokens=False), text)
 
 
-def chat_output_factory(ctx: ModelContext, req: ChatCompletionRequest):  # noqa: ANN201
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-
-    def make(prompt: PreparedPrompt, _index: int) -> ChoiceOutput:
-        return ChoiceOutput(
-            ctx.tokenizer,
-            prompt.token_ids,
-            stop=stop,
-            include_stop_str_in_output=bool(req.include_stop_str_in_output),
-            skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True,
-        )
-
-    return make
+def chat_output_factory(
+    ctx: ModelContext, req: ChatCompletionRequest
+) -> Callable[[PreparedPrompt, int], ChoiceOutput]:
+    return output_factory(ctx.tokenizer, req)
 
 
 async def create_chat_completion(

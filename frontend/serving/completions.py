@@ -15,7 +15,14 @@ from frontend.engine_client import EngineClient
 from frontend.errors import APIError
 from frontend.sampling_params import build_sampling_params, check_prompt_token_ids
 from frontend.schemas import CompletionRequest
-from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices, run_choices, usage_dict
+from frontend.serving.generation import (
+    ChoiceJob,
+    PreparedPrompt,
+    output_factory,
+    plan_choices,
+    run_choices,
+    usage_dict,
+)
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, ChoiceOutput, LogprobEntry
@@ -74,16 +81,7 @@ async def create_completion(
         # Echo with logprobs shows the prompt tokens' logprobs first: the engine must compute them.
         wanted = max(req.prompt_logprobs or 0, req.logprobs)
         sampling = [msgspec.structs.replace(p, prompt_logprobs=wanted) for p in sampling]
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-
-    def make_output(prompt: PreparedPrompt, _index: int) -> ChoiceOutput:
-        return ChoiceOutput(
-            ctx.tokenizer,
-            prompt.token_ids,
-            stop=stop,
-            include_stop_str_in_output=bool(req.include_stop_str_in_output),
-            skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True,
-        )
+    make_output = output_factory(ctx.tokenizer, req)
 
     response_id = f"cmpl-{uuid.uuid4().hex}"
     jobs = plan_choices(

@@ -19,7 +19,14 @@ from frontend.sampling_params import build_sampling_params, check_prompt_token_i
 from frontend.schemas import CompletionRequest, StreamOptions
 from frontend.schemas.checks import check_completion_request
 from frontend.schemas.requests import Request
-from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices, run_choices, usage_dict
+from frontend.serving.generation import (
+    ChoiceJob,
+    PreparedPrompt,
+    output_factory,
+    plan_choices,
+    run_choices,
+    usage_dict,
+)
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
@@ -115,16 +122,7 @@ async def create_generate(
     )
     if prompt_logprobs == -1:
         sampling = msgspec.structs.replace(sampling, prompt_logprobs=ctx.ready.vocab_size)
-    stop = [completion.stop] if isinstance(completion.stop, str) else list(completion.stop or [])
-
-    def make_output(prompt: PreparedPrompt, _index: int) -> ChoiceOutput:
-        return _GenerateOutput(
-            ctx.tokenizer,
-            prompt.token_ids,
-            stop=stop,
-            include_stop_str_in_output=bool(completion.include_stop_str_in_output),
-            skip_special_tokens=completion.skip_special_tokens is not False,
-        )
+    make_output = output_factory(ctx.tokenizer, completion, _GenerateOutput)
 
     response_id = req.request_id or uuid.uuid4().hex
     prompt = PreparedPrompt(list(req.token_ids))

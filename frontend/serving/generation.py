@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from frontend.engine_client import EngineClient
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
@@ -60,6 +61,24 @@ def plan_choices(
             )
             jobs.append(ChoiceJob(index, p, add, prompt.buffers, make_output(prompt, p)))
     return jobs
+
+
+def output_factory(
+    tokenizer: Any, req: Any, output_class: type[ChoiceOutput] = ChoiceOutput
+) -> Callable[[PreparedPrompt, int], ChoiceOutput]:
+    """Builds each choice's output processor from the request's stop and detokenization fields."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    def make(prompt: PreparedPrompt, _index: int) -> ChoiceOutput:
+        return output_class(
+            tokenizer,
+            prompt.token_ids,
+            stop=stop,
+            include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            skip_special_tokens=req.skip_special_tokens is not False,
+        )
+
+    return make
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

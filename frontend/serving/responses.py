@@ -90,6 +90,27 @@ def chat_choice(index: int, output: ChoiceOutput, *, want_logprobs: bool) -> dic
     }
 
 
+def _chunk(
+    object_name: str,
+    response_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage: dict[str, Any] | None,
+    with_usage_key: bool,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": response_id,
+        "object": object_name,
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if with_usage_key or usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
 def chat_chunk(
     response_id: str,
     created: int,
@@ -99,16 +120,7 @@ def chat_chunk(
     *,
     with_usage_key: bool = False,
 ) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": response_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if with_usage_key or usage is not None:
-        chunk["usage"] = usage
-    return chunk
+    return _chunk("chat.completion.chunk", response_id, created, model, choices, usage, with_usage_key)
 
 
 def completion_chunk(
@@ -120,13 +132,4 @@ def completion_chunk(
     *,
     with_usage_key: bool = False,
 ) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if with_usage_key or usage is not None:
-        chunk["usage"] = usage
-    return chunk
+    return _chunk("text_completion", response_id, created, model, choices, usage, with_usage_key)
