@@ -26,7 +26,7 @@ from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
 from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs, prompt_logprobs_json
-from frontend.serving.streaming import first_or_error, json_response, sse_response
+from frontend.serving.streaming import first_or_error, json_response, sse_response, usage_flags
 from frontend.serving.tools import ToolPlan, ToolSettings, ToolStream, apply_tool_calls, plan_tools
 
 
@@ -145,10 +145,7 @@ async def _stream_chat(
     req: ChatCompletionRequest,
     tool_plan: ToolPlan | None = None,
 ) -> AsyncIterator[dict[str, Any] | APIError]:
-    opts = req.stream_options
-    include_usage = bool(opts and opts.include_usage)
-    # As vLLM: usage on every chunk only together with include_usage.
-    continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+    include_usage, continuous = usage_flags(req.stream_options)
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         return chat_chunk(

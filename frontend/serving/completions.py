@@ -27,7 +27,7 @@ from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, ChoiceOutput, LogprobEntry
 from frontend.serving.responses import completion_chunk, completion_logprobs, prompt_logprobs_json
-from frontend.serving.streaming import first_or_error, json_response, sse_response
+from frontend.serving.streaming import first_or_error, json_response, sse_response, usage_flags
 
 # OpenAI's legacy completions default; vLLM uses the same.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -176,10 +176,7 @@ async def _stream(
     model: str,
     req: CompletionRequest,
 ) -> AsyncIterator[dict[str, Any] | APIError]:
-    opts = req.stream_options
-    include_usage = bool(opts and opts.include_usage)
-    # As vLLM: usage on every chunk only together with include_usage.
-    continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+    include_usage, continuous = usage_flags(req.stream_options)
     echoed: set[int] = set()
     offsets = {job.index: 0 for job in jobs}  # text offset of each choice's next token
     async for job, delta in events:

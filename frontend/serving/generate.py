@@ -31,7 +31,7 @@ from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
 from frontend.serving.responses import chat_logprobs
-from frontend.serving.streaming import first_or_error, json_response, sse_response
+from frontend.serving.streaming import first_or_error, json_response, sse_response, usage_flags
 from protocol.messages import RequestDelta, TokenLogprob
 
 # vLLM's SamplingParams default when max_tokens is not given.
@@ -208,10 +208,7 @@ async def _stream(
     req: GenerateRequest,
     completion: CompletionRequest,
 ) -> AsyncIterator[dict[str, Any] | APIError]:
-    opts = req.stream_options
-    include_usage = bool(opts and opts.include_usage)
-    # As vLLM: per-chunk usage only when the final usage chunk is asked for too.
-    continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+    include_usage, continuous = usage_flags(req.stream_options)
     async for _job, delta in events:
         if delta.error:
             yield APIError(delta.error, status=delta.error_status or 500, type="server_error")

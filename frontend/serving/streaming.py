@@ -15,6 +15,12 @@ from frontend.sse import SSE_DONE, json_bytes, sse_data, sse_error
 T = TypeVar("T")
 
 
+def usage_flags(stream_options: Any) -> tuple[bool, bool]:
+    """(final usage chunk, usage on every chunk); as vLLM, per-chunk usage only with the final one."""
+    include_usage = bool(stream_options and stream_options.include_usage)
+    return include_usage, include_usage and bool(stream_options.continuous_usage_stats)
+
+
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(json_bytes(body), status_code=status, media_type="application/json")
 
