@@ -101,7 +101,9 @@ def test_token_ids_and_base64_give_the_same_vectors(embed_server: ServerProcess)
     assert ids[0] == 101 and ids[-1] == 102  # [CLS] ... [SEP]
     by_ids = _embed(embed_server, input=ids).json()["data"][0]["embedding"]
     by_id_lists = _embed(embed_server, input=[ids, ids[:3]]).json()["data"]
-    assert by_ids == floats and by_id_lists[0]["embedding"] == floats and len(by_id_lists) == 2
+    assert by_ids == floats and len(by_id_lists) == 2
+    # In a batch with another input the matmul shapes differ, so equal only to float32 rounding.
+    assert by_id_lists[0]["embedding"] == pytest.approx(floats, abs=1e-6)
     packed = _embed(embed_server, input=text, encoding_format="base64").json()["data"][0]["embedding"]
     raw = base64.b64decode(packed)
     assert list(struct.unpack(f"<{len(raw) // 4}f", raw)) == pytest.approx(floats, abs=1e-7)
