@@ -70,7 +70,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
             capacity,
         )
     logger.info(
-        "KV cache: %d blocks of %d tokens (%.1f MiB); max_model_len %d; at most %.1f sequences of that length at once",
+        "model dtype %s; KV cache: %d blocks of %d tokens (%.1f MiB); max_model_len %d; "
+        "at most %.1f sequences of that length at once",
+        str(loaded.dtype).removeprefix("torch."),
         num_blocks,
         config.block_size,
         num_blocks * per_block / 2**20,

@@ -24,7 +24,7 @@ def embed_table() -> torch.Tensor:
     """The default model's token embedding table, loaded in this process from the same GGUF."""
     from engine.loader import load_model
 
-    model = load_model(None).model
+    model = load_model(None, dtype="float32").model  # the shared test server runs float32
     with torch.no_grad():
         return model.embed_input_ids(torch.arange(model.arch.vocab_size))  # [V, H]
 

@@ -10,4 +10,4 @@ from tandem import LLM
 @pytest.fixture(scope="session")
 def offline_llm() -> LLM:
     """The default model loaded in the test process (a small KV cache: these tests run short batches)."""
-    return LLM(kv_cache_memory="256M")
+    return LLM(kv_cache_memory="256M", dtype="float32")  # same dtype as the shared test server

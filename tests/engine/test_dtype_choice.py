@@ -1,0 +1,40 @@
+"""`--dtype auto`: which dtype each kind of model gets on each device."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.loader.model_loader import _choose_dtype, cpu_has_native_bf16
+from engine.models.config import ModelArchConfig
+
+
+def _arch(torch_dtype: str) -> ModelArchConfig:
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 32,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "torch_dtype": torch_dtype,
+    }
+    return ModelArchConfig.from_hf_config(config)
+
+
+def test_gguf_on_cpu_is_bf16_exactly_when_the_cpu_computes_bf16_natively() -> None:
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert _choose_dtype("auto", _arch("float32"), True, "cpu") is expected
+
+
+def test_gguf_on_gpu_is_bf16_and_folders_keep_their_config_dtype() -> None:
+    assert _choose_dtype("auto", _arch("float32"), True, "cuda") is torch.bfloat16
+    assert _choose_dtype("auto", _arch("bfloat16"), False, "cpu") is torch.bfloat16
+    assert _choose_dtype("auto", _arch("float32"), False, "cpu") is torch.float32
+    assert _choose_dtype("float32", _arch("bfloat16"), True, "cpu") is torch.float32
+
+
+def test_cpu_flag_reading_matches_proc_cpuinfo() -> None:
+    with open("/proc/cpuinfo") as f:
+        text = f.read()
+    assert cpu_has_native_bf16() == ("avx512_bf16" in text or "amx_bf16" in text)
