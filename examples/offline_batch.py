@@ -20,9 +20,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", default=None, help="Also ask this server and compare (optional).")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--dtype", default="auto", help="Use the server's dtype to compare answers exactly.")
     args = parser.parse_args()
 
-    llm = LLM(kv_cache_memory="256M")  # the default model; any EngineConfig field works as a keyword
+    # the default model; any EngineConfig field works as a keyword
+    llm = LLM(kv_cache_memory="256M", dtype=args.dtype)
     greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     outputs = llm.generate(PROMPTS, greedy)
     for out in outputs:
