@@ -15,7 +15,6 @@ from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
-from frontend.sampling_params import build_sampling_params
 from frontend.schemas import ChatCompletionRequest, ChatMessage
 from frontend.schemas.checks import check_chat_request
 from frontend.serving.chat import chat_output_factory, prepare_chat
@@ -65,13 +64,7 @@ async def create_batch_chat_completion(
     conversations = split_conversations(req)
     prompts = [prepare_chat(ctx, conversation) for conversation in conversations]
     sampling = [
-        build_sampling_params(
-            conversation,
-            num_prompt_tokens=len(prompt.token_ids),
-            max_model_len=ctx.max_model_len,
-            vocab_size=ctx.ready.vocab_size,
-            eos_token_ids=ctx.ready.eos_token_ids,
-        )
+        ctx.sampling_params(conversation, len(prompt.token_ids))
         for conversation, prompt in zip(conversations, prompts, strict=True)
     ]
     response_id = f"chatcmpl-{uuid.uuid4().hex}"

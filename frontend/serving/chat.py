@@ -11,7 +11,6 @@ from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
-from frontend.sampling_params import build_sampling_params
 from frontend.schemas import ChatCompletionRequest
 from frontend.serving.chat_template import ChatTemplateError, normalize_messages
 from frontend.serving.generation import (
@@ -79,13 +78,8 @@ async def create_chat_completion(
     model = ctx.check_model(req.model)
     tool_plan = plan_tools(req, tool_settings or ToolSettings())
     prompt = prepare_chat(ctx, req)
-    sampling = build_sampling_params(
-        req,
-        num_prompt_tokens=len(prompt.token_ids),
-        max_model_len=ctx.max_model_len,
-        vocab_size=ctx.ready.vocab_size,
-        eos_token_ids=ctx.ready.eos_token_ids,
-        structured_override=tool_plan.structured if tool_plan else None,
+    sampling = ctx.sampling_params(
+        req, len(prompt.token_ids), structured_override=tool_plan.structured if tool_plan else None
     )
     n = req.n or 1
     response_id = f"chatcmpl-{uuid.uuid4().hex}"

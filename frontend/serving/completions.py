@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError
-from frontend.sampling_params import build_sampling_params, check_prompt_token_ids
+from frontend.sampling_params import check_prompt_token_ids
 from frontend.schemas import CompletionRequest
 from frontend.serving.generation import (
     ChoiceJob,
@@ -67,14 +67,7 @@ async def create_completion(
     model = ctx.check_model(req.model)
     prompts = prepare_prompts(ctx, req)
     sampling = [
-        build_sampling_params(
-            req,
-            num_prompt_tokens=len(p.token_ids),
-            max_model_len=ctx.max_model_len,
-            vocab_size=ctx.ready.vocab_size,
-            eos_token_ids=ctx.ready.eos_token_ids,
-            default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS,
-        )
+        ctx.sampling_params(req, len(p.token_ids), default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS)
         for p in prompts
     ]
     if req.echo and req.logprobs is not None:

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
-from frontend.sampling_params import build_sampling_params, check_prompt_token_ids
+from frontend.sampling_params import check_prompt_token_ids
 from frontend.schemas import CompletionRequest, StreamOptions
 from frontend.schemas.checks import check_completion_request
 from frontend.schemas.requests import Request
@@ -113,13 +113,7 @@ async def create_generate(
             completion,
             max_tokens=min(DEFAULT_GENERATE_MAX_TOKENS, max(ctx.max_model_len - num_prompt_tokens, 1)),
         )
-    sampling = build_sampling_params(
-        completion,
-        num_prompt_tokens=num_prompt_tokens,
-        max_model_len=ctx.max_model_len,
-        vocab_size=ctx.ready.vocab_size,
-        eos_token_ids=ctx.ready.eos_token_ids,
-    )
+    sampling = ctx.sampling_params(completion, num_prompt_tokens)
     if prompt_logprobs == -1:
         sampling = msgspec.structs.replace(sampling, prompt_logprobs=ctx.ready.vocab_size)
     make_output = output_factory(ctx.tokenizer, completion, _GenerateOutput)

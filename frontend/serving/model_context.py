@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tokenizers import Tokenizer
 
 from frontend.errors import model_not_found
+from frontend.sampling_params import build_sampling_params
 from frontend.serving.chat_template import ChatTemplate
-from protocol.messages import Ready
+from protocol.messages import Ready, SamplingParams
 
 
 @dataclass
@@ -46,6 +48,17 @@ class ModelContext:
         if name not in self.served_model_names:
             raise model_not_found(name)
         return name
+
+    def sampling_params(self, req: Any, num_prompt_tokens: int, **options: Any) -> SamplingParams:
+        """The wire sampling settings of `req` for a prompt of this length on this model (400s on bad values)."""
+        return build_sampling_params(
+            req,
+            num_prompt_tokens=num_prompt_tokens,
+            max_model_len=self.max_model_len,
+            vocab_size=self.ready.vocab_size,
+            eos_token_ids=self.ready.eos_token_ids,
+            **options,
+        )
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
