@@ -19,6 +19,7 @@ from frontend.serving.generation import (
     output_factory,
     plan_choices,
     run_choices,
+    truncate_prompt,
     usage_dict,
 )
 from frontend.serving.model_context import ModelContext
@@ -56,8 +57,10 @@ def prepare_chat(ctx: ModelContext, req: ChatCompletionRequest) -> PreparedPromp
     if embeds:
         from frontend.serving.prompt_embeds import prompt_with_embeds
 
-        return prompt_with_embeds(ctx, text, embeds)
-    return PreparedPrompt(ctx.encode(text, add_special_tokens=False), text)
+        prompt = prompt_with_embeds(ctx, text, embeds)
+    else:
+        prompt = PreparedPrompt(ctx.encode(text, add_special_tokens=False), text)
+    return truncate_prompt(prompt, req.truncate_prompt_tokens, ctx.max_model_len, ctx.decode_prompt)
 
 
 def chat_output_factory(

@@ -21,6 +21,7 @@ from frontend.serving.generation import (
     output_factory,
     plan_choices,
     run_choices,
+    truncate_prompt,
     usage_dict,
 )
 from frontend.serving.model_context import ModelContext
@@ -65,7 +66,10 @@ async def create_completion(
 ) -> Response:
     require_task(ctx, "generate", "/v1/completions")
     model = ctx.check_model(req.model)
-    prompts = prepare_prompts(ctx, req)
+    prompts = [
+        truncate_prompt(p, req.truncate_prompt_tokens, ctx.max_model_len, ctx.decode_prompt)
+        for p in prepare_prompts(ctx, req)
+    ]
     sampling = [
         ctx.sampling_params(req, len(p.token_ids), default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS)
         for p in prompts

@@ -63,6 +63,27 @@ def plan_choices(
     return jobs
 
 
+def truncate_prompt(
+    prompt: PreparedPrompt, keep: int | None, max_model_len: int, detokenize: Any
+) -> PreparedPrompt:
+    """vLLM's `truncate_prompt_tokens`: keep the last `keep` prompt tokens (-1: the model's context)."""
+    if keep is None:
+        return prompt
+    if keep == -1:
+        keep = max_model_len
+    if len(prompt.token_ids) <= keep:
+        return prompt
+    if prompt.embeds:
+        from frontend.errors import invalid_request
+
+        raise invalid_request(
+            "`truncate_prompt_tokens` cannot cut a prompt that carries prompt embeddings.",
+            "truncate_prompt_tokens",
+        )
+    kept = prompt.token_ids[-keep:]
+    return PreparedPrompt(kept, detokenize(kept))
+
+
 def output_factory(
     tokenizer: Any, req: Any, output_class: type[ChoiceOutput] = ChoiceOutput
 ) -> Callable[[PreparedPrompt, int], ChoiceOutput]:

@@ -60,6 +60,9 @@ class ModelContext:
             **options,
         )
 
+    def decode_prompt(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         bos = self.ready.bos_token
