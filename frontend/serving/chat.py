@@ -32,6 +32,12 @@ from frontend.serving.tools import ToolPlan, ToolSettings, ToolStream, apply_too
 
 def render_chat_prompt(ctx: ModelContext, req: ChatCompletionRequest) -> tuple[str, list[str]]:
     """The rendered prompt text and any prompt-embedding parts (base64) in order."""
+    if req.chat_template is not None:
+        # As vLLM by default: a template sent by the client would run server-side, so it is refused.
+        raise invalid_request(
+            "A per-request chat_template is not accepted by this server; the model's own template is used.",
+            "chat_template",
+        )
     if ctx.chat_template is None:
         raise invalid_request("This model has no chat template; use /v1/completions instead.", "messages")
     messages, embeds = normalize_messages(req.messages)

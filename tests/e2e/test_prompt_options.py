@@ -1,4 +1,4 @@
-"""vLLM's `truncate_prompt_tokens`: only the last k prompt tokens reach the model."""
+"""Prompt options of chat and completions: vLLM's `truncate_prompt_tokens`, and request chat templates."""
 
 from __future__ import annotations
 
@@ -47,3 +47,14 @@ def test_chat_prompt_is_cut_from_the_left(default_server: ServerProcess) -> None
     )
     assert full["usage"]["prompt_tokens"] > 10
     assert cut["usage"]["prompt_tokens"] == 10
+
+
+def test_a_request_chat_template_is_refused(default_server: ServerProcess) -> None:
+    body = {
+        "model": DEFAULT_MODEL_NAME,
+        "messages": [{"role": "user", "content": "hi"}],
+        "chat_template": "{{ messages[0]['content'] }}",
+    }
+    resp = httpx.post(f"{default_server.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "chat_template"
