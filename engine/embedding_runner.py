@@ -34,7 +34,7 @@ class EmbeddingParts:
 
 
 def build_embedding_parts(config: EngineConfig) -> EmbeddingParts:
-    from engine.engine_setup import _curve_keys, pick_device
+    from engine.engine_setup import _curve_keys, pick_device, ready_message
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -43,24 +43,15 @@ def build_embedding_parts(config: EngineConfig) -> EmbeddingParts:
     cfg, tok = encoder.config, encoder.tokenizer
     limits = [cfg.max_position_embeddings, encoder.pooling.max_seq_length, config.max_model_len]
     max_model_len = min(n for n in limits if n)
-    ready = Ready(
-        engine_id=config.engine_id,
-        served_model_names=list(config.served_model_names) or [encoder.served_name],
+    ready = ready_message(
+        config,
+        tok,
+        default_served_name=encoder.served_name,
         max_model_len=max_model_len,
         vocab_size=cfg.vocab_size,
-        num_kv_blocks=0,
-        block_size=config.block_size,
-        tokenizer_json=tok.tokenizer_json,
-        chat_template=tok.chat_template,
-        bos_token=tok.bos_token,
-        eos_token=tok.eos_token,
-        eos_token_ids=list(tok.eos_token_ids),
-        add_bos_token=tok.add_bos_token,
-        task="embed",
         hidden_size=cfg.hidden_size,
-        model_dtype=str(encoder.dtype).removeprefix("torch."),
-        special_tokens=dict(tok.special_tokens),
-        max_waiting_requests=config.max_waiting_requests,
+        dtype=encoder.dtype,
+        num_kv_blocks=0,
         embedding_dimensions=cfg.hidden_size,
         matryoshka_dimensions=encoder.pooling.matryoshka_dimensions,
     )

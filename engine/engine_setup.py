@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from engine.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
 from engine.kv_cache import KVCacheManager
+from engine.loader.tokenizer_info import TokenizerInfo
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.scheduler import Scheduler, SchedulerLimits
 from protocol.messages import Ready
@@ -99,26 +101,16 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     )
     scheduler = Scheduler(limits, KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching))
     tok = loaded.tokenizer
-    served = list(config.served_model_names) or [loaded.default_served_name]
-    ready = Ready(
-        engine_id=config.engine_id,
-        served_model_names=served,
+    ready = ready_message(
+        config,
+        tok,
+        default_served_name=loaded.default_served_name,
         max_model_len=max_model_len,
         vocab_size=arch.vocab_size,
-        num_kv_blocks=num_blocks,
-        block_size=config.block_size,
-        tokenizer_json=tok.tokenizer_json,
-        chat_template=tok.chat_template,
-        bos_token=tok.bos_token,
-        eos_token=tok.eos_token,
-        eos_token_ids=list(tok.eos_token_ids),
-        add_bos_token=tok.add_bos_token,
-        task=config.task,
         hidden_size=arch.hidden_size,
+        dtype=loaded.dtype,
+        num_kv_blocks=num_blocks,
         enable_prompt_embeds=config.enable_prompt_embeds,
-        model_dtype=str(loaded.dtype).removeprefix("torch."),
-        special_tokens=dict(tok.special_tokens),
-        max_waiting_requests=config.max_waiting_requests,
     )
     return EngineParts(
         scheduler=scheduler,
@@ -130,6 +122,39 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         eos_token_ids=frozenset(tok.eos_token_ids),
         max_model_len=max_model_len,
         curve_keys=_curve_keys(config),
+    )
+
+
+def ready_message(
+    config: EngineConfig,
+    tok: TokenizerInfo,
+    *,
+    default_served_name: str,
+    max_model_len: int,
+    vocab_size: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    **extra: Any,
+) -> Ready:
+    """The READY handshake: what an API process needs to serve this engine without model files."""
+    return Ready(
+        engine_id=config.engine_id,
+        served_model_names=list(config.served_model_names) or [default_served_name],
+        max_model_len=max_model_len,
+        vocab_size=vocab_size,
+        block_size=config.block_size,
+        tokenizer_json=tok.tokenizer_json,
+        chat_template=tok.chat_template,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        eos_token_ids=list(tok.eos_token_ids),
+        add_bos_token=tok.add_bos_token,
+        task=config.task,
+        hidden_size=hidden_size,
+        model_dtype=str(dtype).removeprefix("torch."),
+        special_tokens=dict(tok.special_tokens),
+        max_waiting_requests=config.max_waiting_requests,
+        **extra,
     )
 
 
