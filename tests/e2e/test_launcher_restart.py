@@ -22,6 +22,10 @@ def _child_pids(parent: int, needle: str) -> list[int]:
 def test_killed_engine_is_restarted_and_serves_again() -> None:
     server = serve()
     try:
+        # The launcher restarts children only once it has itself seen the server healthy ("serving on").
+        deadline = time.monotonic() + 30
+        while "tandem: serving on" not in server.log_tail(20000) and time.monotonic() < deadline:
+            time.sleep(0.2)
         (engine_pid,) = _child_pids(server.proc.pid, "tandem engine")
         os.kill(engine_pid, signal.SIGKILL)
         body = {"model": DEFAULT_MODEL_NAME, "prompt": "Hello", "max_tokens": 3}
