@@ -271,10 +271,15 @@ def _split_kv_reduce_kernel(
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=dims < head_size)
 
 
+def _runs_on_gpu(tensor: Tensor) -> bool:
+    # A function of its own so the ahead-of-time compile check (no GPU) can pick the GPU settings.
+    return tensor.device.type == "cuda"
+
+
 def _dot_settings(q: Tensor) -> tuple[bool, str]:
     # The interpreter (CPU tensors) computes bf16 wrongly, so it upcasts after every load; on GPU bf16/fp16 go
     # to the tensor cores as they are, and float32 uses exact fp32 products rather than tf32.
-    upcast = q.device.type != "cuda"
+    upcast = not _runs_on_gpu(q)
     precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     return upcast, precision
 
