@@ -14,6 +14,7 @@ from frontend.serving.embeddings import create_embeddings, embedding_decoder
 from frontend.serving.generate import create_generate, generate_decoder
 from frontend.serving.streaming import json_response
 from frontend.serving.tokenize import detokenize, detokenize_decoder, tokenize, tokenize_decoder
+from frontend.serving.tools import ToolSettings
 from frontend.state import AppState
 
 
@@ -28,7 +29,10 @@ async def _body(request: Request) -> bytes:
 async def batch_chat_completions(request: Request) -> Response:
     state = _state(request)
     req = decode_body(batch_chat_decoder, await _body(request))
-    return await create_batch_chat_completion(state.model, state.client, req, request.scope[REQUEST_ID_KEY])
+    tools = ToolSettings(state.config.enable_auto_tool_choice, state.config.tool_call_parser)
+    return await create_batch_chat_completion(
+        state.model, state.client, req, request.scope[REQUEST_ID_KEY], tool_settings=tools
+    )
 
 
 async def generate(request: Request) -> Response:

@@ -17,12 +17,12 @@ from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
 from frontend.schemas import ChatCompletionRequest, ChatMessage
 from frontend.schemas.checks import check_chat_request
-from frontend.serving.chat import chat_output_factory, prepare_chat
+from frontend.serving.chat import chat_choices, chat_output_factory, prepare_chat
 from frontend.serving.generation import plan_choices, run_choices, usage_dict
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
-from frontend.serving.responses import chat_choice
 from frontend.serving.streaming import first_or_error, json_response
+from frontend.serving.tools import ToolSettings, plan_tools
 
 
 class BatchChatCompletionRequest(ChatCompletionRequest, kw_only=True):
@@ -57,14 +57,22 @@ def split_conversations(req: BatchChatCompletionRequest) -> list[ChatCompletionR
 
 
 async def create_batch_chat_completion(
-    ctx: ModelContext, client: EngineClient, req: BatchChatCompletionRequest, request_id: str
+    ctx: ModelContext,
+    client: EngineClient,
+    req: BatchChatCompletionRequest,
+    request_id: str,
+    *,
+    tool_settings: ToolSettings | None = None,
 ) -> Response:
     require_task(ctx, "generate", "/v1/chat/completions/batch")
     model = ctx.check_model(req.model)
     conversations = split_conversations(req)
+    # `tools` and `tool_choice` are shared fields, so every conversation has this same plan.
+    tool_plan = plan_tools(req, tool_settings or ToolSettings())
+    structured = tool_plan.structured if tool_plan else None
     prompts = [prepare_chat(ctx, conversation) for conversation in conversations]
     sampling = [
-        ctx.sampling_params(conversation, len(prompt.token_ids))
+        ctx.sampling_params(conversation, len(prompt.token_ids), structured_override=structured)
         for conversation, prompt in zip(conversations, prompts, strict=True)
     ]
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -87,7 +95,7 @@ async def create_batch_chat_completion(
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [chat_choice(j.index, j.output, want_logprobs=bool(req.logprobs)) for j in jobs],
+        "choices": chat_choices(jobs, req, tool_plan),
         "usage": usage_dict(jobs),
     }
     return json_response(body)
