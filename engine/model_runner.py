@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,8 +11,9 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.cuda_graphs import DecodeGraphs, build_decode_graphs
 from engine.kv_cache import NULL_BLOCK_ID
+from engine.readback import DeviceReadback, tensor_to_device, to_device
 from engine.request import Request
-from engine.sampler import LogprobRow, Sampler, SampleResult
+from engine.sampler import LogprobRow, Sampler, SampleResult, TokenBitmask
 from engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -115,18 +117,19 @@ class ModelRunner:
             block_rows.append(blocks + [NULL_BLOCK_ID] * (max_blocks - len(blocks)))
         block_table = torch.tensor(block_rows, dtype=torch.int32)  # [num_seqs, max_blocks]
         dev = self.device
+        # Every input goes through pinned memory: on a GPU the copies are queued, never waited for.
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_table=block_table.to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=to_device(query_start_loc, torch.int32, dev),
+            seq_lens=to_device(seq_lens, torch.int32, dev),
+            block_table=tensor_to_device(block_table, dev),
+            slot_mapping=to_device(slots, torch.int64, dev),
             max_query_len=max(n for _, n in out.scheduled),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
-        input_ids = torch.tensor(token_ids, dtype=torch.int64, device=dev)
-        return input_ids, torch.tensor(positions, dtype=torch.int64, device=dev), meta
+        input_ids = to_device(token_ids, torch.int64, dev)
+        return input_ids, to_device(positions, torch.int64, dev), meta
 
     def _input_embeds(
         self, out: SchedulerOutput, input_ids: torch.Tensor, meta: AttentionMetadata
@@ -142,20 +145,28 @@ class ModelRunner:
                 lo, hi = max(pe.start, start), min(pe.end, start + num_new)
                 if lo < hi:
                     rows = pe.rows[lo - pe.start : hi - pe.start]  # type: ignore[index]
-                    embeds[flat0 + lo - start : flat0 + hi - start] = rows.to(embeds.dtype)
+                    rows = tensor_to_device(rows.to(embeds.dtype), self.device)
+                    embeds[flat0 + lo - start : flat0 + hi - start] = rows
         return embeds
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, masks: dict[str, torch.Tensor] | None = None) -> StepResult:
+    def execute(
+        self, out: SchedulerOutput, bitmask_for: Callable[[list[Request]], TokenBitmask | None] | None = None
+    ) -> StepResult:
+        """Runs one step. bitmask_for(requests that sample) gives their structured-output masks; it is called
+        after the forward pass is queued, so on a GPU the grammar work overlaps the model's.
+
+        The step reads from the device exactly once: sampled ids, logprobs and prompt logprobs together."""
         input_ids, positions, meta = self._build_inputs(out)
         inputs_embeds = self._input_embeds(out, input_ids, meta)
         if self.graphs is not None and self.graphs.can_run(meta, has_embeds=inputs_embeds is not None):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta, inputs_embeds=inputs_embeds)
+        readback = DeviceReadback()
         for row, (request, num_new) in enumerate(out.scheduled):
             if request.sampling.prompt_logprobs is not None and not request.sent_prompt_logprobs:
-                self._prompt_logprobs(request, num_new, hidden, meta.query_start_loc_cpu[row])
+                self._prompt_logprobs(request, num_new, hidden, meta.query_start_loc_cpu[row], readback)
         # Rows that reach the end of their known tokens sample a new one; mid-prompt chunks do not.
         sample_rows = []
         sample_requests: list[Request] = []
@@ -163,20 +174,18 @@ class ModelRunner:
             if request.num_computed_tokens + num_new == request.num_tokens:
                 sample_rows.append(meta.query_start_loc_cpu[row + 1] - 1)
                 sample_requests.append(request)
+        pending = None
+        if sample_requests:
+            last_hidden = hidden.index_select(0, to_device(sample_rows, torch.int64, self.device))
+            logits = self.model.compute_logits(last_hidden)  # [N, V] float32
+            bitmask = bitmask_for(sample_requests) if bitmask_for is not None else None
+            pending = self.sampler.enqueue(logits, sample_requests, readback, bitmask)
+        readback.fetch()
+        self.sampler.collect_prompt_logprobs(readback)
         result = StepResult({}, {}, {})
-        if not sample_requests:
+        if pending is None:
             return result
-        logits = self.model.compute_logits(hidden[sample_rows])  # [N, V] float32
-        mask_tensor = None
-        if masks:
-            mask_tensor = torch.ones(
-                len(sample_requests), logits.shape[1], dtype=torch.bool, device=logits.device
-            )
-            for i, request in enumerate(sample_requests):
-                m = masks.get(request.request_id)
-                if m is not None:
-                    mask_tensor[i, : m.shape[0]] = m
-        sampled: SampleResult = self.sampler.sample(logits, sample_requests, mask_tensor)
+        sampled: SampleResult = self.sampler.result(pending, readback)
         for i, request in enumerate(sample_requests):
             result.sampled[request.request_id] = sampled.token_ids[i]
             lp = sampled.logprobs[i]
@@ -188,7 +197,9 @@ class ModelRunner:
                 request.sent_prompt_logprobs = True  # a recompute after preemption does not redo them
         return result
 
-    def _prompt_logprobs(self, request: Request, num_new: int, hidden: torch.Tensor, flat0: int) -> None:
+    def _prompt_logprobs(
+        self, request: Request, num_new: int, hidden: torch.Tensor, flat0: int, readback: DeviceReadback
+    ) -> None:
         """Logprobs of the prompt tokens this chunk predicts (the rows before the last prompt token)."""
         start = request.num_computed_tokens
         end = min(start + num_new, request.num_prompt_tokens - 1)
@@ -196,4 +207,4 @@ class ModelRunner:
         for lo in range(start, end, step):
             hi = min(lo + step, end)
             logits = self.model.compute_logits(hidden[flat0 + lo - start : flat0 + hi - start])
-            self.sampler.add_prompt_logprobs(request, logits, lo)
+            self.sampler.add_prompt_logprobs(request, logits, lo, readback)

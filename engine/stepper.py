@@ -104,8 +104,7 @@ class EngineStepper:
         self.max_step_num_seqs = max(self.max_step_num_seqs, self.last_step_num_seqs)
         sampling_rows = [r for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens]
         try:
-            masks = self._structured.masks(sampling_rows) if self._structured else None
-            result = self.runner.execute(out, masks=masks or None)
+            result = self.runner.execute(out, self._structured.bitmask if self._structured else None)
         except Exception as exc:
             logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
             return grammar_failures + self._fail(out.scheduled, f"{type(exc).__name__}: {exc}")

@@ -18,9 +18,9 @@ import llguidance
 import llguidance.numpy as llg_numpy
 import msgspec
 import numpy as np
-import torch
 
 from engine.request import Request
+from engine.sampler import TokenBitmask
 from protocol.messages import StructuredSpec
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class RequestGrammar:
 
 
 class StructuredOutputs:
-    """Engine-side structured outputs: attach grammars, compute masks for a step, advance matchers."""
+    """Engine-side structured outputs: attach grammars, compute token bitmasks for a step, advance matchers."""
 
     def __init__(self, compiler: GrammarCompiler, vocab_size: int) -> None:
         self.compiler = compiler
@@ -130,7 +130,6 @@ class StructuredOutputs:
         self.compiling: dict[str, Request] = {}
         self._executor = llguidance.LLExecutor()
         self._num_words = (vocab_size + 31) // 32
-        self._shifts = torch.arange(32, dtype=torch.int32)
 
     @classmethod
     def create(cls, tokenizer_json: str, vocab_size: int, eos_token_ids: Iterable[int]) -> StructuredOutputs:
@@ -162,18 +161,16 @@ class StructuredOutputs:
                 grammar.matcher = grammar.future.result().deep_copy()
         return failed
 
-    def masks(self, rows: list[Request]) -> dict[str, torch.Tensor]:
-        """Allowed-token masks (bool [V]) for the constrained requests among `rows` that sample this step."""
+    def bitmask(self, rows: list[Request]) -> TokenBitmask | None:
+        """Allowed tokens of the constrained requests among `rows` (those that sample this step), as bits;
+        None when none is constrained. The sampler expands the bits on the model's device."""
         constrained = [r for r in rows if r.grammar is not None and r.grammar.matcher is not None]
         if not constrained:
-            return {}
-        bitmask = np.full((len(constrained), self._num_words), -1, dtype=np.int32)  # [B, V/32]
+            return None
+        words = np.full((len(constrained), self._num_words), -1, dtype=np.int32)  # [B, V/32]
         pairs = [(r.grammar.matcher, i) for i, r in enumerate(constrained)]
-        llg_numpy.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
-        words = torch.from_numpy(bitmask)
-        allowed = ((words.unsqueeze(-1) >> self._shifts) & 1).bool()  # [B, V/32, 32]
-        allowed = allowed.view(len(constrained), -1)[:, : self.vocab_size]  # [B, V]
-        return {r.request_id: allowed[i] for i, r in enumerate(constrained)}
+        llg_numpy.fill_next_token_bitmask_par(self._executor, pairs, words)
+        return TokenBitmask([r.request_id for r in constrained], words)
 
     def advance(self, rows: list[Request], sampled: dict[str, int]) -> dict[str, str]:
         """Feeds each constrained request its new token; returns request_id -> error for rejected tokens."""

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from engine.readback import DeviceReadback
 from engine.request import Request
 from engine.sampler import Sampler
 from protocol.messages import SamplingParams
@@ -36,6 +37,14 @@ def make_request(
 
 def new_sampler() -> Sampler:
     return Sampler(VOCAB, torch.device("cpu"))
+
+
+def add_prompt_logprobs(sampler: Sampler, request: Request, logits: torch.Tensor, start: int) -> None:
+    """One step's worth: queue, read back, file."""
+    readback = DeviceReadback()
+    sampler.add_prompt_logprobs(request, logits, start, readback)
+    readback.fetch()
+    sampler.collect_prompt_logprobs(readback)
 
 
 def ramp_logits(rows: int = 1) -> torch.Tensor:
@@ -167,12 +176,12 @@ def test_prompt_logprobs_accumulate_across_chunks_like_one_pass() -> None:
     prompt = [3, 8, 1, 12, 5, 9, 0]
     logits = torch.randn(len(prompt) - 1, VOCAB, generator=torch.Generator().manual_seed(3))
     one = new_sampler()
-    one.add_prompt_logprobs(make_request(prompt=prompt, prompt_logprobs=2), logits, 0)
+    add_prompt_logprobs(one, make_request(prompt=prompt, prompt_logprobs=2), logits, 0)
     whole = one.take_prompt_logprobs("r")
     chunked = new_sampler()
     request = make_request(prompt=prompt, prompt_logprobs=2)
-    chunked.add_prompt_logprobs(request, logits[:4], 0)
-    chunked.add_prompt_logprobs(request, logits[4:], 4)
+    add_prompt_logprobs(chunked, request, logits[:4], 0)
+    add_prompt_logprobs(chunked, request, logits[4:], 4)
     assert chunked.take_prompt_logprobs("r") == whole
     assert whole is not None and whole[0] is None and len(whole) == len(prompt)
     raw = torch.log_softmax(logits, dim=-1)
@@ -182,6 +191,6 @@ def test_prompt_logprobs_accumulate_across_chunks_like_one_pass() -> None:
         assert math.isclose(entry[0], float(raw[pos - 1, prompt[pos]]), rel_tol=1e-6)
         assert len(entry[2]) == 2
     # A recompute from position 0 (preemption) starts the list again instead of appending.
-    chunked.add_prompt_logprobs(request, logits[:4], 0)
-    chunked.add_prompt_logprobs(request, logits[4:], 4)
+    add_prompt_logprobs(chunked, request, logits[:4], 0)
+    add_prompt_logprobs(chunked, request, logits[4:], 4)
     assert chunked.take_prompt_logprobs("r") == whole
