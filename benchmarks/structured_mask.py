@@ -92,7 +92,7 @@ def main() -> None:
     spec = StructuredSpec(json_schema=json.dumps(SCHEMA))
     run(stepper, 2, 2, spec, "warmup")  # builds the llguidance tokenizer and warms the model
     plain = run(stepper, args.batch, args.steps, None, "plain")
-    timers = (Timer(stepper.structured, "masks"), Timer(stepper.structured, "advance"))
+    timers = (Timer(stepper.structured, "bitmask"), Timer(stepper.structured, "advance"))
     constrained = run(stepper, args.batch, args.steps, spec, "json", timers)
     plain_ms = statistics.median(r[0] for r in plain) * 1e3
     json_ms = statistics.median(r[0] for r in constrained) * 1e3
