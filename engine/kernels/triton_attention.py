@@ -335,13 +335,15 @@ def paged_attention(
     # GPU needs at least 16.
     block_q = 1 if meta.max_query_len == 1 else max(1, 64 // group_pad)
     block_m = max(16, block_q * group_pad)
+    # 8 warps for 64 x 128 tiles: with 4, ptxas needs 255 registers per thread on sm_80 (the cap) and 185 on
+    # sm_90; with 8, 128 and 140 (tests/engine/kernels/gpu_compile_check.py prints these).
     grid = (meta.num_seqs, num_kv_heads, triton.cdiv(meta.max_query_len, block_q))
     _paged_attention_kernel[grid](
         q, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_table,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides, meta.block_table.stride(0),
         head_size, qk_scale, KV_BLOCK_SIZE=kv_cache.shape[2],
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-        UPCAST=upcast, DOT_PRECISION=precision, num_warps=8 if block_m * block_d >= 128 * 128 else 4,
+        UPCAST=upcast, DOT_PRECISION=precision, num_warps=8 if block_m * block_d >= 64 * 128 else 4,
     )  # fmt: skip
     return out
 
