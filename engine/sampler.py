@@ -1,14 +1,16 @@
 """Token sampling for one step: logit processors, then greedy or random sampling per row; logprobs.
 
-The order follows vLLM's sampler, so a request gives what users of vLLM expect: allowed-token mask,
-min_tokens (stop ids masked), logit bias, penalties; then, for random rows only, temperature, min_p,
-top_k and top_p on the temperature-scaled distribution. Logprobs are the model's raw distribution
+The processors give what users of vLLM expect: allowed-token mask, logit bias, penalties, the
+structured-output mask and min_tokens (stop ids masked; applied last, which changes nothing since -inf
+commutes with the others, except that it yields where it would forbid every token); then, for random
+rows only, temperature, min_p, top_k and top_p on the temperature-scaled distribution. Logprobs are the model's raw distribution
 (log_softmax of the logits before any processor), as vLLM's default `raw_logprobs` mode returns.
 
 Random sampling uses the exponential-noise trick (argmax of probs / Exp(1) noise), per-request values
 reach the device through pinned memory, and the chosen ids and logprobs are registered with the step's
-DeviceReadback: nothing here waits for the device; the step reads everything back once. Seeded requests draw their noise from their own
-torch.Generator, so a seed gives the same tokens whatever else shares the batch.
+DeviceReadback: nothing here waits for the device; the step reads everything back once. Seeded
+requests draw their noise from their own torch.Generator, so a seed gives the same tokens whatever
+else shares the batch.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class Sampler:
         logits = self._apply_processors(logits.clone(), requests)
         if bitmask is not None:
             self._apply_bitmask(logits, requests, bitmask)
+        logits = self._ban_early_stops(logits, requests)
         token_ids = self._choose(logits, requests)
         pending = PendingSample(requests, readback.add(token_ids), None, 0)
         if raw_logprobs is not None:
@@ -147,12 +150,6 @@ class Sampler:
                 keep = torch.full_like(logits[row], float("-inf"))
                 keep[self._tensor(list(s.allowed_token_ids))] = 0.0
                 logits[row] += keep
-            if request.num_output_tokens < s.min_tokens:
-                # Neither EOS nor a stop token id may end the output before min_tokens.
-                stop_ids = list(s.stop_token_ids) + ([] if s.ignore_eos else list(request.eos_token_ids))
-                stop_ids = [t for t in stop_ids if t < self.vocab_size]
-                if stop_ids:
-                    logits[row, self._tensor(stop_ids)] = float("-inf")
             if s.logit_bias:
                 ids = self._tensor(list(s.logit_bias.keys()))
                 vals = self._tensor(list(s.logit_bias.values()), logits.dtype)
@@ -160,6 +157,26 @@ class Sampler:
             if s.repetition_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
                 _apply_penalties(logits[row], request, self._tensor)
         return logits
+
+    def _ban_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """min_tokens: neither EOS nor a stop token id may end the output early. Applied last (the -inf
+        commutes with every other processor) so it can yield where it would leave no token at all: a
+        grammar that is complete allows only EOS, and then the grammar wins, without a host check."""
+        rows: list[int] = []
+        ids: list[int] = []
+        for row, request in enumerate(requests):
+            s = request.sampling
+            if request.num_output_tokens < s.min_tokens:
+                stop_ids = list(s.stop_token_ids) + ([] if s.ignore_eos else list(request.eos_token_ids))
+                stop_ids = [t for t in set(stop_ids) if t < self.vocab_size]
+                rows += [row] * len(stop_ids)
+                ids += stop_ids
+        if not ids:
+            return logits
+        minus_inf = torch.full((len(ids),), float("-inf"), device=logits.device)
+        banned = logits.index_put((self._tensor(rows), self._tensor(ids)), minus_inf)
+        nothing_left = torch.isneginf(banned).all(dim=-1, keepdim=True)
+        return torch.where(nothing_left, logits, banned)
 
     def _choose(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         greedy = logits.argmax(dim=-1)

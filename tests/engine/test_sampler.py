@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from engine.readback import DeviceReadback
 from engine.request import Request
-from engine.sampler import Sampler
+from engine.sampler import Sampler, TokenBitmask
 from protocol.messages import SamplingParams
 
 VOCAB = 16
@@ -114,6 +115,21 @@ def test_min_tokens_masks_eos_and_stop_token_ids_until_reached() -> None:
     assert s.sample(logits, [done]).token_ids == [EOS]
     ignore = make_request(temperature=0.0, min_tokens=2, ignore_eos=True, output=[4])
     assert s.sample(logits, [ignore]).token_ids == [EOS]  # with ignore_eos, EOS is an ordinary token
+
+
+def test_min_tokens_yields_to_a_complete_grammar() -> None:
+    # A finished grammar allows only EOS; min_tokens must not then leave no token at all.
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(5))
+    only_eos = np.zeros((1, 1), dtype=np.int32)
+    only_eos[0, 0] = 1 << EOS
+    requests = [
+        make_request("done", temperature=1.0, min_tokens=5, output=[4]),
+        make_request("other", temperature=0.0, min_tokens=5, output=[4]),
+    ]
+    logits[1, EOS] = 100.0
+    result = new_sampler().sample(logits, requests, TokenBitmask(["done"], only_eos))
+    assert result.token_ids[0] == EOS
+    assert result.token_ids[1] != EOS  # an unconstrained row keeps its min_tokens ban
 
 
 def test_top_k_top_p_min_p_cut_the_temperature_scaled_distribution() -> None:
