@@ -13,6 +13,7 @@ _PUBLIC = {
     "CompletionOutput": "tandem.offline_params",
     "EmbeddingOutput": "tandem.offline_params",
     "Logprob": "tandem.offline_params",
+    "ToolCall": "tandem.offline_params",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -13,12 +13,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from frontend.errors import APIError
 from frontend.serving.chat_template import ChatTemplateError, normalize_messages
 from frontend.serving.detokenizer import token_text
 from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices
 from frontend.serving.model_context import ModelContext
 from frontend.serving.output import ChoiceOutput
-from protocol.messages import AddRequest, RequestDelta, TokenLogprob
+from frontend.serving.tool_parsers import TOOL_PARSERS
+from frontend.serving.tools import ToolPlan, ToolSettings, parse_tool_output, plan_tool_choice
+from protocol.messages import AddRequest, RequestDelta, StructuredSpec, TokenLogprob
 from protocol.messages import SamplingParams as WireSamplingParams
 from tandem.offline_params import (
     CompletionOutput,
@@ -45,9 +48,18 @@ class LLM:
     Engine options are `EngineConfig` fields, as on the command line: `dtype`, `max_model_len`,
     `max_num_seqs`, `max_num_batched_tokens`, `enable_prefix_caching`, `kv_cache_memory` (bytes, or a
     string such as "512M"), `seed`, `task` ("generate" or "embed"), `device`, `num_threads`, ...
+    `tool_call_parser` ("hermes" or "json") is the server's `--tool-call-parser` (with
+    `--enable-auto-tool-choice`): `chat` with tool_choice "auto" parses the model's calls with it.
     """
 
-    def __init__(self, model: str | None = None, **engine_options: Any) -> None:
+    def __init__(
+        self, model: str | None = None, *, tool_call_parser: str | None = None, **engine_options: Any
+    ) -> None:
+        if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(
+                f"unknown tool_call_parser {tool_call_parser!r}; known: {', '.join(sorted(TOOL_PARSERS))}"
+            )
+        self.tool_call_parser = tool_call_parser
         self.config = engine_config(model, engine_options)
         # torch and the engine are imported only when a model is loaded; the same choice as EngineCore's.
         if self.config.task == "embed":
@@ -91,13 +103,17 @@ class LLM:
         use_tqdm: bool = True,
         *,
         tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Renders each conversation with the model's chat template and completes it."""
+        """Renders each conversation with the model's chat template and completes it; with `tools`,
+        `tool_choice` works as on /v1/chat/completions (each output's `content` and `tool_calls`)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
+        plan = self._tool_plan(tools, tool_choice, parallel_tool_calls)
         prepared = []
         for conversation in conversations:
             text = self._render_chat(
@@ -108,7 +124,14 @@ class LLM:
                 chat_template_kwargs or {},
             )
             prepared.append(PreparedPrompt(self.ctx.encode(text, add_special_tokens=False), text))
-        return self._run(prepared, _params_list(sampling_params, len(prepared)), use_tqdm, "Chatting")
+        params = _params_list(sampling_params, len(prepared))
+        outputs = self._run(prepared, params, use_tqdm, "Chatting", plan.structured if plan else None)
+        for record in outputs:
+            for out in record.outputs:
+                parsed = parse_tool_output(out.text, out.finish_reason, plan)
+                out.content, out.tool_calls = parsed.content, parsed.tool_calls
+                out.finish_reason = parsed.finish_reason
+        return outputs
 
     def embed(self, texts: str | list[str], use_tqdm: bool = True) -> list[EmbeddingOutput]:
         """Pooled, normalized embeddings; needs an embedding model loaded with `task="embed"`
@@ -148,6 +171,30 @@ class LLM:
 
     # -- internals -----------------------------------------------------------------------------------
 
+    def _tool_plan(
+        self,
+        tools: list[dict[str, Any]] | None,
+        tool_choice: str | dict[str, Any] | None,
+        parallel_tool_calls: bool | None,
+    ) -> ToolPlan | None:
+        """The server's tool planning. Unlike the server, tools without a tool_choice and without a
+        parser only go to the template (raw text back, as vLLM's offline chat does)."""
+        if tool_choice is None:
+            tool_choice = "auto" if tools and self.tool_call_parser else "none"
+        if tool_choice == "auto" and self.tool_call_parser is None:
+            known = " or ".join(repr(name) for name in sorted(TOOL_PARSERS))
+            raise ValueError(
+                f'tool_choice "auto" needs a tool-call parser: LLM(..., tool_call_parser={known}), '
+                "as the server needs --enable-auto-tool-choice --tool-call-parser"
+            )
+        settings = ToolSettings(enable_auto_tool_choice=True, tool_call_parser=self.tool_call_parser)
+        try:
+            return plan_tool_choice(
+                tools, tool_choice, parallel_tool_calls=parallel_tool_calls, settings=settings
+            )
+        except APIError as exc:
+            raise ValueError(exc.message) from None
+
     def _prepare_prompt(self, prompt: Prompt) -> PreparedPrompt:
         if isinstance(prompt, str):
             return PreparedPrompt(self.ctx.encode(prompt, add_special_tokens=True), prompt)
@@ -178,7 +225,12 @@ class LLM:
             raise ValueError(str(exc)) from None
 
     def _run(
-        self, prompts: list[PreparedPrompt], params: list[SamplingParams], use_tqdm: bool, desc: str
+        self,
+        prompts: list[PreparedPrompt],
+        params: list[SamplingParams],
+        use_tqdm: bool,
+        desc: str,
+        structured_override: StructuredSpec | None = None,
     ) -> list[RequestOutput]:
         ready = self.ctx.ready
         groups: list[tuple[RequestOutput, list[ChoiceJob], SamplingParams]] = []
@@ -188,6 +240,7 @@ class LLM:
                 max_model_len=ready.max_model_len,
                 vocab_size=ready.vocab_size,
                 eos_token_ids=ready.eos_token_ids,
+                structured_override=structured_override,
             )
             rid = str(next(self._ids))
             jobs = plan_choices(rid, [prompt], [wire], sp.n, self._output_factory(sp))
@@ -234,7 +287,7 @@ class LLM:
         out = job.output
         logprobs = raw_logprobs[job.add.request_id][: len(out.token_ids)] if sp.logprobs is not None else None
         return CompletionOutput(
-            job.index, out.text, list(out.token_ids), logprobs, out.finish_reason, out.stop_reason
+            job.index, out.text, list(out.token_ids), logprobs, out.finish_reason, out.stop_reason, out.text
         )
 
     def _output_factory(self, sp: SamplingParams):  # noqa: ANN202

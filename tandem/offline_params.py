@@ -14,7 +14,9 @@ from frontend.errors import APIError
 from frontend.sampling_params import build_sampling_params, check_prompt_token_ids
 from frontend.schemas import CompletionRequest, StructuredOutputs
 from frontend.schemas.checks import check_completion_request
+from frontend.serving.tool_parsers import ToolCall as ToolCall  # re-exported: the outputs' tool calls
 from protocol.messages import SamplingParams as WireSamplingParams
+from protocol.messages import StructuredSpec
 
 
 @dataclass
@@ -107,9 +109,16 @@ class SamplingParams:
         )
 
     def to_wire(
-        self, prompt_token_ids: list[int], *, max_model_len: int, vocab_size: int, eos_token_ids: list[int]
+        self,
+        prompt_token_ids: list[int],
+        *,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: list[int],
+        structured_override: StructuredSpec | None = None,
     ) -> WireSamplingParams:
-        """The engine's sampling struct for one prompt; raises ValueError for a bad setting."""
+        """The engine's sampling struct for one prompt; raises ValueError for a bad setting.
+        `structured_override` is the constraint that forces a tool call (as the server's chat passes it)."""
         req = self.as_request(prompt_token_ids)
         try:
             check_completion_request(req)
@@ -121,6 +130,7 @@ class SamplingParams:
                 vocab_size=vocab_size,
                 eos_token_ids=eos_token_ids,
                 default_max_tokens=None,
+                structured_override=structured_override,
             )
         except APIError as exc:
             raise ValueError(exc.message) from None
@@ -143,8 +153,12 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None  # "stop", "length", "abort"
+    finish_reason: str | None = None  # "stop", "length", "tool_calls", "abort"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    # What the server's chat answer carries in `message`: `text` less any parsed tool calls (None when
+    # nothing is left), and the calls. Without tool calling, `content` is `text` and `tool_calls` empty.
+    content: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     @property
     def cumulative_logprob(self) -> float | None:
