@@ -108,6 +108,17 @@ async def create_chat_completion(
     return json_response(await _collect_chat(events, jobs, response_id, created, model, req, tool_plan))
 
 
+def chat_choices(
+    jobs: list[ChoiceJob], req: ChatCompletionRequest, tool_plan: ToolPlan | None
+) -> list[dict[str, Any]]:
+    """The finished choices of a non-streamed answer, with tool calls parsed out of their text."""
+    choices = [chat_choice(j.index, j.output, want_logprobs=bool(req.logprobs)) for j in jobs]
+    if tool_plan is not None:
+        for job, choice in zip(jobs, choices, strict=True):
+            apply_tool_calls(choice, job.output.text, tool_plan)
+    return choices
+
+
 async def _collect_chat(
     events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
     jobs: list[ChoiceJob],
@@ -120,16 +131,12 @@ async def _collect_chat(
     async for _job, delta in events:
         if delta.error:
             raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
-    choices = [chat_choice(j.index, j.output, want_logprobs=bool(req.logprobs)) for j in jobs]
-    if tool_plan is not None:
-        for job, choice in zip(jobs, choices, strict=True):
-            apply_tool_calls(choice, job.output.text, tool_plan)
     body = {
         "id": response_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": choices,
+        "choices": chat_choices(jobs, req, tool_plan),
         "usage": usage_dict(jobs),
     }
     if req.prompt_logprobs is not None:  # vLLM extension: one list for the shared prompt

@@ -97,9 +97,22 @@ def required_schema(functions: dict[str, dict[str, Any]], *, parallel: bool) -> 
 
 def plan_tools(req: ChatCompletionRequest, settings: ToolSettings) -> ToolPlan | None:
     """What tool handling a chat request needs; None when its output is plain content."""
-    tools = req.tools or []
+    return plan_tool_choice(
+        req.tools, req.tool_choice, parallel_tool_calls=req.parallel_tool_calls, settings=settings
+    )
+
+
+def plan_tool_choice(
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any] | None,
+    *,
+    parallel_tool_calls: bool | None,
+    settings: ToolSettings,
+) -> ToolPlan | None:
+    """`plan_tools` on the bare fields (the offline `LLM.chat` has no request body); 400s on bad input."""
+    tools = tools or []
     functions = _functions(tools)
-    choice = req.tool_choice
+    choice = tool_choice
     if choice is None:
         choice = "auto" if tools else "none"
     if isinstance(choice, str) and choice not in TOOL_CHOICE_MODES:
@@ -120,8 +133,7 @@ def plan_tools(req: ChatCompletionRequest, settings: ToolSettings) -> ToolPlan |
             )
         return ToolPlan("auto", names, parser_name=settings.tool_call_parser)
     if choice == "required":
-        parallel = req.parallel_tool_calls is not False
-        schema = required_schema(functions, parallel=parallel)
+        schema = required_schema(functions, parallel=parallel_tool_calls is not False)
         return ToolPlan("required", names, structured=StructuredSpec(json_schema=json.dumps(schema)))
     name = _named_choice(choice)  # type: ignore[arg-type]
     if name not in functions:
@@ -161,16 +173,34 @@ class NamedToolParser(ToolParser):
         return StreamDelta()
 
 
+@dataclass
+class ToolOutput:
+    """A finished choice's message: the content left around any calls, the calls, the finish reason."""
+
+    content: str | None
+    tool_calls: list[ToolCall]
+    finish_reason: str | None
+
+
+def parse_tool_output(text: str, finish_reason: str | None, plan: ToolPlan | None) -> ToolOutput:
+    """What a finished choice's `text` becomes under `plan`: calls found take their text out of the content
+    and turn finish reason "stop" into "tool_calls"; text without a valid call stays content."""
+    extracted = plan.new_parser().extract(text) if plan is not None else None
+    if extracted is None or not extracted.tool_calls:
+        return ToolOutput(text, [], finish_reason)
+    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    return ToolOutput(extracted.content, extracted.tool_calls, finish_reason)
+
+
 def apply_tool_calls(choice: dict[str, Any], text: str, plan: ToolPlan) -> None:
     """Rewrites a finished chat choice so calls found in `text` become `message.tool_calls`."""
-    extracted = plan.new_parser().extract(text)
-    if not extracted.tool_calls:
+    parsed = parse_tool_output(text, choice["finish_reason"], plan)
+    if not parsed.tool_calls:
         return
     message = choice["message"]
-    message["content"] = extracted.content
-    message["tool_calls"] = [call.to_dict() for call in extracted.tool_calls]
-    if choice["finish_reason"] == "stop":
-        choice["finish_reason"] = "tool_calls"
+    message["content"] = parsed.content
+    message["tool_calls"] = [call.to_dict() for call in parsed.tool_calls]
+    choice["finish_reason"] = parsed.finish_reason
 
 
 class ToolStream:
