@@ -5,11 +5,17 @@ The Triton twins in `triton_ops` share these exact signatures; `dispatch` picks 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from engine.attention import AttentionMetadata
+
+_T = TypeVar("_T")
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -42,12 +48,37 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, is_neox: bool) -> Tensor:
     return torch.cat((rotated, x[..., rot_dim:]), dim=-1)
 
 
+class _StepMemo(Generic[_T]):
+    """Remembers one value per step: every layer of a forward pass gets the same positions tensor and
+    metadata object, so what depends only on them is computed by the first layer and reused by the rest
+    (on CPU, such small ops cost as much as the matmuls of a small model). Keys are held, so their
+    identities cannot be reused by other objects while remembered."""
+
+    def __init__(self) -> None:
+        self._key: tuple[object, ...] = ()
+        self._value: Any = None
+
+    def get(self, key: tuple[object, ...], compute: Callable[[], _T]) -> _T:
+        if len(key) != len(self._key) or any(a is not b for a, b in zip(key, self._key, strict=True)):
+            self._value = compute()
+            self._key = key
+        return self._value  # type: ignore[no-any-return]
+
+
+_cos_sin_memo: _StepMemo[tuple[Tensor, Tensor]] = _StepMemo()
+_attention_plan_memo: _StepMemo[_AttentionPlan] = _StepMemo()
+
+
 def rotary_embedding(
     positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor, is_neox: bool
 ) -> tuple[Tensor, Tensor]:
     """Rotates the first rot_dim dims of every head of q [T, Hq, D] and k [T, Hkv, D]."""
-    cos_sin = cos_sin_cache.index_select(0, positions).to(q.dtype)  # [T, rot_dim]
-    cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # each [T, 1, rot_dim / 2]
+
+    def gather() -> tuple[Tensor, Tensor]:
+        cos_sin = cos_sin_cache.index_select(0, positions).to(q.dtype)  # [T, rot_dim]
+        return cos_sin.unsqueeze(1).chunk(2, dim=-1)  # each [T, 1, rot_dim / 2]
+
+    cos, sin = _cos_sin_memo.get((positions, cos_sin_cache, q.dtype), gather)
     return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)
 
 
@@ -74,21 +105,58 @@ def _gather_context(kv_cache: Tensor, block_ids: Tensor) -> Tensor:
     return gathered.transpose(2, 3).contiguous()
 
 
-def _decode_attention(
-    q: Tensor, kv_cache: Tensor, block_ids: Tensor, seq_lens: Tensor, scale: float
-) -> Tensor:
+@dataclass
+class _DecodePlan:
+    token_ids: Tensor | None  # flat rows of the decode tokens; None when every sequence is a decode
+    block_ids: Tensor  # [B, num_blocks] int64
+    mask: Tensor  # [B, 1, 1, num_blocks * block_size] bool: positions inside each context
+
+
+@dataclass
+class _AttentionPlan:
+    """What the torch attention needs from the metadata, built once per step (see _StepMemo)."""
+
+    decode: _DecodePlan | None
+    prefills: list[tuple[int, int, Tensor, int]]  # (first row, end row, block ids int64, seq_len)
+
+
+def _plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> _AttentionPlan:
+    starts = meta.query_start_loc_cpu
+    seq_lens = meta.seq_lens_cpu
+    decode_seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
+    decode = None
+    if decode_seqs:
+        num_blocks = -(-max(seq_lens[i] for i in decode_seqs) // block_size)
+        if len(decode_seqs) == meta.num_seqs:
+            token_ids = None
+            block_ids = meta.block_table[:, :num_blocks]
+            lens = meta.seq_lens
+        else:
+            token_ids = torch.tensor([starts[i] for i in decode_seqs], device=device)
+            seq_idx = torch.tensor(decode_seqs, device=device)
+            block_ids = meta.block_table[seq_idx, :num_blocks]
+            lens = meta.seq_lens[seq_idx]
+        mask = torch.arange(num_blocks * block_size, device=device) < lens.unsqueeze(1)  # [B, L]
+        decode = _DecodePlan(token_ids, block_ids.long(), mask[:, None, None, :])
+    prefills = []
+    for i in range(meta.num_seqs):
+        start, end = starts[i], starts[i + 1]
+        if end - start > 1:
+            num_blocks = -(-seq_lens[i] // block_size)
+            prefills.append((start, end, meta.block_table[i, :num_blocks].long(), seq_lens[i]))
+    return _AttentionPlan(decode, prefills)
+
+
+def _decode_attention(q: Tensor, kv_cache: Tensor, plan: _DecodePlan, scale: float) -> Tensor:
     """All single-token decodes at once: q [B, Hq, D] -> [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
-    keys, values = _gather_context(kv_cache, block_ids)  # each [B, Hkv, L, D]
+    keys, values = _gather_context(kv_cache, plan.block_ids)  # each [B, Hkv, L, D]
     num_kv_heads = keys.shape[1]
     # One query per sequence, so the `group` query heads sharing a KV head can stand in for
     # the query-length axis: GQA without repeating K/V.
     grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    mask = torch.arange(keys.shape[2], device=q.device) < seq_lens.unsqueeze(1)  # [B, L]
-    out = F.scaled_dot_product_attention(
-        grouped_q, keys, values, attn_mask=mask[:, None, None, :], scale=scale
-    )  # [B, Hkv, group, D]
-    return out.reshape(batch, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=plan.mask, scale=scale)
+    return out.reshape(batch, num_heads, head_dim)  # from [B, Hkv, group, D]
 
 
 def _prefill_attention(q: Tensor, kv_cache: Tensor, block_ids: Tensor, seq_len: int, scale: float) -> Tensor:
@@ -117,32 +185,20 @@ def paged_attention(q: Tensor, kv_cache: Tensor, meta: AttentionMetadata, scale:
     q [T, Hq, D] -> [T, Hq, D]. Tokens past query_start_loc[-1] (padding) get zeros.
     """
     block_size = kv_cache.shape[2]
-    starts = meta.query_start_loc_cpu
-    seq_lens = meta.seq_lens_cpu
+    plan = _attention_plan_memo.get((meta,), lambda: _plan(meta, block_size, q.device))
+    num_real_tokens = meta.query_start_loc_cpu[-1] if meta.query_start_loc_cpu else 0
+    decode = plan.decode
+    if decode is not None and decode.token_ids is None and num_real_tokens == q.shape[0]:
+        return _decode_attention(q, kv_cache, decode, scale)  # decode only: rows are already in order
     out = torch.empty_like(q)
-    num_real_tokens = starts[-1] if starts else 0
     if num_real_tokens < q.shape[0]:
         out[num_real_tokens:].zero_()
-
-    decode_seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
-    if decode_seqs:
-        token_ids = torch.tensor([starts[i] for i in decode_seqs], device=q.device)
-        num_blocks = -(-max(seq_lens[i] for i in decode_seqs) // block_size)
-        if len(decode_seqs) == meta.num_seqs:
-            rows = meta.block_table[:, :num_blocks]
-            dec_lens = meta.seq_lens
+    if decode is not None:
+        rows = decode.token_ids
+        if rows is None:
+            out[:num_real_tokens] = _decode_attention(q[:num_real_tokens], kv_cache, decode, scale)
         else:
-            seq_idx = torch.tensor(decode_seqs, device=q.device)
-            rows = meta.block_table[seq_idx, :num_blocks]
-            dec_lens = meta.seq_lens[seq_idx]
-        dec_out = _decode_attention(q.index_select(0, token_ids), kv_cache, rows.long(), dec_lens, scale)
-        out.index_copy_(0, token_ids, dec_out)
-
-    for i in range(meta.num_seqs):
-        start, end = starts[i], starts[i + 1]
-        if end - start <= 1:
-            continue
-        num_blocks = -(-seq_lens[i] // block_size)
-        block_ids = meta.block_table[i, :num_blocks].long()
-        out[start:end] = _prefill_attention(q[start:end], kv_cache, block_ids, seq_lens[i], scale)
+            out.index_copy_(0, rows, _decode_attention(q.index_select(0, rows), kv_cache, decode, scale))
+    for start, end, block_ids, seq_len in plan.prefills:
+        out[start:end] = _prefill_attention(q[start:end], kv_cache, block_ids, seq_len, scale)
     return out
