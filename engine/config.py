@@ -36,3 +36,4 @@ class EngineConfig:
     curve_keys_dir: str | None = None
     insecure: bool = False
     num_threads: int | None = None
+    chat_template: str | None = None  # a Jinja file's path or the template itself; None: the model's own

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import torch
 
 from engine.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
 from engine.kv_cache import KVCacheManager
-from engine.loader.tokenizer_info import TokenizerInfo
+from engine.loader.tokenizer_info import TokenizerInfo, load_chat_template
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.scheduler import Scheduler, SchedulerLimits
 from protocol.messages import Ready
@@ -51,6 +52,8 @@ def _num_kv_blocks(config: EngineConfig, bytes_per_block: int, device: torch.dev
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     from engine.loader import load_model  # heavy import, kept out of module import time
 
+    # Flags that name files are read before the model, so a mistake fails at once.
+    chat_template = None if config.chat_template is None else load_chat_template(config.chat_template)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = pick_device(config.device)
@@ -101,6 +104,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     )
     scheduler = Scheduler(limits, KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching))
     tok = loaded.tokenizer
+    if chat_template is not None:
+        tok = dataclasses.replace(tok, chat_template=chat_template)
+        logger.info("chat template: the one given by --chat-template")
     ready = ready_message(
         config,
         tok,

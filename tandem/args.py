@@ -100,6 +100,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--enable-prompt-embeds", action="store_true", help="Accept prompt embeddings in requests."
     )
     g.add_argument("--served-model-name", nargs="+", default=None, help="Name(s) the model is served under.")
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        help="Chat template to use instead of the model's own: a Jinja file, or the template itself.",
+    )
 
 
 def add_api_args(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +182,7 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         curve_keys_dir=ns.curve_keys,
         insecure=ns.insecure,
         num_threads=ns.num_threads,
+        chat_template=ns.chat_template,
     )
 
 

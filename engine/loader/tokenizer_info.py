@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import jinja2.ext
+import jinja2.nodes
 from tokenizers import Tokenizer
 
 
@@ -51,6 +54,49 @@ def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
         named = {entry.get("name"): entry.get("template") for entry in template}
         return named.get("default") or next(iter(named.values()), None)
     return template
+
+
+def load_chat_template(value: str) -> str:
+    """--chat-template: a Jinja file's path, or (as vLLM accepts) the template itself. Raises ValueError
+    at start-up for an unreadable path or a template that does not parse, not at the first chat request."""
+    try:
+        text = Path(value).expanduser().read_text(encoding="utf-8")
+        source = f"chat template file {value!r}"
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"chat template file {value!r} is not UTF-8 text: {exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the "path"
+        # A value with no Jinja characters was meant as a path (vLLM's rule).
+        if not any(char in value for char in "{}\n"):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ValueError(
+                f"--chat-template {value!r} looks like a file path, but it cannot be read ({reason}); "
+                "pass a Jinja file or the template itself"
+            ) from None
+        text, source = value, "the --chat-template given inline"
+    if not text.strip():
+        raise ValueError(f"{source} is empty")
+    _check_template_syntax(text, source)
+    return text
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    # The API process's renderer accepts {% generation %}...{% endgeneration %} (training masks); so
+    # must this check, or valid templates that carry it would be refused.
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+def _check_template_syntax(text: str, source: str) -> None:
+    # The syntax the API process compiles templates with (frontend/serving/chat_template.py).
+    env = jinja2.Environment(extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    try:
+        env.parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"{source} does not parse as Jinja: {exc.message} (line {exc.lineno})") from None
 
 
 def _as_id_list(value: Any) -> list[int]:
