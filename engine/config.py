@@ -37,3 +37,5 @@ class EngineConfig:
     insecure: bool = False
     num_threads: int | None = None
     chat_template: str | None = None  # a Jinja file's path or the template itself; None: the model's own
+    # Sampling defaults: "auto" (the model folder's generation_config.json), "vllm" (none) or a folder.
+    generation_config: str = "auto"

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +58,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
 
     # Flags that name files are read before the model, so a mistake fails at once.
     chat_template = None if config.chat_template is None else load_chat_template(config.chat_template)
+    default_sampling = generation_defaults(config)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = pick_device(config.device)
@@ -117,6 +122,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         dtype=loaded.dtype,
         num_kv_blocks=num_blocks,
         enable_prompt_embeds=config.enable_prompt_embeds,
+        default_sampling=default_sampling,
     )
     return EngineParts(
         scheduler=scheduler,
@@ -129,6 +135,69 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         max_model_len=max_model_len,
         curve_keys=_curve_keys(config),
     )
+
+
+# generation_config.json field -> (request field, what a request may send there, the check).
+_GENERATION_FIELDS: dict[str, tuple[str, str, Callable[[float], bool]]] = {
+    "temperature": ("temperature", "a number in [0, 2]", lambda v: 0 <= v <= 2),
+    "top_p": ("top_p", "a number in (0, 1]", lambda v: 0 < v <= 1),
+    "top_k": ("top_k", "an integer >= -1 (-1 and 0: no cut)", lambda v: v >= -1 and v == int(v)),
+    "min_p": ("min_p", "a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "repetition_penalty": ("repetition_penalty", "a number > 0", lambda v: v > 0),
+    "max_new_tokens": ("max_tokens", "an integer >= 1", lambda v: v >= 1 and v == int(v)),
+}
+
+
+def generation_defaults(config: EngineConfig) -> dict[str, float]:
+    """--generation-config: sampling defaults from a generation_config.json, as vLLM reads them ("auto":
+    the model folder's, if it has one; "vllm": none; else the named folder's, which must have one)."""
+    from engine.loader import resolve_model_path
+
+    if config.generation_config == "vllm":
+        return {}
+    if config.generation_config == "auto":
+        path = resolve_model_path(config.model) / "generation_config.json"
+        if not path.is_file():
+            return {}  # a GGUF file, or a folder without one
+    else:
+        path = Path(config.generation_config).expanduser() / "generation_config.json"
+        if not path.is_file():
+            raise ValueError(
+                f"--generation-config {config.generation_config!r} names no folder with a "
+                f"generation_config.json ({path} is missing)"
+            )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    defaults = parse_generation_defaults(raw if isinstance(raw, dict) else {}, str(path))
+    if defaults:
+        logger.warning(
+            "default sampling parameters overridden by %s (the model creator's recommendation): %s; "
+            "requests that set a field keep their value. Relaunch with `--generation-config vllm` to "
+            "ignore the file.",
+            path,
+            defaults,
+        )
+    return defaults
+
+
+def parse_generation_defaults(raw: dict[str, Any], source: str) -> dict[str, float]:
+    """The sampling fields a generation_config.json sets, under request field names; other fields (and
+    nulls) are ignored. A value no request could send fails at start-up, not in every request."""
+    defaults: dict[str, float] = {}
+    for name, (field_name, allowed, check) in _GENERATION_FIELDS.items():
+        value = raw.get(name)
+        if value is None:
+            continue
+        is_number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not (is_number and check(value)):
+            raise ValueError(
+                f"{source}: {name} must be {allowed}, got {value!r}; "
+                "fix the file or pass --generation-config vllm to ignore it"
+            )
+        defaults[field_name] = int(value) if field_name in ("top_k", "max_tokens") else float(value)
+    return defaults
 
 
 def ready_message(

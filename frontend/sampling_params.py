@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -23,13 +24,20 @@ def build_sampling_params(
     eos_token_ids: list[int],
     default_max_tokens: int | None = None,
     structured_override: StructuredSpec | None = None,
+    model_defaults: Mapping[str, float] | None = None,
 ) -> SamplingParams:
     """Sampling settings for one request whose prompt is `num_prompt_tokens` long.
 
     `default_max_tokens` applies when the request names no limit (OpenAI's legacy completions use 16);
     None means all the room left in the context. `structured_override` is the hook for tool calling:
     a constraint the caller derived from `tools`/`tool_choice`, which may not be combined with another.
+    `model_defaults` (the model's generation_config.json, READY's `default_sampling`) replaces the API
+    defaults of temperature, top_p, top_k, min_p, repetition_penalty and max_tokens for fields the
+    request leaves unset; its max_tokens wins over `default_max_tokens`.
     """
+    defaults = model_defaults or {}
+    if "max_tokens" in defaults:
+        default_max_tokens = int(defaults["max_tokens"])
     is_chat = isinstance(req, ChatCompletionRequest)
     max_tokens = _max_tokens(req, num_prompt_tokens, max_model_len, default_max_tokens, is_chat=is_chat)
     if req.min_tokens is not None and req.min_tokens > max_tokens:
@@ -52,14 +60,13 @@ def build_sampling_params(
         check_structured_spec(structured, spec_param(req))
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=_or(req.temperature, 1.0),
-        top_p=_or(req.top_p, 1.0),
-        # -1 and 0 both mean "no top-k cut"; the engine only knows None for that.
-        top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
-        min_p=_or(req.min_p, 0.0),
+        temperature=_or(req.temperature, defaults.get("temperature", 1.0)),
+        top_p=_or(req.top_p, defaults.get("top_p", 1.0)),
+        top_k=_top_k(_or(req.top_k, defaults.get("top_k"))),
+        min_p=_or(req.min_p, defaults.get("min_p", 0.0)),
         presence_penalty=_or(req.presence_penalty, 0.0),
         frequency_penalty=_or(req.frequency_penalty, 0.0),
-        repetition_penalty=_or(req.repetition_penalty, 1.0),
+        repetition_penalty=_or(req.repetition_penalty, defaults.get("repetition_penalty", 1.0)),
         seed=req.seed,
         min_tokens=_or(req.min_tokens, 0),
         stop_token_ids=_stop_token_ids(req, vocab_size, eos_token_ids),
@@ -179,6 +186,11 @@ def _in_vocab(token_ids: list[int] | None, vocab_size: int, param: str) -> list[
                 f"`{param}` holds token id {token_id}, outside the vocabulary (size {vocab_size}).", param
             )
     return list(token_ids)
+
+
+def _top_k(value: float | None) -> int | None:
+    # -1 and 0 both mean "no top-k cut"; the engine only knows None for that.
+    return int(value) if value is not None and value > 0 else None
 
 
 def _or(value: Any, default: Any) -> Any:

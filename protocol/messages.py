@@ -99,6 +99,10 @@ class Ready(Wire):
     # Embedding models trained for Matryoshka truncation: the allowed `dimensions` ([] means any);
     # None means the model does not support truncated embeddings.
     matryoshka_dimensions: list[int] | None = None
+    # The model's generation_config.json defaults (--generation-config) for sampling fields a request
+    # leaves unset, under the request's field names: temperature, top_p, top_k, min_p,
+    # repetition_penalty, max_tokens. Only the fields the file sets.
+    default_sampling: dict[str, float] = {}
 
 
 class AddRequest(Wire):

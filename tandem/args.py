@@ -105,6 +105,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Chat template to use instead of the model's own: a Jinja file, or the template itself.",
     )
+    g.add_argument(
+        "--generation-config",
+        default="auto",
+        help="Default sampling values for requests that leave them unset: 'auto' (the model folder's "
+        "generation_config.json), 'vllm' (none; the API defaults), or a folder holding a "
+        "generation_config.json.",
+    )
 
 
 def add_api_args(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +190,7 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         insecure=ns.insecure,
         num_threads=ns.num_threads,
         chat_template=ns.chat_template,
+        generation_config=ns.generation_config,
     )
 
 

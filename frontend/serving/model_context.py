@@ -50,13 +50,15 @@ class ModelContext:
         return name
 
     def sampling_params(self, req: Any, num_prompt_tokens: int, **options: Any) -> SamplingParams:
-        """The wire sampling settings of `req` for a prompt of this length on this model (400s on bad values)."""
+        """The wire sampling settings of `req` for a prompt of this length on this model (400s on bad
+        values); fields the request leaves unset take the model's generation-config defaults."""
         return build_sampling_params(
             req,
             num_prompt_tokens=num_prompt_tokens,
             max_model_len=self.max_model_len,
             vocab_size=self.ready.vocab_size,
             eos_token_ids=self.ready.eos_token_ids,
+            model_defaults=self.ready.default_sampling,
             **options,
         )
 
