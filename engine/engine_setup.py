@@ -182,13 +182,19 @@ def generation_defaults(config: EngineConfig) -> dict[str, float]:
     return defaults
 
 
+# transformers' GenerationConfig defaults: a file that repeats one says nothing, and vLLM (which reads only
+# the fields that differ from these) ignores it, so a `"top_k": 50` does not cut every request to 50 tokens.
+_TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+
+
 def parse_generation_defaults(raw: dict[str, Any], source: str) -> dict[str, float]:
-    """The sampling fields a generation_config.json sets, under request field names; other fields (and
-    nulls) are ignored. A value no request could send fails at start-up, not in every request."""
+    """The sampling fields a generation_config.json sets, under request field names; other fields, nulls
+    and transformers' own defaults are ignored. A value no request could send fails at start-up, not in
+    every request."""
     defaults: dict[str, float] = {}
     for name, (field_name, allowed, check) in _GENERATION_FIELDS.items():
         value = raw.get(name)
-        if value is None:
+        if value is None or (name in _TRANSFORMERS_DEFAULTS and value == _TRANSFORMERS_DEFAULTS[name]):
             continue
         is_number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         if not (is_number and check(value)):

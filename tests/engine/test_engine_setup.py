@@ -78,6 +78,10 @@ def test_generation_defaults_take_the_sampling_fields_only() -> None:
     assert type(defaults["top_k"]) is int and type(defaults["max_tokens"]) is int
     assert parse_generation_defaults({"top_k": None, "temperature": None}, "g.json") == {}
     assert parse_generation_defaults({"top_k": 0}, "g.json") == {"top_k": 0}  # 0: no cut, as requests
+    # transformers' own defaults say nothing (vLLM reads only the fields that differ from them)
+    repeated = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+    assert parse_generation_defaults(repeated, "g.json") == {}
+    assert parse_generation_defaults({**repeated, "top_k": 40}, "g.json") == {"top_k": 40}
 
 
 @pytest.mark.parametrize(
