@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -27,6 +29,7 @@ from frontend.routes import extra_routes, openai_routes, system_routes
 from frontend.serving.model_context import ModelContext
 from frontend.serving.streaming import json_response
 from frontend.state import AppState
+from protocol.messages import Ready
 
 logger = logging.getLogger("tandem.api")
 
@@ -87,7 +90,7 @@ def build_app(config: FrontendConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        ready = await client.start(timeout_s=config.engine_ready_timeout_s)
+        ready = await _wait_for_engine(client, config.engine_ready_timeout_s, state.stop_requested)
         state.ctx = ModelContext.from_ready(ready, config.served_model_names)
         start_request_metrics(state, state.ctx.model_name)
         logger.info(
@@ -123,6 +126,19 @@ def build_app(config: FrontendConfig) -> Starlette:
     )
     app.state.tandem = state
     return app
+
+
+async def _wait_for_engine(client: EngineClient, timeout_s: float, stop: threading.Event) -> Ready:
+    """The first engine's READY, or an error as soon as the process is told to stop (uvicorn runs the
+    lifespan before it looks at its own exit flag, so without this a SIGTERM waited for the engine)."""
+    start = asyncio.ensure_future(client.start(timeout_s=timeout_s))
+    while not start.done():
+        if stop.is_set():
+            start.cancel()
+            await client.close()
+            raise RuntimeError("asked to stop before any engine completed its handshake")
+        await asyncio.wait({start}, timeout=0.1)
+    return start.result()
 
 
 def _client_curve_keys(config: FrontendConfig) -> dict[str, bytes]:

@@ -5,11 +5,23 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import threading
+from types import FrameType
 
 import uvicorn
 
 from frontend.app import build_app
 from frontend.config import FrontendConfig
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, stop_requested: threading.Event) -> None:
+        super().__init__(config)
+        self.stop_requested = stop_requested
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stop_requested.set()  # also ends a start-up still waiting for an engine
+        super().handle_exit(sig, frame)
 
 
 def run_api_server(config: FrontendConfig) -> int:
@@ -28,7 +40,7 @@ def run_api_server(config: FrontendConfig) -> int:
         timeout_graceful_shutdown=math.ceil(config.shutdown_timeout_s),
         lifespan="on",
     )
-    server = uvicorn.Server(uv_config)
+    server = _Server(uv_config, app.state.tandem.stop_requested)
     sockets = None
     if config.fd is not None:
         sockets = [socket.socket(fileno=config.fd)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from frontend.config import FrontendConfig
@@ -17,6 +18,8 @@ class AppState:
     num_requests_in_flight: int = 0
     accepting: bool = True
     extras: dict[str, object] = field(default_factory=dict)
+    # Set by the server's signal handler: a SIGTERM before any engine answered ends the wait at once.
+    stop_requested: threading.Event = field(default_factory=threading.Event)
 
     @property
     def model(self) -> ModelContext:
