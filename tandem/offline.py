@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from frontend.errors import APIError
@@ -85,6 +85,15 @@ class LLM:
     def get_tokenizer(self):  # noqa: ANN201 - a tokenizers.Tokenizer
         return self.ctx.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate/chat use when given no sampling_params: SamplingParams' defaults, with the model's
+        generation_config.json values over them (see `generation_config`, as on the server)."""
+        defaults = self.ctx.ready.default_sampling
+        params = SamplingParams()
+        for name, value in defaults.items():
+            setattr(params, name, int(value) if name in ("top_k", "max_tokens") else value)
+        return params
+
     def generate(
         self,
         prompts: str | list[str] | list[int] | list[list[int]],
@@ -94,7 +103,8 @@ class LLM:
         """Completes each prompt (text, or token ids); outputs come back in input order."""
         items = _prompt_list(prompts)
         prepared = [self._prepare_prompt(p) for p in items]
-        return self._run(prepared, _params_list(sampling_params, len(prepared)), use_tqdm, "Generating")
+        params = _params_list(sampling_params, len(prepared), self.get_default_sampling_params)
+        return self._run(prepared, params, use_tqdm, "Generating")
 
     def chat(
         self,
@@ -124,7 +134,7 @@ class LLM:
                 chat_template_kwargs or {},
             )
             prepared.append(PreparedPrompt(self.ctx.encode(text, add_special_tokens=False), text))
-        params = _params_list(sampling_params, len(prepared))
+        params = _params_list(sampling_params, len(prepared), self.get_default_sampling_params)
         outputs = self._run(prepared, params, use_tqdm, "Chatting", plan.structured if plan else None)
         for record in outputs:
             for out in record.outputs:
@@ -374,10 +384,12 @@ def _prompt_list(prompts: str | list[str] | list[int] | list[list[int]]) -> list
 
 
 def _params_list(
-    params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+    params: SamplingParams | Sequence[SamplingParams] | None,
+    num_prompts: int,
+    default: Callable[[], SamplingParams],
 ) -> list[SamplingParams]:
     if params is None:
-        return [SamplingParams()] * num_prompts
+        return [default()] * num_prompts
     if isinstance(params, SamplingParams):
         return [params] * num_prompts
     params = list(params)
