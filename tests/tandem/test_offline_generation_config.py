@@ -4,7 +4,6 @@ vLLM's LLM does (get_default_sampling_params); explicit SamplingParams are used 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
