@@ -39,7 +39,10 @@ def render_chat_prompt(ctx: ModelContext, req: ChatCompletionRequest) -> tuple[s
             "chat_template",
         )
     if ctx.chat_template is None:
-        raise invalid_request("This model has no chat template; use /v1/completions instead.", "messages")
+        raise invalid_request(
+            "This model has no chat template; start the server with --chat-template, or use /v1/completions.",
+            "messages",
+        )
     messages, embeds = normalize_messages(req.messages)
     kwargs = dict(req.chat_template_kwargs or {})
     try:

@@ -117,16 +117,14 @@ def test_generation_config_defaults_apply_to_requests_that_leave_them_unset(
     )
     assert [c["finish_reason"] for c in batch["choices"]] == ["length", "length"]
     assert batch["usage"]["completion_tokens"] == 10
-    # Tokens in, tokens out: the temperature default applies (its max_tokens default is its own).
+    # Tokens in, tokens out: the same defaults (greedy, 5 tokens).
     token_ids = _post(file_server, "/tokenize", {"prompt": PROMPT})["tokens"]
     generated = [
         _post(file_server, "/inference/v1/generate", {"token_ids": token_ids, "sampling_params": sp})
-        for sp in (
-            {"max_tokens": 5, "ignore_eos": True},
-            {"max_tokens": 5, "ignore_eos": True, "temperature": 0},
-        )
+        for sp in ({"ignore_eos": True}, {"max_tokens": 5, "ignore_eos": True, "temperature": 0})
     ]
     assert generated[0]["choices"][0]["token_ids"] == generated[1]["choices"][0]["token_ids"]
+    assert len(generated[0]["choices"][0]["token_ids"]) == 5
 
 
 def test_a_request_value_wins_over_the_generation_config(file_server: ServerProcess) -> None:
