@@ -1,4 +1,5 @@
-"""Builds a `tokenizers.Tokenizer` (and TokenizerInfo) from a GGUF file's tokenizer metadata."""
+"""Builds a `tokenizers.Tokenizer` (and TokenizerInfo) from a GGUF file's tokenizer metadata: byte-level
+BPE ("gpt2") here, SentencePiece ("llama") in gguf_sentencepiece.py."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from engine.loader.gguf_sentencepiece import (
+    SPM_DEFAULT_ADD_BOS,
+    TokenType,
+    build_spm_tokenizer,
+    special_token_id,
+)
 from engine.loader.tokenizer_info import TokenizerInfo, unique_ids
 
-TOKEN_TYPE_CONTROL = 3
-TOKEN_TYPE_USER_DEFINED = 4
+SUPPORTED_TOKENIZER_MODELS = ("gpt2", "llama")
 
 # `tokenizer.ggml.pre` values whose word split differs from GPT-2's built-in regex.
 _LLAMA3_SPLIT = (
@@ -55,10 +61,17 @@ def _byte_level_spelling(token: str, alphabet: dict[int, str], spelled: set[str]
 
 def build_gguf_tokenizer(metadata: dict[str, Any]) -> Tokenizer:
     model_type = metadata.get("tokenizer.ggml.model")
+    if model_type == "llama":
+        return build_spm_tokenizer(metadata)
     if model_type != "gpt2":
         raise ValueError(
-            f"GGUF tokenizer model {model_type!r} is not supported (supported: 'gpt2' byte-level BPE)"
+            f"GGUF tokenizer model {model_type!r} is not supported "
+            "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)"
         )
+    return _build_byte_level_bpe(metadata)
+
+
+def _build_byte_level_bpe(metadata: dict[str, Any]) -> Tokenizer:
     tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
     token_types: list[int] = list(metadata.get("tokenizer.ggml.token_type") or [])
     alphabet = _byte_alphabet()
@@ -84,12 +97,12 @@ def build_gguf_tokenizer(metadata: dict[str, Any]) -> Tokenizer:
     control = [
         AddedToken(t, special=True, normalized=False)
         for t, kind in zip(tokens, token_types, strict=False)
-        if kind == TOKEN_TYPE_CONTROL and set(t) <= spelled
+        if kind == TokenType.CONTROL and set(t) <= spelled
     ]
     user_defined = [
         AddedToken(t, special=False, normalized=False)
         for t, kind in zip(tokens, token_types, strict=False)
-        if kind == TOKEN_TYPE_USER_DEFINED
+        if kind == TokenType.USER_DEFINED
     ]
     tokenizer.add_special_tokens(control)
     tokenizer.add_tokens(user_defined)
@@ -99,15 +112,22 @@ def build_gguf_tokenizer(metadata: dict[str, Any]) -> Tokenizer:
 def gguf_tokenizer_info(metadata: dict[str, Any]) -> TokenizerInfo:
     tokenizer = build_gguf_tokenizer(metadata)
     tokens = metadata["tokenizer.ggml.tokens"]
+    is_spm = metadata.get("tokenizer.ggml.model") == "llama"
+
+    def token_id_for(key: str) -> int | None:
+        if is_spm:  # llama.cpp's default ids apply to keys the file leaves out
+            return special_token_id(metadata, key)
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        return int(token_id) if token_id is not None and 0 <= token_id < len(tokens) else None
 
     def token_for(key: str) -> str | None:
-        token_id = metadata.get(f"tokenizer.ggml.{key}")
-        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+        token_id = token_id_for(key)
+        return None if token_id is None else tokens[token_id]
 
     eos_ids = [
-        int(metadata[f"tokenizer.ggml.{key}"])
+        token_id
         for key in ("eos_token_id", "eot_token_id", "eom_token_id")
-        if metadata.get(f"tokenizer.ggml.{key}") is not None
+        if (token_id := token_id_for(key)) is not None
     ]
     special = {
         name: text
@@ -120,6 +140,6 @@ def gguf_tokenizer_info(metadata: dict[str, Any]) -> TokenizerInfo:
         bos_token=token_for("bos_token_id"),
         eos_token=token_for("eos_token_id"),
         eos_token_ids=unique_ids(eos_ids),
-        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", is_spm and SPM_DEFAULT_ADD_BOS)),
         special_tokens=special,
     )
