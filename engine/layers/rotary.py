@@ -28,6 +28,16 @@ def _llama3_inv_freq(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
+def _freq_factors(values: Any, rot_dim: int) -> Tensor:
+    """GGUF's rope_freqs: one divisor per frequency (llama.cpp divides each rotation angle by it)."""
+    factors = torch.tensor(values, dtype=torch.float32)
+    if factors.shape != (rot_dim // 2,):
+        raise ValueError(
+            f"rope freq_factors must hold {rot_dim // 2} values, got shape {tuple(factors.shape)}"
+        )
+    return factors
+
+
 def build_cos_sin_cache(
     rot_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None
 ) -> Tensor:
@@ -43,6 +53,8 @@ def build_cos_sin_cache(
         raise ValueError(
             f"rope scaling type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
         )
+    if "freq_factors" in scaling:
+        inv_freq = inv_freq / _freq_factors(scaling["freq_factors"], rot_dim)
     positions = torch.arange(max_position, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)  # [max_position, rot_dim / 2]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)

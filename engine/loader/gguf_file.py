@@ -1,7 +1,9 @@
-"""Reads a GGUF file: its metadata as plain Python values, and its tensors dequantized under HF names."""
+"""Reads a GGUF file: its metadata as plain Python values, the model's shape, and its tensors dequantized
+under HF names."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from engine.models.config import ModelArchConfig
 
 # GGUF tensor name (after `blk.N.`) -> Hugging Face name (after `model.layers.N.`)
 _LAYER_NAMES = {
@@ -30,6 +34,9 @@ _GLOBAL_NAMES = {
     "output": "lm_head",
 }
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Per-frequency rotary divisors (how llama.cpp's converter stores Llama 3.1's rope scaling): part of the
+# model's shape, folded into the rotary table, not a weight.
+ROPE_FREQS = "rope_freqs.weight"
 
 
 def open_gguf(path: Path) -> Any:
@@ -74,24 +81,16 @@ def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def iter_gguf_weights(reader: Any, metadata: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF name, float32 tensor), dequantizing one tensor at a time."""
-    from gguf.quants import dequantize
-
     arch = metadata["general.architecture"]
     # Only llama-arch files are converted with permuted Q/K; Qwen files keep HF order.
     permuted = arch == "llama"
     num_heads = int(metadata[f"{arch}.attention.head_count"])
     num_kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv") or num_heads)
     for tensor in reader.tensors:
-        if tensor.name == "rope_freqs.weight":
-            raise ValueError(
-                "GGUF files with rope_freqs (Llama 3.1 style rope scaling) are not supported yet"
-            )
+        if tensor.name == ROPE_FREQS:
+            continue  # read by gguf_arch_config
         name = hf_tensor_name(tensor.name)
-        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest-first
-        values = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        if not values.flags.writeable:  # unquantized tensors come back as read-only views of the mmap
-            values = values.copy()
-        weight = torch.from_numpy(values).reshape(shape)
+        weight = _dequantized(tensor)
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             weight = unpermute_rotary_rows(weight, num_heads)
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -99,5 +98,26 @@ def iter_gguf_weights(reader: Any, metadata: dict[str, Any]) -> Iterator[tuple[s
         yield name, weight
 
 
+def _dequantized(tensor: Any) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest-first
+    values = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    if not values.flags.writeable:  # unquantized tensors come back as read-only views of the mmap
+        values = values.copy()
+    return torch.from_numpy(values).reshape(shape)
+
+
 def has_tensor(reader: Any, gguf_name: str) -> bool:
     return any(t.name == gguf_name for t in reader.tensors)
+
+
+def gguf_arch_config(reader: Any, metadata: dict[str, Any]) -> ModelArchConfig:
+    """The model's shape from the metadata, with rope_freqs (if the file has it) as rotary `freq_factors`."""
+    arch = ModelArchConfig.from_gguf_metadata(metadata, has_output_weight=has_tensor(reader, "output.weight"))
+    rope_freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if rope_freqs is None:
+        return arch
+    freq_factors = tuple(float(f) for f in _dequantized(rope_freqs).flatten().tolist())
+    scaling = {**(arch.rope_scaling or {"rope_type": "default"}), "freq_factors": freq_factors}
+    return dataclasses.replace(arch, rope_scaling=scaling)

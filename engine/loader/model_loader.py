@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engine.loader.gguf_file import has_tensor, iter_gguf_weights, open_gguf, read_metadata
+from engine.loader.gguf_file import gguf_arch_config, iter_gguf_weights, open_gguf, read_metadata
 from engine.loader.gguf_tokenizer import gguf_tokenizer_info
 from engine.loader.safetensors_files import iter_safetensors_weights
 from engine.loader.tokenizer_info import TokenizerInfo, tokenizer_info_from_folder
@@ -132,9 +132,7 @@ def load_model(
     if gguf_path is not None:
         reader = open_gguf(gguf_path)
         metadata = read_metadata(reader)
-        arch = ModelArchConfig.from_gguf_metadata(
-            metadata, has_output_weight=has_tensor(reader, "output.weight")
-        )
+        arch = gguf_arch_config(reader, metadata)
         tokenizer = gguf_tokenizer_info(metadata)
         weights = iter_gguf_weights(reader, metadata)
         served_name = _served_name(gguf_path, is_gguf=True)
