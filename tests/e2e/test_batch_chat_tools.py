@@ -3,14 +3,12 @@ tool_choice handling, and bad tool specs are the same 400s."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
-import jsonschema
 import pytest
 
-from tests.e2e.test_tool_calling import HERMES_CALL, NAMED, PARAMS, TOOLS
+from tests.e2e.test_tool_calling import HERMES_CALL, NAMED, TOOLS, check_calls
 from tests.server_process import ServerProcess
 
 CONVERSATIONS = [
@@ -29,18 +27,9 @@ def batch(server: ServerProcess, **fields: Any) -> httpx.Response:
 
 def check_choices(response: httpx.Response, *, only: str | None = None) -> list[dict[str, Any]]:
     """One choice per conversation, each with valid calls and finish_reason tool_calls; returns them."""
-    assert response.status_code == 200, response.text
+    check_calls(response, only=only)
     choices = response.json()["choices"]
     assert [c["index"] for c in choices] == list(range(len(CONVERSATIONS)))
-    for choice in choices:
-        message = choice["message"]
-        assert choice["finish_reason"] == "tool_calls" and message["content"] is None, choice
-        assert message["tool_calls"], choice
-        for call in message["tool_calls"]:
-            assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
-            name = call["function"]["name"]
-            assert name in PARAMS and (only is None or name == only)
-            jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMS[name])
     return choices
 
 
