@@ -45,8 +45,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
-        help="Model weights and activations dtype. 'auto': the config's dtype for HF folders; for GGUF, "
-        "bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.",
+        help="Model weights and activations dtype. 'auto': the config's dtype for HF folders (float32 ones "
+        "run in bfloat16 on GPUs); for GGUF, bfloat16 on GPUs and on CPUs with native bf16 "
+        "(AVX512-BF16/AMX), else float32.",
     )
     g.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
     g.add_argument("--seed", type=int, default=0, help="Seed for dummy weights and unseeded sampling.")

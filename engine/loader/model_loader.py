@@ -75,7 +75,12 @@ def _choose_dtype(dtype: str, arch: ModelArchConfig, is_gguf: bool, device: str)
         if torch.device(device).type != "cpu" or cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
-    return DTYPES.get(arch.torch_dtype, torch.float32)
+    config_dtype = DTYPES.get(arch.torch_dtype, torch.float32)
+    if config_dtype == torch.float32 and torch.device(device).type != "cpu":
+        # As vLLM: a float32 checkpoint runs in bfloat16 on a GPU (half the bytes per step, tensor cores);
+        # --dtype float32 keeps full precision.
+        return torch.bfloat16
+    return config_dtype
 
 
 def cpu_has_native_bf16() -> bool:

@@ -34,6 +34,12 @@ def test_gguf_on_gpu_is_bf16_and_folders_keep_their_config_dtype() -> None:
     assert _choose_dtype("float32", _arch("bfloat16"), True, "cpu") is torch.float32
 
 
+def test_float32_folders_run_in_bf16_on_gpu_unless_asked() -> None:
+    assert _choose_dtype("auto", _arch("float32"), False, "cuda") is torch.bfloat16
+    assert _choose_dtype("auto", _arch("float16"), False, "cuda:0") is torch.float16
+    assert _choose_dtype("float32", _arch("float32"), False, "cuda") is torch.float32
+
+
 def test_cpu_flag_reading_matches_proc_cpuinfo() -> None:
     with open("/proc/cpuinfo") as f:
         text = f.read()
