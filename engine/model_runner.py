@@ -164,6 +164,7 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta, inputs_embeds=inputs_embeds)
         readback = DeviceReadback()
+        self.sampler.start_step()
         for row, (request, num_new) in enumerate(out.scheduled):
             if request.sampling.prompt_logprobs is not None and not request.sent_prompt_logprobs:
                 self._prompt_logprobs(request, num_new, hidden, meta.query_start_loc_cpu[row], readback)

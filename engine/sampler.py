@@ -70,6 +70,10 @@ class Sampler:
         self._pending_prompt: list[tuple[str, int, int, int]] = []
         self._shifts = torch.arange(32, dtype=torch.int32, device=device)
 
+    def start_step(self) -> None:
+        """Drops what an earlier step queued but never collected (that step failed before its readback)."""
+        self._pending_prompt = []
+
     def forget(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
         self.prompt_logprobs.pop(request_id, None)

@@ -210,3 +210,16 @@ def test_prompt_logprobs_accumulate_across_chunks_like_one_pass() -> None:
     add_prompt_logprobs(chunked, request, logits[:4], 0)
     add_prompt_logprobs(chunked, request, logits[4:], 4)
     assert chunked.take_prompt_logprobs("r") == whole
+
+
+def test_a_failed_step_leaves_nothing_queued_for_the_next() -> None:
+    prompt = [3, 8, 1, 12]
+    logits = torch.randn(len(prompt) - 1, VOCAB, generator=torch.Generator().manual_seed(4))
+    s = new_sampler()
+    request = make_request(prompt=prompt, prompt_logprobs=1)
+    s.add_prompt_logprobs(request, logits, 0, DeviceReadback())  # that step fails before its readback
+    s.start_step()
+    add_prompt_logprobs(s, request, logits, 0)
+    reference = new_sampler()
+    add_prompt_logprobs(reference, request, logits, 0)
+    assert s.take_prompt_logprobs("r") == reference.take_prompt_logprobs("r")
