@@ -30,3 +30,6 @@ class FrontendConfig:
     curve_keys_dir: str | None = None
     log_level: str = "info"
     metrics_dir: str | None = None  # shared folder for multi-process Prometheus metrics
+    ssl_certfile: str | None = None  # HTTPS when set
+    ssl_keyfile: str | None = None
+    root_path: str = ""  # the prefix a proxy serves the API under

@@ -39,6 +39,9 @@ def run_api_server(config: FrontendConfig) -> int:
         # SIGTERM: stop accepting, let in-flight requests finish for this long, then cancel them.
         timeout_graceful_shutdown=math.ceil(config.shutdown_timeout_s),
         lifespan="on",
+        ssl_certfile=config.ssl_certfile,
+        ssl_keyfile=config.ssl_keyfile,
+        root_path=config.root_path,
     )
     server = _Server(uv_config, app.state.tandem.stop_requested)
     sockets = None

@@ -150,6 +150,11 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tool-call-parser", choices=["hermes", "json"], default=None, help="Tool-call format of the model."
     )
+    g.add_argument("--ssl-certfile", default=None, help="Serve HTTPS with this PEM certificate (chain).")
+    g.add_argument("--ssl-keyfile", default=None, help="The private key of --ssl-certfile (PEM).")
+    g.add_argument(
+        "--root-path", default="", help="Path prefix a proxy serves the API under (ASGI root_path)."
+    )
 
 
 def add_security_args(parser: argparse.ArgumentParser) -> None:
@@ -217,7 +222,25 @@ def frontend_config(ns: argparse.Namespace, *, engines: list[str], fd: int | Non
         engine_ready_timeout_s=ns.engine_ready_timeout,
         curve_keys_dir=ns.curve_keys,
         log_level=ns.log_level,
+        ssl_certfile=ns.ssl_certfile,
+        ssl_keyfile=ns.ssl_keyfile,
+        root_path=ns.root_path,
     )
+
+
+def check_tls_files(ns: argparse.Namespace) -> str | None:
+    """Why --ssl-certfile/--ssl-keyfile cannot serve HTTPS, or None when they can (or are not given)."""
+    import ssl
+
+    if ns.ssl_certfile is None and ns.ssl_keyfile is None:
+        return None
+    if ns.ssl_certfile is None:
+        return "--ssl-keyfile needs --ssl-certfile"
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(ns.ssl_certfile, ns.ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        return f"cannot load --ssl-certfile {ns.ssl_certfile!r} / --ssl-keyfile {ns.ssl_keyfile!r}: {exc}"
+    return None
 
 
 def unparse_group(parser: argparse.ArgumentParser, title: str, ns: argparse.Namespace) -> list[str]:

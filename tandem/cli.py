@@ -12,6 +12,7 @@ from tandem.args import (
     add_engine_args,
     add_model_arg,
     add_security_args,
+    check_tls_files,
     engine_config,
     frontend_config,
 )
@@ -107,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_engine(engine_config(ns, listen=ns.listen, engine_id=ns.engine_id))
     if ns.command == "api":
         from frontend.server import run_api_server
+
+        problem = check_tls_files(ns)
+        if problem:
+            print(f"tandem api: {problem}", file=sys.stderr)
+            return 2
 
         return run_api_server(frontend_config(ns, engines=ns.engine, fd=ns.fd))
     if ns.command == "bench":

@@ -9,13 +9,14 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
-from tandem.args import API_GROUP, ENGINE_GROUP, unparse_group
+from tandem.args import API_GROUP, ENGINE_GROUP, check_tls_files, unparse_group
 
 _POLL_S = 0.5
 _MAX_RESTARTS = 5  # per child; past this the server stops instead of restarting in a loop
@@ -103,8 +104,11 @@ class Children:
 
 
 def _healthy(url: str) -> bool:
+    # The launcher asks its own child on loopback: over HTTPS the certificate names the public host, so
+    # it is not verified here.
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=2, context=context) as resp:
             return resp.status == 200
     except OSError:
         return False
@@ -114,6 +118,10 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     serve_parser = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     engine_flags = unparse_group(serve_parser, ENGINE_GROUP, ns)
     api_flags = unparse_group(serve_parser, API_GROUP, ns)
+    tls_problem = check_tls_files(ns)
+    if tls_problem is not None:
+        print(f"tandem serve: {tls_problem}", file=sys.stderr)
+        return 2
     try:
         listener = _bind_listener(ns.host, ns.port)
     except PortInUse as exc:
@@ -147,7 +155,8 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     # can inherit it again.
 
     host = f"[{ns.host}]" if ":" in ns.host else ns.host
-    url = f"http://{host}:{ns.port}"
+    url = f"{'https' if ns.ssl_certfile else 'http'}://{host}:{ns.port}"
+    health_url = f"{url}/health"
     announced = False
     exit_code = 0
     while not stopping:
@@ -161,7 +170,7 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
             print(f"tandem: {name} exited with code {code}; stopping the server", file=sys.stderr, flush=True)
             exit_code = code or 1
             break
-        if not announced and _healthy(f"{url}/health"):
+        if not announced and _healthy(health_url):
             print(f"tandem: serving on {url} (OpenAI API at {url}/v1)", flush=True)
             announced = True
         time.sleep(_POLL_S)
