@@ -92,7 +92,7 @@ def build_app(config: FrontendConfig) -> Starlette:
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         ready = await _wait_for_engine(client, config.engine_ready_timeout_s, state.stop_requested)
         state.ctx = ModelContext.from_ready(ready, config.served_model_names)
-        start_request_metrics(state, state.ctx.model_name)
+        start_request_metrics(state, state.ctx.model_name, ready.max_model_len)
         logger.info(
             "serving %s (max_model_len %d)", ", ".join(state.ctx.served_model_names), ready.max_model_len
         )

@@ -45,10 +45,23 @@ _LATENCY_BUCKETS = (
 )
 
 
+# Token-count buckets as vLLM builds them: 1, 2, 5, 10, 20, 50, ... up to the model's context length.
+def _token_buckets(max_model_len: int) -> tuple[float, ...]:
+    buckets: list[float] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_model_len:
+                return (*buckets, float("inf"))
+            buckets.append(float(value))
+        exponent += 1
+
+
 class RequestMetrics:
     """Per-request histograms and counters, labelled by model and the engine that served the request."""
 
-    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+    def __init__(self, registry: CollectorRegistry, model_name: str, max_model_len: int = 2048) -> None:
         self.model_name = model_name
         labels = ["model_name", "engine"]
         self.prompt_tokens = Counter(
@@ -85,14 +98,41 @@ class RequestMetrics:
             registry=registry,
         )
 
+        token_buckets = _token_buckets(max_model_len)
+        self.request_prompt_tokens = Histogram(
+            "vllm:request_prompt_tokens",
+            "Prompt tokens per finished request.",
+            labels,
+            buckets=token_buckets,
+            registry=registry,
+        )
+        self.request_generation_tokens = Histogram(
+            "vllm:request_generation_tokens",
+            "Generated tokens per finished request.",
+            labels,
+            buckets=token_buckets,
+            registry=registry,
+        )
+        self.decode_time = Histogram(
+            "vllm:request_decode_time_seconds",
+            "From a request's first token to its last.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+
     def record_request(self, timing: RequestTiming, finished_at: float) -> None:
         labels = (self.model_name, timing.engine)
         self.prompt_tokens.labels(*labels).inc(timing.num_prompt_tokens)
         self.generation_tokens.labels(*labels).inc(timing.num_generation_tokens)
         self.request_success.labels(*labels, timing.finish_reason).inc()
         self.e2e.labels(*labels).observe(max(finished_at - timing.arrival_time, 0.0))
+        self.request_prompt_tokens.labels(*labels).observe(timing.num_prompt_tokens)
+        self.request_generation_tokens.labels(*labels).observe(timing.num_generation_tokens)
         if timing.first_token_at is not None:
             self.ttft.labels(*labels).observe(max(timing.first_token_at - timing.arrival_time, 0.0))
+            last = timing.last_token_at if timing.last_token_at is not None else timing.first_token_at
+            self.decode_time.labels(*labels).observe(max(last - timing.first_token_at, 0.0))
         itl = self.itl.labels(*labels)
         for gap in timing.inter_token_s:
             itl.observe(gap)
@@ -153,13 +193,13 @@ def setup_metrics(state: AppState) -> None:
     state.extras["registry"] = registry
 
 
-def start_request_metrics(state: AppState, model_name: str) -> RequestMetrics:
+def start_request_metrics(state: AppState, model_name: str, max_model_len: int = 2048) -> RequestMetrics:
     """Creates the request metrics and has the engine client record into them."""
     registry = state.extras["registry"]
     # In multi-process mode the values live in files that MultiProcessCollector reads back, so the
     # metric objects must not be registered for scraping a second time.
     target = CollectorRegistry() if os.environ.get(MULTIPROC_ENV) else registry
-    metrics = RequestMetrics(target, model_name)  # type: ignore[arg-type]
+    metrics = RequestMetrics(target, model_name, max_model_len)  # type: ignore[arg-type]
     state.extras["request_metrics"] = metrics
     state.client.metrics = metrics
     return metrics

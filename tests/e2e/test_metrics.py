@@ -19,6 +19,11 @@ def _totals(base_url: str) -> dict[str, float]:
         "vllm:time_to_first_token_seconds_count",
         "vllm:e2e_request_latency_seconds_count",
         "vllm:inter_token_latency_seconds_count",
+        "vllm:request_prompt_tokens_count",
+        "vllm:request_prompt_tokens_sum",
+        "vllm:request_generation_tokens_count",
+        "vllm:request_generation_tokens_sum",
+        "vllm:request_decode_time_seconds_count",
     ):
         out[name] = sum(metric_samples(text, name).values())
     for label, value in metric_samples(text, "vllm:request_success_total").items():
@@ -61,3 +66,8 @@ def test_request_metrics_match_what_clients_received(default_server: ServerProce
     assert delta["vllm:time_to_first_token_seconds_count"] == 2
     assert delta["vllm:e2e_request_latency_seconds_count"] == 2
     assert delta["vllm:inter_token_latency_seconds_count"] >= 4
+    # Per-request histograms: one observation per request, sums equal to the counters above.
+    assert delta["vllm:request_prompt_tokens_count"] == delta["vllm:request_generation_tokens_count"] == 2
+    assert delta["vllm:request_prompt_tokens_sum"] == delta["vllm:prompt_tokens_total"]
+    assert delta["vllm:request_generation_tokens_sum"] == delta["vllm:generation_tokens_total"]
+    assert delta["vllm:request_decode_time_seconds_count"] == 2
