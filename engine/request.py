@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,8 @@ class Request:
     stop_reason: int | None = None
     num_preemptions: int = 0
     sent_prompt_logprobs: bool = False
+    received_at: float = field(default_factory=time.monotonic)  # when this engine got the request
+    queue_time_s: float | None = None  # received -> first scheduled; kept through preemptions
     # engine.structured.RequestGrammar for constrained requests; typed loosely so the scheduler stays light.
     grammar: Any = None
 

@@ -7,6 +7,7 @@ preempted and recomputed later. No torch here.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -144,6 +145,8 @@ class Scheduler:
             if not self.kv_cache.allocate_slots(request, num_new, cached):
                 break  # wait for blocks to free up; keep FCFS order
             self.waiting.remove(request)
+            if request.queue_time_s is None:
+                request.queue_time_s = time.monotonic() - request.received_at
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens is None:

@@ -128,6 +128,7 @@ class EngineStepper:
                 logprobs=[TokenLogprob(token_id, lp[0], lp[1], lp[2], lp[3])] if lp else None,
                 prompt_logprobs=_prompt_logprobs(request, result.prompt_logprobs.get(request.request_id)),
                 num_prompt_tokens=request.num_prompt_tokens,
+                queue_time_s=request.queue_time_s if request.num_output_tokens == 1 else None,
             )
             deltas.append((request.client_id, delta))
         for request in finished:

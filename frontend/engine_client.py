@@ -95,9 +95,12 @@ class RequestTiming:
     last_token_at: float | None = None
     inter_token_s: list[float] = field(default_factory=list)
     finish_reason: str = "abort"
+    queue_time_s: float | None = None  # measured by the engine
 
     def observe(self, delta: RequestDelta, now: float) -> None:
         self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
+        if delta.queue_time_s is not None:
+            self.queue_time_s = delta.queue_time_s
         if not delta.new_token_ids:
             return
         if self.last_token_at is None:

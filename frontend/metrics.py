@@ -113,6 +113,13 @@ class RequestMetrics:
             buckets=token_buckets,
             registry=registry,
         )
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Time a request waited in the engine before it was first scheduled.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.decode_time = Histogram(
             "vllm:request_decode_time_seconds",
             "From a request's first token to its last.",
@@ -129,6 +136,8 @@ class RequestMetrics:
         self.e2e.labels(*labels).observe(max(finished_at - timing.arrival_time, 0.0))
         self.request_prompt_tokens.labels(*labels).observe(timing.num_prompt_tokens)
         self.request_generation_tokens.labels(*labels).observe(timing.num_generation_tokens)
+        if timing.queue_time_s is not None:
+            self.queue_time.labels(*labels).observe(max(timing.queue_time_s, 0.0))
         if timing.first_token_at is not None:
             self.ttft.labels(*labels).observe(max(timing.first_token_at - timing.arrival_time, 0.0))
             last = timing.last_token_at if timing.last_token_at is not None else timing.first_token_at

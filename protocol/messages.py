@@ -142,6 +142,9 @@ class RequestDelta(Wire):
     embedding: list[float] | None = None  # embed tasks: the pooled, normalized vector
     num_prompt_tokens: int = 0
     error_status: int | None = None  # HTTP status the frontend should answer with when error is set
+    # Seconds between the engine receiving the request and first scheduling it (engine's own clock, so
+    # no cross-host skew); sent once, with the first token.
+    queue_time_s: float | None = None
 
 
 class SchedulerStats(Wire):

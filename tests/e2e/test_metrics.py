@@ -24,6 +24,7 @@ def _totals(base_url: str) -> dict[str, float]:
         "vllm:request_generation_tokens_count",
         "vllm:request_generation_tokens_sum",
         "vllm:request_decode_time_seconds_count",
+        "vllm:request_queue_time_seconds_count",
     ):
         out[name] = sum(metric_samples(text, name).values())
     for label, value in metric_samples(text, "vllm:request_success_total").items():
@@ -71,3 +72,4 @@ def test_request_metrics_match_what_clients_received(default_server: ServerProce
     assert delta["vllm:request_prompt_tokens_sum"] == delta["vllm:prompt_tokens_total"]
     assert delta["vllm:request_generation_tokens_sum"] == delta["vllm:generation_tokens_total"]
     assert delta["vllm:request_decode_time_seconds_count"] == 2
+    assert delta["vllm:request_queue_time_seconds_count"] == 2  # measured by the engine

@@ -138,3 +138,21 @@ def test_priority_policy_admits_and_preempts_by_priority() -> None:
     scheduler.add_request(make_request(1, 4, priority=-1))
     out = scheduler.schedule()
     assert [r.request_id for r, _ in out.scheduled] == ["r1"]
+
+
+def test_queue_time_is_measured_once_at_first_scheduling() -> None:
+    # Tight: requests wait for each other and get preempted; the queue time stays the first wait.
+    scheduler = make_scheduler(num_blocks=12)
+    requests = [make_request(i, 9, max_tokens=12) for i in range(4)]
+    for r in requests:
+        scheduler.add_request(r)
+    first_wait: dict[str, float] = {}
+    while scheduler.has_work:
+        out = scheduler.schedule()
+        for r, _ in out.scheduled:
+            assert r.queue_time_s is not None and r.queue_time_s >= 0
+            assert first_wait.setdefault(r.request_id, r.queue_time_s) == r.queue_time_s
+        sampled = {r.request_id: 9 for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens}
+        scheduler.update_after_step(out, sampled)
+    assert scheduler.num_preemptions > 0
+    assert set(first_wait) == {r.request_id for r in requests}
