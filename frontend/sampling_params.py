@@ -32,14 +32,14 @@ def build_sampling_params(
     None means all the room left in the context. `structured_override` is the hook for tool calling:
     a constraint the caller derived from `tools`/`tool_choice`, which may not be combined with another.
     `model_defaults` (the model's generation_config.json, READY's `default_sampling`) replaces the API
-    defaults of temperature, top_p, top_k, min_p, repetition_penalty and max_tokens for fields the
-    request leaves unset; its max_tokens wins over `default_max_tokens`.
+    defaults of temperature, top_p, top_k, min_p and repetition_penalty for fields the request leaves
+    unset; its max_tokens (max_new_tokens) caps every request's length, as vLLM applies it.
     """
     defaults = model_defaults or {}
-    if "max_tokens" in defaults:
-        default_max_tokens = int(defaults["max_tokens"])
     is_chat = isinstance(req, ChatCompletionRequest)
     max_tokens = _max_tokens(req, num_prompt_tokens, max_model_len, default_max_tokens, is_chat=is_chat)
+    if "max_tokens" in defaults:
+        max_tokens = min(max_tokens, int(defaults["max_tokens"]))
     if req.min_tokens is not None and req.min_tokens > max_tokens:
         raise invalid_request(
             f"`min_tokens` ({req.min_tokens}) exceeds the {max_tokens} tokens this request can generate.",

@@ -88,10 +88,12 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """What generate/chat use when given no sampling_params: SamplingParams' defaults, with the model's
         generation_config.json values over them (see `generation_config`, as on the server)."""
-        defaults = self.ctx.ready.default_sampling
         params = SamplingParams()
-        for name, value in defaults.items():
-            setattr(params, name, int(value) if name in ("top_k", "max_tokens") else value)
+        for name, value in self.ctx.ready.default_sampling.items():
+            if name == "max_tokens":
+                params.max_tokens = None  # all the room, which the model's max_new_tokens then caps
+            else:
+                setattr(params, name, int(value) if name == "top_k" else value)
         return params
 
     def generate(
@@ -251,6 +253,7 @@ class LLM:
                 vocab_size=ready.vocab_size,
                 eos_token_ids=ready.eos_token_ids,
                 structured_override=structured_override,
+                model_defaults=ready.default_sampling,
             )
             rid = str(next(self._ids))
             jobs = plan_choices(rid, [prompt], [wire], sp.n, self._output_factory(sp))

@@ -7,6 +7,7 @@ through the same checks and builder the HTTP server uses (`frontend.schemas.chec
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,7 @@ class SamplingParams:
         vocab_size: int,
         eos_token_ids: list[int],
         structured_override: StructuredSpec | None = None,
+        model_defaults: Mapping[str, float] | None = None,
     ) -> WireSamplingParams:
         """The engine's sampling struct for one prompt; raises ValueError for a bad setting.
         `structured_override` is the constraint that forces a tool call (as the server's chat passes it)."""
@@ -131,6 +133,8 @@ class SamplingParams:
                 eos_token_ids=eos_token_ids,
                 default_max_tokens=None,
                 structured_override=structured_override,
+                # Every field here is set, so of the model's defaults only the max_tokens cap applies.
+                model_defaults=model_defaults,
             )
         except APIError as exc:
             raise ValueError(exc.message) from None

@@ -109,10 +109,10 @@ async def create_generate(
     completion, prompt_logprobs = _sampling_request(req)
     num_prompt_tokens = len(req.token_ids)
     if completion.max_tokens is None:
-        # The model's generation_config.json max_new_tokens, else vLLM's SamplingParams default.
-        default = int(ctx.ready.default_sampling.get("max_tokens", DEFAULT_GENERATE_MAX_TOKENS))
+        # vLLM's SamplingParams default (a model's max_new_tokens caps it in ctx.sampling_params).
         completion = msgspec.structs.replace(
-            completion, max_tokens=min(default, max(ctx.max_model_len - num_prompt_tokens, 1))
+            completion,
+            max_tokens=min(DEFAULT_GENERATE_MAX_TOKENS, max(ctx.max_model_len - num_prompt_tokens, 1)),
         )
     sampling = ctx.sampling_params(completion, num_prompt_tokens)
     if prompt_logprobs == -1:

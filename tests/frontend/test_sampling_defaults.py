@@ -45,19 +45,21 @@ def test_unset_fields_take_the_model_defaults() -> None:
 
 def test_the_request_wins() -> None:
     explicit = dict(temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, repetition_penalty=1.0, max_tokens=7)
-    params = _params(_chat(**explicit), {**DEFAULTS, "max_tokens": 5})
+    params = _params(_chat(**explicit), {**DEFAULTS, "max_tokens": 9})
     assert params == _params(_chat(**explicit), {})
     assert params.top_k is None and params.max_tokens == 7
     # top_k 0 in the file means no cut, as in a request.
     assert _params(_chat(), {"top_k": 0}).top_k is None
 
 
-def test_default_max_tokens_is_capped_by_the_room_left() -> None:
+def test_the_model_max_tokens_caps_every_request_as_in_vllm() -> None:
     assert _params(_chat(), {"max_tokens": 5}).max_tokens == 5
-    assert _params(_chat(), {"max_tokens": 500}, max_model_len=100).max_tokens == 90
+    assert _params(_chat(max_tokens=50), {"max_tokens": 5}).max_tokens == 5  # an explicit value too
+    assert _params(_chat(), {"max_tokens": 500}, max_model_len=100).max_tokens == 90  # and the room caps it
     completion = decode_completion_request(b'{"model": "m", "prompt": "hi"}')
-    # The model's default replaces the 16 of legacy completions.
-    assert _params(completion, {"max_tokens": 40}, default_max_tokens=16).max_tokens == 40
+    # Legacy completions keep their default of 16 under a larger cap.
+    assert _params(completion, {"max_tokens": 40}, default_max_tokens=16).max_tokens == 16
+    assert _params(completion, {"max_tokens": 5}, default_max_tokens=16).max_tokens == 5
     assert _params(completion, {}, default_max_tokens=16).max_tokens == 16
 
 
