@@ -5,9 +5,10 @@ The Triton twins in `triton_ops` share these exact signatures; `dispatch` picks 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -52,17 +53,23 @@ class _StepMemo(Generic[_T]):
     """Remembers one value per step: every layer of a forward pass gets the same positions tensor and
     metadata object, so what depends only on them is computed by the first layer and reused by the rest
     (on CPU, such small ops cost as much as the matmuls of a small model). Keys are held, so their
-    identities cannot be reused by other objects while remembered."""
+    identities cannot be reused by other objects while remembered; per thread, so two models running
+    forward passes in two threads never see each other's values."""
 
     def __init__(self) -> None:
-        self._key: tuple[object, ...] = ()
-        self._value: Any = None
+        self._local = threading.local()
 
     def get(self, key: tuple[object, ...], compute: Callable[[], _T]) -> _T:
-        if len(key) != len(self._key) or any(a is not b for a, b in zip(key, self._key, strict=True)):
-            self._value = compute()
-            self._key = key
-        return self._value  # type: ignore[no-any-return]
+        held: tuple[tuple[object, ...], _T] | None = getattr(self._local, "held", None)
+        if held is not None and _same_objects(key, held[0]):
+            return held[1]
+        value = compute()
+        self._local.held = (key, value)  # key and value replaced together
+        return value
+
+
+def _same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 _cos_sin_memo: _StepMemo[tuple[Tensor, Tensor]] = _StepMemo()
@@ -76,7 +83,8 @@ def rotary_embedding(
 
     def gather() -> tuple[Tensor, Tensor]:
         cos_sin = cos_sin_cache.index_select(0, positions).to(q.dtype)  # [T, rot_dim]
-        return cos_sin.unsqueeze(1).chunk(2, dim=-1)  # each [T, 1, rot_dim / 2]
+        cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # each [T, 1, rot_dim / 2]
+        return cos, sin
 
     cos, sin = _cos_sin_memo.get((positions, cos_sin_cache, q.dtype), gather)
     return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)

@@ -72,7 +72,9 @@ def load_chat_template(value: str) -> str:
                 f"--chat-template {value!r} looks like a file path, but it cannot be read ({reason}); "
                 "pass a Jinja file or the template itself"
             ) from None
-        text, source = value, "the --chat-template given inline"
+        # As vLLM: escapes in an inline template are interpreted, so a shell-typed `\n` is a newline.
+        text = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        source = "the --chat-template given inline"
     if not text.strip():
         raise ValueError(f"{source} is empty")
     _check_template_syntax(text, source)

@@ -25,6 +25,11 @@ def test_chat_template_from_a_file_or_inline(tmp_path: Path) -> None:
     # The API process's syntax: loop controls and the {% generation %} block of training templates.
     special = "{% for m in messages %}{% generation %}{{ m }}{% endgeneration %}{% break %}{% endfor %}"
     assert load_chat_template(special) == special
+    # As vLLM, escapes typed in an inline template are interpreted (a file is taken as written).
+    typed = "{% for m in messages %}{{ m['content'] }}\\n{% endfor %}é"
+    assert load_chat_template(typed) == "{% for m in messages %}{{ m['content'] }}\n{% endfor %}é"
+    path.write_text(typed)
+    assert load_chat_template(str(path)) == typed
 
 
 @pytest.mark.parametrize(
