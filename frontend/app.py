@@ -135,6 +135,8 @@ async def _wait_for_engine(client: EngineClient, timeout_s: float, stop: threadi
     while not start.done():
         if stop.is_set():
             start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start  # let the cancelled task finish, so asyncio does not report it as lost
             await client.close()
             raise RuntimeError("asked to stop before any engine completed its handshake")
         await asyncio.wait({start}, timeout=0.1)

@@ -46,6 +46,8 @@ def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     functions: dict[str, dict[str, Any]] = {}
     for index, tool in enumerate(tools):
         param = f"tools[{index}]"
+        if not isinstance(tool, dict):
+            raise invalid_request(f"`{param}` must be a tool object.", param)
         if tool.get("type", "function") != "function":
             raise invalid_request(f"`{param}.type` must be 'function'.", f"{param}.type")
         function = tool.get("function")
@@ -111,6 +113,10 @@ def plan_tool_choice(
 ) -> ToolPlan | None:
     """`plan_tools` on the bare fields (the offline `LLM.chat` has no request body); 400s on bad input."""
     tools = tools or []
+    if not isinstance(tools, list):  # the offline API passes these fields without a schema in front
+        raise invalid_request("`tools` must be a list of tool objects.", "tools")
+    if tool_choice is not None and not isinstance(tool_choice, str | dict):
+        raise invalid_request("`tool_choice` must be a string or an object.", "tool_choice")
     functions = _functions(tools)
     choice = tool_choice
     if choice is None:

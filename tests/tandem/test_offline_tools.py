@@ -121,6 +121,10 @@ def test_auto_without_a_parser_is_a_clear_error(offline_llm: LLM) -> None:
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": None, "tool_choice": "required"}, "needs `tools`"),
         ({"tools": [{"type": "function", "function": {}}], "tool_choice": "required"}, "name"),
+        # No schema checks these offline: the shared planner does.
+        ({"tools": ["get_weather"], "tool_choice": "required"}, "`tools[0]` must be a tool object"),
+        ({"tools": {"type": "function"}, "tool_choice": "required"}, "must be a list"),
+        ({"tool_choice": ["required"]}, "must be a string or an object"),
     ],
 )
 def test_bad_tool_settings_raise_value_error(offline_llm: LLM, fields: dict[str, Any], needle: str) -> None:
