@@ -181,9 +181,10 @@ async def test_dead_engine_fails_started_requests_and_retries_fresh_ones(two_eng
     await _until(lambda: len(victim.adds) == 2)
     t0 = time.monotonic()
     victim.stop()  # the process is gone: its connection closes
-    lost = await asyncio.wait_for(anext(started), 3)
+    lost = await asyncio.wait_for(anext(started), 15)
     assert lost.finish_reason == FinishReason.ERROR and lost.error_status == 503
-    assert time.monotonic() - t0 < 2.0  # noticed from the closed connection, not after missed beats
+    # Noticed from the closed connection, not after 30 s of missed beats (loose bound for loaded CI).
+    assert time.monotonic() - t0 < 10.0
     # The request without tokens went to the other engine and finishes there.
     await _until(lambda: [m.request_id for _, m in survivor.adds] == ["fresh"])
     survivor.deltas(survivor.adds[0][0], RequestDelta("fresh", [4], finish_reason=FinishReason.STOP))
