@@ -102,7 +102,6 @@ class EngineStepper:
         self.last_step_num_seqs = len(out.scheduled)
         self.last_step_num_tokens = out.num_tokens
         self.max_step_num_seqs = max(self.max_step_num_seqs, self.last_step_num_seqs)
-        sampling_rows = [r for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens]
         try:
             result = self.runner.execute(out, self._structured.bitmask if self._structured else None)
         except Exception as exc:
@@ -110,7 +109,8 @@ class EngineStepper:
             return grammar_failures + self._fail(out.scheduled, f"{type(exc).__name__}: {exc}")
         grammar_errors = {}
         if self._structured is not None:
-            grammar_errors = self._structured.advance(sampling_rows, result.sampled)
+            # The runner decided which rows sample; advance feeds only the requests in result.sampled.
+            grammar_errors = self._structured.advance([r for r, _ in out.scheduled], result.sampled)
         finished = self.scheduler.update_after_step(out, result.sampled)
         deltas = grammar_failures + self._fail_grammars(out, grammar_errors, finished)
         finished_ids = {r.request_id for r in finished}
