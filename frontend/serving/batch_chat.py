@@ -17,8 +17,8 @@ from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
 from frontend.schemas import ChatCompletionRequest, ChatMessage
 from frontend.schemas.checks import check_chat_request
-from frontend.serving.chat import chat_choices, chat_output_factory, prepare_chat
-from frontend.serving.generation import plan_choices, run_choices, usage_dict
+from frontend.serving.chat import chat_choices, prepare_chat
+from frontend.serving.generation import output_factory, plan_choices, run_choices, usage_dict
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.streaming import first_or_error, json_response
@@ -81,7 +81,7 @@ async def create_batch_chat_completion(
         prompts,
         sampling,
         1,
-        chat_output_factory(ctx, conversations[0]),
+        output_factory(ctx.tokenizer, conversations[0]),
         priority=req.priority or 0,
         cache_salt=req.cache_salt,
     )

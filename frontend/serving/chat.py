@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.responses import Response
@@ -24,7 +24,7 @@ from frontend.serving.generation import (
 )
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
-from frontend.serving.output import ChoiceDelta, ChoiceOutput
+from frontend.serving.output import ChoiceDelta
 from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs, prompt_logprobs_json
 from frontend.serving.streaming import first_or_error, json_response, sse_response, usage_flags
 from frontend.serving.tools import ToolPlan, ToolSettings, ToolStream, apply_tool_calls, plan_tools
@@ -72,12 +72,6 @@ def prepare_chat(ctx: ModelContext, req: ChatCompletionRequest) -> PreparedPromp
     return truncate_prompt(prompt, req.truncate_prompt_tokens, ctx.max_model_len, ctx.decode_prompt)
 
 
-def chat_output_factory(
-    ctx: ModelContext, req: ChatCompletionRequest
-) -> Callable[[PreparedPrompt, int], ChoiceOutput]:
-    return output_factory(ctx.tokenizer, req)
-
-
 async def create_chat_completion(
     ctx: ModelContext,
     client: EngineClient,
@@ -100,7 +94,7 @@ async def create_chat_completion(
         [prompt],
         [sampling],
         n,
-        chat_output_factory(ctx, req),
+        output_factory(ctx.tokenizer, req),
         priority=req.priority or 0,
         cache_salt=req.cache_salt,
     )
