@@ -76,56 +76,29 @@ class RequestMetrics:
             [*labels, "finished_reason"],
             registry=registry,
         )
-        self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds",
-            "Time to first token.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.itl = Histogram(
-            "vllm:inter_token_latency_seconds",
-            "Time between tokens.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds",
-            "End-to-end request latency.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
+
+        def histogram(name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, documentation, labels, buckets=buckets, registry=registry)
 
         token_buckets = _token_buckets(max_model_len)
-        self.request_prompt_tokens = Histogram(
-            "vllm:request_prompt_tokens",
-            "Prompt tokens per finished request.",
-            labels,
-            buckets=token_buckets,
-            registry=registry,
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between tokens.", _LATENCY_BUCKETS)
+        self.e2e = histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", _LATENCY_BUCKETS
         )
-        self.request_generation_tokens = Histogram(
-            "vllm:request_generation_tokens",
-            "Generated tokens per finished request.",
-            labels,
-            buckets=token_buckets,
-            registry=registry,
+        self.request_prompt_tokens = histogram(
+            "vllm:request_prompt_tokens", "Prompt tokens per finished request.", token_buckets
         )
-        self.queue_time = Histogram(
+        self.request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "Generated tokens per finished request.", token_buckets
+        )
+        self.queue_time = histogram(
             "vllm:request_queue_time_seconds",
             "Time a request waited in the engine before it was first scheduled.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
+            _LATENCY_BUCKETS,
         )
-        self.decode_time = Histogram(
-            "vllm:request_decode_time_seconds",
-            "From a request's first token to its last.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
+        self.decode_time = histogram(
+            "vllm:request_decode_time_seconds", "From a request's first token to its last.", _LATENCY_BUCKETS
         )
 
     def record_request(self, timing: RequestTiming, finished_at: float) -> None:
