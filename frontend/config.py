@@ -22,6 +22,8 @@ class FrontendConfig:
     max_prompt_embeds_bytes: int = 32 * 1024 * 1024
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    max_tool_argument_chars: int | None = 1000  # maxLength for open strings of forced calls; None: open
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (vLLM's flag of the same name)
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0
     engine_ready_timeout_s: float = 900.0

@@ -150,11 +150,30 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tool-call-parser", choices=["hermes", "json"], default=None, help="Tool-call format of the model."
     )
+    g.add_argument(
+        "--max-tool-argument-chars",
+        type=_non_negative_int,
+        default=1000,
+        help="maxLength given to string arguments that a tool's schema leaves open, in forced calls "
+        "(tool_choice required or named), so they finish; 0 leaves them open.",
+    )
+    g.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="Serve GET /tokenizer_info (the tokenizer's configuration and chat template).",
+    )
     g.add_argument("--ssl-certfile", default=None, help="Serve HTTPS with this PEM certificate (chain).")
     g.add_argument("--ssl-keyfile", default=None, help="The private key of --ssl-certfile (PEM).")
     g.add_argument(
         "--root-path", default="", help="Path prefix a proxy serves the API under (ASGI root_path)."
     )
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def add_security_args(parser: argparse.ArgumentParser) -> None:
@@ -218,6 +237,8 @@ def frontend_config(ns: argparse.Namespace, *, engines: list[str], fd: int | Non
         enable_prompt_embeds=getattr(ns, "enable_prompt_embeds", False),
         enable_auto_tool_choice=ns.enable_auto_tool_choice,
         tool_call_parser=ns.tool_call_parser,
+        max_tool_argument_chars=ns.max_tool_argument_chars or None,
+        enable_tokenizer_info_endpoint=ns.enable_tokenizer_info_endpoint,
         shutdown_timeout_s=ns.shutdown_timeout,
         engine_ready_timeout_s=ns.engine_ready_timeout,
         curve_keys_dir=ns.curve_keys,

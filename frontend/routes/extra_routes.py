@@ -29,7 +29,7 @@ async def _body(request: Request) -> bytes:
 async def batch_chat_completions(request: Request) -> Response:
     state = _state(request)
     req = decode_body(batch_chat_decoder, await _body(request))
-    tools = ToolSettings(state.config.enable_auto_tool_choice, state.config.tool_call_parser)
+    tools = ToolSettings.from_config(state.config)
     return await create_batch_chat_completion(
         state.model, state.client, req, request.scope[REQUEST_ID_KEY], tool_settings=tools
     )

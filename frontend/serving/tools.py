@@ -7,21 +7,31 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from frontend.config import FrontendConfig
 from frontend.errors import invalid_request
 from frontend.schemas import ChatCompletionRequest
 from frontend.serving.tool_parsers import TOOL_PARSERS, JsonToolParser, StreamDelta, ToolParser
 from frontend.serving.tool_parsers.base import ExtractedToolCalls, ToolCall, new_tool_call_id
+from frontend.serving.tool_schema import arguments_schema, required_schema
 from protocol.messages import StructuredSpec
 
 TOOL_CHOICE_MODES = ("none", "auto", "required")
+DEFAULT_MAX_TOOL_ARGUMENT_CHARS = 1000
 
 
 @dataclass(frozen=True)
 class ToolSettings:
-    """The server's tool flags (`--enable-auto-tool-choice`, `--tool-call-parser`)."""
+    """The server's tool flags (`--enable-auto-tool-choice`, `--tool-call-parser`,
+    `--max-tool-argument-chars`)."""
 
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    # maxLength given to open string arguments of forced calls; None leaves them open.
+    max_tool_argument_chars: int | None = DEFAULT_MAX_TOOL_ARGUMENT_CHARS
+
+    @classmethod
+    def from_config(cls, config: FrontendConfig) -> ToolSettings:
+        return cls(config.enable_auto_tool_choice, config.tool_call_parser, config.max_tool_argument_chars)
 
 
 @dataclass(frozen=True)
@@ -77,26 +87,6 @@ def _named_choice(tool_choice: dict[str, Any]) -> str:
     return name
 
 
-def _parameters(function: dict[str, Any]) -> dict[str, Any]:
-    return function.get("parameters") or {"type": "object", "properties": {}}
-
-
-def _call_schema(name: str, function: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {"name": {"const": name}, "arguments": _parameters(function)},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
-
-
-def required_schema(functions: dict[str, dict[str, Any]], *, parallel: bool) -> dict[str, Any]:
-    """Schema of a call to any of the functions; an array of one or more calls when `parallel`."""
-    calls = [_call_schema(name, f) for name, f in functions.items()]
-    one = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return {"type": "array", "items": one, "minItems": 1} if parallel else one
-
-
 def plan_tools(req: ChatCompletionRequest, settings: ToolSettings) -> ToolPlan | None:
     """What tool handling a chat request needs; None when its output is plain content."""
     return plan_tool_choice(
@@ -139,14 +129,19 @@ def plan_tool_choice(
             )
         return ToolPlan("auto", names, parser_name=settings.tool_call_parser)
     if choice == "required":
-        schema = required_schema(functions, parallel=parallel_tool_calls is not False)
+        schema = required_schema(
+            functions,
+            parallel=parallel_tool_calls is not False,
+            max_string_chars=settings.max_tool_argument_chars,
+        )
         return ToolPlan("required", names, structured=StructuredSpec(json_schema=json.dumps(schema)))
     name = _named_choice(choice)  # type: ignore[arg-type]
     if name not in functions:
         raise invalid_request(
             f"`tool_choice` names function {name!r}, which is not in `tools`.", "tool_choice"
         )
-    spec = StructuredSpec(json_schema=json.dumps(_parameters(functions[name])))
+    arguments = arguments_schema(functions[name], settings.max_tool_argument_chars)
+    spec = StructuredSpec(json_schema=json.dumps(arguments))
     return ToolPlan("named", names, named=name, structured=spec)
 
 
@@ -188,10 +183,41 @@ class ToolOutput:
     finish_reason: str | None
 
 
+def merge_tool_call_deltas(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One `delta.tool_calls` entry per index, as OpenAI sends them: a call's opening entry (id, type,
+    name) and argument fragments produced by the same text delta become one entry."""
+    merged: dict[int, dict[str, Any]] = {}
+    for entry in entries:
+        into = merged.get(entry["index"])
+        if into is None:
+            merged[entry["index"]] = {**entry, "function": dict(entry["function"])}
+            continue
+        function = into["function"]
+        function["arguments"] = function.get("arguments", "") + entry["function"].get("arguments", "")
+    return list(merged.values())
+
+
+def _cut_forced_calls(text: str, plan: ToolPlan) -> list[ToolCall]:
+    """The calls of a forced (named / required) output cut off by max_tokens, the last one partial:
+    what a stream would have sent, assembled (vLLM returns them as tool_calls too)."""
+    parser = plan.new_parser()
+    deltas = parser.feed(text).extend(parser.finish())
+    calls = []
+    for entry in merge_tool_call_deltas(deltas.tool_calls):
+        function = entry["function"]
+        calls.append(ToolCall(entry["id"], function["name"], function.get("arguments", "")))
+    return calls
+
+
 def parse_tool_output(text: str, finish_reason: str | None, plan: ToolPlan | None) -> ToolOutput:
     """What a finished choice's `text` becomes under `plan`: calls found take their text out of the content
-    and turn finish reason "stop" into "tool_calls"; text without a valid call stays content."""
+    and turn finish reason "stop" into "tool_calls"; text without a valid call stays content, except a
+    forced call cut off by max_tokens, which is returned as the partial call with finish reason "length"."""
     extracted = plan.new_parser().extract(text) if plan is not None else None
+    forced = plan is not None and plan.mode != "auto"
+    if forced and finish_reason == "length" and extracted is not None and not extracted.tool_calls:
+        assert plan is not None  # forced implies it; mypy does not follow the bool
+        extracted = ExtractedToolCalls(None, _cut_forced_calls(text, plan))
     if extracted is None or not extracted.tool_calls:
         return ToolOutput(text, [], finish_reason)
     finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
@@ -225,5 +251,5 @@ class ToolStream:
         if out.content:
             body["content"] = out.content
         if out.tool_calls:
-            body["tool_calls"] = out.tool_calls
+            body["tool_calls"] = merge_tool_call_deltas(out.tool_calls)
         return body, finish_reason

@@ -87,6 +87,8 @@ def stream_calls(server: ServerProcess, **fields: Any) -> tuple[list[dict[str, s
     ):
         for choice in chunk.choices:
             finish = choice.finish_reason or finish
+            indexes = [delta.index for delta in choice.delta.tool_calls or []]
+            assert len(indexes) == len(set(indexes)), chunk  # one entry per index per chunk, as OpenAI
             for delta in choice.delta.tool_calls or []:
                 if delta.index not in calls:  # the first delta of a call carries its id and name
                     assert delta.id and delta.type == "function" and delta.function.name
@@ -144,3 +146,83 @@ def test_multi_turn_with_tool_results_and_errors(default_server: ServerProcess) 
     assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice"
     response = chat(default_server, tool_choice="required", max_tokens=8, guided_regex="a+")
     assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice"
+
+
+# A tool whose parameters use $defs / $ref (pydantic writes schemas this way).
+PLACE_PARAMS = {
+    "type": "object",
+    "properties": {"place": {"$ref": "#/$defs/Place"}},
+    "required": ["place"],
+    "additionalProperties": False,
+    "$defs": {
+        "Place": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}, "unit": {"$ref": "#/$defs/Unit"}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+        "Unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+}
+PLACE_TOOL = {"type": "function", "function": {"name": "get_place_weather", "parameters": PLACE_PARAMS}}
+
+
+def test_required_with_refs_in_the_tool_schema(default_server: ServerProcess) -> None:
+    """Issue 16 item 13: was 400 "Pointer '/$defs/Place' does not exist"."""
+    response = chat(default_server, tools=[PLACE_TOOL, *TOOLS], tool_choice="required", n=4, max_tokens=80)
+    assert response.status_code == 200, response.text
+    for choice in response.json()["choices"]:
+        assert choice["finish_reason"] == "tool_calls", choice
+        for call in choice["message"]["tool_calls"]:
+            schema = PLACE_PARAMS if call["function"]["name"] == "get_place_weather" else None
+            schema = schema or PARAMS[call["function"]["name"]]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+
+
+OPEN_STRING_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "write_note",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "max_tokens"),
+    [("required", 20), ({"type": "function", "function": {"name": "write_note"}}, 6)],
+    ids=["required", "named"],
+)
+def test_forced_call_cut_by_max_tokens_is_a_partial_call(
+    default_server: ServerProcess, tool_choice: Any, max_tokens: int
+) -> None:
+    """Issue 16 item 15: the partial call comes back as tool_calls, content null, finish_reason length;
+    a stream sends the same argument text and ends with "length" too. `max_tokens` stops each mode
+    inside the open string argument (the required form spends ~15 tokens on the name first)."""
+    fields = {
+        "tools": [OPEN_STRING_TOOL],
+        "tool_choice": tool_choice,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    response = chat(default_server, **fields)
+    assert response.status_code == 200, response.text
+    (choice,) = response.json()["choices"]
+    message = choice["message"]
+    assert choice["finish_reason"] == "length" and message["content"] is None, choice
+    (call,) = message["tool_calls"]
+    assert call["function"]["name"] == "write_note" and call["id"].startswith("chatcmpl-tool-")
+    arguments = call["function"]["arguments"]
+    assert arguments.replace(" ", "").startswith('{"text":"'), arguments
+    with pytest.raises(ValueError):
+        json.loads(arguments)  # really cut off
+    body = {"model": DEFAULT_MODEL_NAME, "messages": MESSAGES, **fields, "stream": True}
+    chunks = []
+    with httpx.stream("POST", f"{default_server.base_url}/v1/chat/completions", json=body, timeout=600) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    choices = [c for chunk in chunks for c in chunk["choices"]]
+    assert [c["finish_reason"] for c in choices if c["finish_reason"]] == ["length"]
+    streamed = "".join(
+        tc["function"].get("arguments") or "" for c in choices for tc in c["delta"].get("tool_calls") or []
+    )
+    assert streamed == arguments

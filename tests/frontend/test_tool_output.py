@@ -11,6 +11,7 @@ import pytest
 from frontend.serving.tools import (
     ToolPlan,
     ToolSettings,
+    ToolStream,
     apply_tool_calls,
     parse_tool_output,
     plan_tool_choice,
@@ -74,9 +75,26 @@ def test_required_and_named_forced_outputs() -> None:
     assert out.content is None and [(c.name, c.arguments) for c in out.tool_calls] == [
         ("get_weather", '{"city": "Rome"}')
     ]
-    # Cut short by max_tokens: not JSON, so no call, and the finish reason stays "length".
+    # Cut short by max_tokens: the partial call, no content, finish reason "length" (as vLLM).
     cut = parse_tool_output('{"city": "Ro', "length", named)
-    assert (cut.content, cut.tool_calls, cut.finish_reason) == ('{"city": "Ro', [], "length")
+    assert cut.content is None and cut.finish_reason == "length"
+    assert [(c.name, c.arguments) for c in cut.tool_calls] == [("get_weather", '{"city": "Ro')]
+    # An unfinished stop (not cut by length) is still plain content.
+    assert parse_tool_output('{"city": "Ro', "stop", named).tool_calls == []
+
+
+def test_required_calls_cut_by_length_keep_the_finished_and_the_partial_call() -> None:
+    text = '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Ro'
+    out = parse_tool_output(text, "length", plan("required"))
+    assert out.content is None and out.finish_reason == "length"
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [
+        ("get_time", "{}"),
+        ("get_weather", '{"city": "Ro'),
+    ]
+    assert all(c.id.startswith("chatcmpl-tool-") for c in out.tool_calls)
+    # Cut before any name was written: nothing to call, so the text stays content.
+    early = parse_tool_output('[{"na', "length", plan("required"))
+    assert (early.content, early.tool_calls) == ('[{"na', [])
 
 
 def test_a_call_cut_by_length_keeps_length() -> None:
@@ -98,3 +116,32 @@ def test_apply_tool_calls_writes_the_server_message() -> None:
     plain: dict[str, Any] = {"message": {"content": "Hi", "tool_calls": []}, "finish_reason": "stop"}
     apply_tool_calls(plain, "Hi", plan("auto"))
     assert plain == {"message": {"content": "Hi", "tool_calls": []}, "finish_reason": "stop"}
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "text"),
+    [
+        ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Oslo"}'),
+        ("required", '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'),
+        ("auto", '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'),
+    ],
+    ids=["named", "required", "auto"],
+)
+def test_stream_chunks_carry_one_entry_per_call_index(tool_choice: Any, text: str) -> None:
+    """OpenAI sends one `delta.tool_calls` entry per index per chunk; the opening entry (id, name) and
+    the first argument characters of the same text delta are merged, so `tool_calls[0]` loses nothing."""
+    stream = ToolStream(plan(tool_choice))
+    body, finish = stream.step(text, "stop")  # the whole call in one delta: the worst case
+    assert finish == "tool_calls" and "content" not in body
+    (entry,) = body["tool_calls"]
+    assert entry["index"] == 0 and entry["id"].startswith("chatcmpl-tool-") and entry["type"] == "function"
+    assert entry["function"]["name"] == "get_weather"
+    assert json.loads(entry["function"]["arguments"]) == {"city": "Oslo"}
+    # Two calls in one delta stay two entries, one per index, in index order.
+    two = ToolStream(plan("required")).step(
+        '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "X"}}]', "stop"
+    )[0]["tool_calls"]
+    assert [(e["index"], e["function"]["name"], e["function"]["arguments"]) for e in two] == [
+        (0, "get_time", "{}"),
+        (1, "get_weather", '{"city": "X"}'),
+    ]

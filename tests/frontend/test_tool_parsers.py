@@ -13,7 +13,8 @@ import pytest
 from frontend.errors import APIError
 from frontend.schemas import ChatCompletionRequest
 from frontend.serving.tool_parsers import HermesToolParser, JsonToolParser, ToolParser
-from frontend.serving.tools import NamedToolParser, ToolSettings, plan_tools, required_schema
+from frontend.serving.tool_schema import required_schema
+from frontend.serving.tools import NamedToolParser, ToolSettings, plan_tools
 
 WEATHER = {
     "type": "function",
@@ -157,7 +158,17 @@ def test_plan_tools_modes() -> None:
     plan = plan_tools(chat(tools=[WEATHER, TIME], tool_choice=named), ToolSettings())
     assert plan is not None and plan.named == "get_weather"
     assert plan.structured is not None
-    assert json.loads(plan.structured.json_schema or "") == WEATHER["function"]["parameters"]
+    # The tool's own schema, with its open string bounded (--max-tool-argument-chars, default 1000).
+    bounded = json.loads(plan.structured.json_schema or "")
+    assert bounded["properties"]["city"] == {"type": "string", "maxLength": 1000}
+    assert {**bounded, "properties": WEATHER["function"]["parameters"]["properties"]} == WEATHER["function"][
+        "parameters"
+    ]
+    unbounded = plan_tools(
+        chat(tools=[WEATHER], tool_choice=named), ToolSettings(max_tool_argument_chars=None)
+    )
+    assert unbounded is not None and unbounded.structured is not None
+    assert json.loads(unbounded.structured.json_schema or "") == WEATHER["function"]["parameters"]
 
 
 @pytest.mark.parametrize(
