@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from frontend.errors import model_not_found
 from frontend.middleware import REQUEST_ID_KEY
 from frontend.request_body import read_body
 from frontend.schemas import decode_chat_request, decode_completion_request
 from frontend.serving.chat import create_chat_completion
 from frontend.serving.completions import create_completion
+from frontend.serving.model_context import ModelContext
 from frontend.serving.streaming import json_response
 from frontend.serving.tools import ToolSettings
 from frontend.state import AppState
@@ -25,7 +28,7 @@ def _state(request: Request) -> AppState:
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
     req = decode_chat_request(await read_body(request, state.config.max_request_body_bytes))
-    tools = ToolSettings(state.config.enable_auto_tool_choice, state.config.tool_call_parser)
+    tools = ToolSettings.from_config(state.config)
     return await create_chat_completion(
         state.model, state.client, req, request.scope[REQUEST_ID_KEY], tool_settings=tools
     )
@@ -37,26 +40,38 @@ async def completions(request: Request) -> Response:
     return await create_completion(state.model, state.client, req, request.scope[REQUEST_ID_KEY])
 
 
+def _model_card(ctx: ModelContext, name: str, created: int) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "tandem",
+        "root": ctx.served_model_names[0],
+        "parent": None,
+        "max_model_len": ctx.max_model_len,
+    }
+
+
 async def list_models(request: Request) -> Response:
     ctx = _state(request).model
     created = int(time.time())
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "tandem",
-            "root": ctx.served_model_names[0],
-            "parent": None,
-            "max_model_len": ctx.max_model_len,
-        }
-        for name in ctx.served_model_names
-    ]
+    data = [_model_card(ctx, name, created) for name in ctx.served_model_names]
     return json_response({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """OpenAI's `GET /v1/models/{model}`: one model card, or a 404 in the error envelope."""
+    ctx = _state(request).model
+    name = request.path_params["model"]
+    if name not in ctx.served_model_names:
+        raise model_not_found(name)
+    return json_response(_model_card(ctx, name, int(time.time())))
 
 
 routes = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
+    # `path`: served names such as "org/model" contain slashes.
+    Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
 ]
