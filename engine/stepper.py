@@ -6,6 +6,7 @@ one implementation of admission, scheduling, sampling and stop handling.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterable
 
@@ -14,7 +15,14 @@ from engine.request import Request
 from engine.request_intake import RequestRejected, make_request
 from engine.scheduler import SchedulerOutput
 from engine.structured import StructuredOutputs
-from protocol.messages import AddRequest, FinishReason, RequestDelta, SchedulerStats, TokenLogprob
+from protocol.messages import (
+    ITERATION_TOKENS_BUCKETS,
+    AddRequest,
+    FinishReason,
+    RequestDelta,
+    SchedulerStats,
+    TokenLogprob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,9 @@ class EngineStepper:
         self.max_step_num_seqs = 0
         self.last_step_num_seqs = 0
         self.last_step_num_tokens = 0
+        # vllm:iteration_tokens_total: steps per ITERATION_TOKENS_BUCKETS bound (+1 overflow), token sum
+        self.iteration_tokens_counts = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
+        self.iteration_tokens_sum = 0
         self.num_bad_messages = 0  # set by the transport
         self.last_step_had_work = False
         self._structured: StructuredOutputs | None = None
@@ -102,6 +113,8 @@ class EngineStepper:
         self.last_step_num_seqs = len(out.scheduled)
         self.last_step_num_tokens = out.num_tokens
         self.max_step_num_seqs = max(self.max_step_num_seqs, self.last_step_num_seqs)
+        self.iteration_tokens_counts[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, out.num_tokens)] += 1
+        self.iteration_tokens_sum += out.num_tokens
         try:
             result = self.runner.execute(out, self._structured.bitmask if self._structured else None)
         except Exception as exc:
@@ -129,6 +142,7 @@ class EngineStepper:
                 prompt_logprobs=_prompt_logprobs(request, result.prompt_logprobs.get(request.request_id)),
                 num_prompt_tokens=request.num_prompt_tokens,
                 queue_time_s=request.queue_time_s if request.num_output_tokens == 1 else None,
+                num_preemptions=request.num_preemptions if request.finish_reason is not None else 0,
             )
             deltas.append((request.client_id, delta))
         for request in finished:
@@ -192,4 +206,7 @@ class EngineStepper:
             max_step_num_seqs=self.max_step_num_seqs,
             num_free_blocks=kv.num_free_blocks,
             num_bad_messages=self.num_bad_messages,
+            num_waiting_deferred=sum(1 for r in self.scheduler.waiting if r.is_waiting_for_grammar),
+            iteration_tokens_counts=list(self.iteration_tokens_counts),
+            iteration_tokens_sum=self.iteration_tokens_sum,
         )

@@ -96,9 +96,13 @@ class RequestTiming:
     inter_token_s: list[float] = field(default_factory=list)
     finish_reason: str = "abort"
     queue_time_s: float | None = None  # measured by the engine
+    max_tokens: int = 0  # the request's parameters, for vllm:request_params_*
+    n: int = 1
+    num_preemptions: int = 0  # reported by the engine with the last token
 
     def observe(self, delta: RequestDelta, now: float) -> None:
         self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
+        self.num_preemptions = max(self.num_preemptions, delta.num_preemptions)
         if delta.queue_time_s is not None:
             self.queue_time_s = delta.queue_time_s
         if not delta.new_token_ids:
@@ -311,12 +315,19 @@ class EngineClient:
         buffers: list[bytes] | None = None,
         *,
         outcome: Callable[[], str | None] | None = None,
+        n: int = 1,
     ) -> AsyncGenerator[RequestDelta, None]:
         """Deltas for one request until it finishes. Closing the iterator early aborts it on the engine.
 
-        `outcome` tells the metrics why a request the caller closed early ended (a stop string: "stop").
+        `outcome` tells the metrics why a request the caller closed early ended (a stop string: "stop");
+        `n` is the API request's number of choices, of which this engine request is one.
         """
-        timing = RequestTiming(request.arrival_time, num_prompt_tokens=len(request.prompt_token_ids))
+        timing = RequestTiming(
+            request.arrival_time,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            max_tokens=request.sampling.max_tokens,
+            n=n,
+        )
         deltas = self._generate(request, buffers, timing)
         try:
             async for delta in deltas:

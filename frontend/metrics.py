@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from protocol.messages import ITERATION_TOKENS_BUCKETS, SchedulerStats
+
 if TYPE_CHECKING:
-    from frontend.engine_client import RequestTiming
+    from frontend.engine_client import EngineConnection, RequestTiming
     from frontend.state import AppState
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -56,6 +58,13 @@ def _token_buckets(max_model_len: int) -> tuple[float, ...]:
                 return (*buckets, float("inf"))
             buckets.append(float(value))
         exponent += 1
+
+
+# vLLM's buckets for `n` and for preemptions per request.
+_N_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0)
+_PREEMPTION_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0)
+# Every finish reason a request can be counted under, so each series exists (at zero) from start-up.
+FINISHED_REASONS = ("stop", "length", "abort", "error")
 
 
 class RequestMetrics:
@@ -100,6 +109,54 @@ class RequestMetrics:
         self.decode_time = histogram(
             "vllm:request_decode_time_seconds", "From a request's first token to its last.", _LATENCY_BUCKETS
         )
+        # "Inference" runs from first scheduled to finished, "prefill" from first scheduled to the first
+        # token. The engine reports the queue time, so first scheduled = arrival + queue time.
+        self.inference_time = histogram(
+            "vllm:request_inference_time_seconds",
+            "Time a request spent running: from first scheduled to finished.",
+            _LATENCY_BUCKETS,
+        )
+        self.prefill_time = histogram(
+            "vllm:request_prefill_time_seconds",
+            "Time from a request's first scheduling to its first token.",
+            _LATENCY_BUCKETS,
+        )
+        self.params_n = histogram("vllm:request_params_n", "The n request parameter.", _N_BUCKETS)
+        self.params_max_tokens = histogram(
+            "vllm:request_params_max_tokens", "The max_tokens request parameter.", token_buckets
+        )
+        self.num_preemptions = histogram(
+            "vllm:request_num_preemptions", "Preemptions per finished request.", _PREEMPTION_BUCKETS
+        )
+        self._labelled = [
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.request_prompt_tokens,
+            self.request_generation_tokens,
+            self.queue_time,
+            self.decode_time,
+            self.inference_time,
+            self.prefill_time,
+            self.params_n,
+            self.params_max_tokens,
+            self.num_preemptions,
+        ]
+        self._engines_seen: set[str] = set()
+
+    def ensure_series(self, engine: str) -> None:
+        """Creates every series of an engine at zero, so dashboards and alerts see 0 before the first
+        request instead of "no data" (in multi-process mode the zeros are written to the shared files)."""
+        if engine in self._engines_seen:
+            return
+        self._engines_seen.add(engine)
+        labels = (self.model_name, engine)
+        for metric in self._labelled:
+            metric.labels(*labels)
+        for reason in FINISHED_REASONS:
+            self.request_success.labels(*labels, reason)
 
     def record_request(self, timing: RequestTiming, finished_at: float) -> None:
         labels = (self.model_name, timing.engine)
@@ -109,8 +166,15 @@ class RequestMetrics:
         self.e2e.labels(*labels).observe(max(finished_at - timing.arrival_time, 0.0))
         self.request_prompt_tokens.labels(*labels).observe(timing.num_prompt_tokens)
         self.request_generation_tokens.labels(*labels).observe(timing.num_generation_tokens)
+        self.params_n.labels(*labels).observe(timing.n)
+        self.params_max_tokens.labels(*labels).observe(timing.max_tokens)
+        self.num_preemptions.labels(*labels).observe(timing.num_preemptions)
         if timing.queue_time_s is not None:
             self.queue_time.labels(*labels).observe(max(timing.queue_time_s, 0.0))
+            first_scheduled = timing.arrival_time + timing.queue_time_s
+            self.inference_time.labels(*labels).observe(max(finished_at - first_scheduled, 0.0))
+            if timing.first_token_at is not None:
+                self.prefill_time.labels(*labels).observe(max(timing.first_token_at - first_scheduled, 0.0))
         if timing.first_token_at is not None:
             self.ttft.labels(*labels).observe(max(timing.first_token_at - timing.arrival_time, 0.0))
             last = timing.last_token_at if timing.last_token_at is not None else timing.first_token_at
@@ -120,19 +184,30 @@ class RequestMetrics:
             itl.observe(gap)
 
 
+def engine_label(conn: EngineConnection) -> str:
+    """The `engine` label of a connection's series: its id once it has answered, else its address."""
+    return conn.ready.engine_id if conn.ready else conn.address
+
+
 class EngineStatsCollector:
-    """Reads the latest stats each engine reported; nothing is stored twice."""
+    """Reads the latest stats each engine reported; nothing is stored twice. An engine that has not
+    reported stats yet shows zeros, so every series exists from start-up."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         labels = ["model_name", "engine"]
         running = GaugeMetricFamily(
             "vllm:num_requests_running", "Requests running on the engine.", labels=labels
         )
         waiting = GaugeMetricFamily(
             "vllm:num_requests_waiting", "Requests waiting on the engine.", labels=labels
+        )
+        by_reason = GaugeMetricFamily(
+            "vllm:num_requests_waiting_by_reason",
+            "Waiting requests by why they wait: capacity, or deferred (a grammar still compiling).",
+            labels=[*labels, "reason"],
         )
         kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage (1 = full).", labels=labels)
         queries = CounterMetricFamily(
@@ -142,25 +217,54 @@ class EngineStatsCollector:
             "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=labels
         )
         preempt = CounterMetricFamily("vllm:num_preemptions", "Preemptions.", labels=labels)
+        iteration = HistogramMetricFamily(
+            "vllm:iteration_tokens_total", "Tokens scheduled per engine step.", labels=labels
+        )
+        cache_info = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "The KV cache's configuration, in the labels (value 1).",
+            labels=["engine", "block_size", "num_gpu_blocks", "kv_cache_size_tokens", "cache_dtype",
+                    "enable_prefix_caching"],
+        )  # fmt: skip
         max_seqs = GaugeMetricFamily(
             "tandem:max_step_num_seqs", "Largest number of sequences in one engine step.", labels=labels
         )
         alive = GaugeMetricFamily("tandem:engine_alive", "1 while the engine is live.", labels=labels)
         model = self.state.ctx.model_name if self.state.ctx else ""
         for conn in self.state.client.engines:
-            lv = [model, conn.ready.engine_id if conn.ready else conn.address]
+            lv = [model, engine_label(conn)]
             alive.add_metric(lv, 1.0 if conn.alive else 0.0)
-            s = conn.stats
-            if s is None:
-                continue
+            if conn.ready is not None:
+                r = conn.ready
+                cache_info.add_metric(
+                    [r.engine_id, str(r.block_size), str(r.num_kv_blocks), str(r.num_kv_blocks * r.block_size),
+                     r.model_dtype, str(r.enable_prefix_caching)],
+                    1.0,
+                )  # fmt: skip
+            s = conn.stats or SchedulerStats(num_running=0, num_waiting=0, kv_cache_usage=0.0)
             running.add_metric(lv, s.num_running)
             waiting.add_metric(lv, s.num_waiting)
+            by_reason.add_metric([*lv, "capacity"], s.num_waiting - s.num_waiting_deferred)
+            by_reason.add_metric([*lv, "deferred"], s.num_waiting_deferred)
             kv.add_metric(lv, s.kv_cache_usage)
             queries.add_metric(lv, s.prefix_cache_queries)
             hits.add_metric(lv, s.prefix_cache_hits)
             preempt.add_metric(lv, s.num_preemptions)
+            iteration.add_metric(lv, _iteration_buckets(s.iteration_tokens_counts), s.iteration_tokens_sum)
             max_seqs.add_metric(lv, s.max_step_num_seqs)
-        yield from (running, waiting, kv, queries, hits, preempt, max_seqs, alive)
+        yield from (running, waiting, by_reason, kv, queries, hits, preempt, iteration, cache_info)
+        yield from (max_seqs, alive)
+
+
+def _iteration_buckets(counts: list[int]) -> list[tuple[str, float]]:
+    """Cumulative (le, count) pairs from the engine's per-bucket step counts (all zero before any)."""
+    counts = counts or [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
+    bounds = [str(float(b)) for b in ITERATION_TOKENS_BUCKETS] + ["+Inf"]
+    total, out = 0, []
+    for bound, count in zip(bounds, counts, strict=True):
+        total += count
+        out.append((bound, float(total)))
+    return out
 
 
 def setup_metrics(state: AppState) -> None:
@@ -182,6 +286,9 @@ def start_request_metrics(state: AppState, model_name: str, max_model_len: int =
     # metric objects must not be registered for scraping a second time.
     target = CollectorRegistry() if os.environ.get(MULTIPROC_ENV) else registry
     metrics = RequestMetrics(target, model_name, max_model_len)  # type: ignore[arg-type]
+    for conn in state.client.engines:
+        if conn.ready is not None:
+            metrics.ensure_series(conn.ready.engine_id)
     state.extras["request_metrics"] = metrics
     state.client.metrics = metrics
     return metrics
@@ -193,4 +300,9 @@ def request_metrics(state: AppState) -> RequestMetrics | None:
 
 def render_metrics(state: AppState) -> tuple[bytes, str]:
     registry = state.extras["registry"]
+    metrics = request_metrics(state)
+    if metrics is not None:  # engines that answered since the last scrape get their zero series
+        for conn in state.client.engines:
+            if conn.ready is not None:
+                metrics.ensure_series(conn.ready.engine_id)
     return generate_latest(registry), CONTENT_TYPE_LATEST  # type: ignore[arg-type]

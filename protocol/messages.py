@@ -12,6 +12,10 @@ import msgspec
 
 PROTOCOL_VERSION = 1
 
+# Upper bounds of vLLM's `vllm:iteration_tokens_total` histogram (tokens scheduled in one engine step).
+# The engine counts steps per bucket and the API process renders them, so both read this one tuple.
+ITERATION_TOKENS_BUCKETS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
 
 class FinishReason(enum.IntEnum):
     STOP = 0  # EOS, a stop token id, or (set by the frontend) a stop string
@@ -103,6 +107,7 @@ class Ready(Wire):
     # leaves unset, under the request's field names: temperature, top_p, top_k, min_p,
     # repetition_penalty, max_tokens. Only the fields the file sets.
     default_sampling: dict[str, float] = {}
+    enable_prefix_caching: bool = True  # for vllm:cache_config_info
 
 
 class AddRequest(Wire):
@@ -145,6 +150,7 @@ class RequestDelta(Wire):
     # Seconds between the engine receiving the request and first scheduling it (engine's own clock, so
     # no cross-host skew); sent once, with the first token.
     queue_time_s: float | None = None
+    num_preemptions: int = 0  # on the finishing delta: how often the request was preempted
 
 
 class SchedulerStats(Wire):
@@ -160,6 +166,13 @@ class SchedulerStats(Wire):
     max_step_num_seqs: int = 0  # largest batch seen so far (a per-step statistic the tests read)
     num_free_blocks: int = 0
     num_bad_messages: int = 0  # undecodable messages dropped since start
+    # Waiting requests the scheduler passes over until something else is ready (a grammar still
+    # compiling): vLLM's "deferred" reason; the rest of num_waiting wait for capacity.
+    num_waiting_deferred: int = 0
+    # Steps by tokens scheduled: one count per ITERATION_TOKENS_BUCKETS bound, then one for larger
+    # steps (not cumulative); and the tokens of all steps. Cumulative since the engine started.
+    iteration_tokens_counts: list[int] = []
+    iteration_tokens_sum: int = 0
 
 
 class Outputs(Wire):

@@ -113,11 +113,12 @@ async def run_choices(
 ) -> AsyncGenerator[tuple[ChoiceJob, ChoiceDelta], None]:
     """Deltas of all jobs as they arrive. Cancelling the consumer aborts every unfinished engine request."""
     queue: asyncio.Queue[tuple[ChoiceJob, ChoiceDelta] | None] = asyncio.Queue()
+    n = len(jobs) // max(len({job.prompt_index for job in jobs}), 1)  # choices per prompt, for metrics
 
     async def pump(job: ChoiceJob) -> None:
         try:
             # outcome: a stop string ends a request early, and the metrics should count it as "stop".
-            stream = client.generate(job.add, job.buffers, outcome=lambda: job.output.finish_reason)
+            stream = client.generate(job.add, job.buffers, outcome=lambda: job.output.finish_reason, n=n)
             try:
                 async for delta in stream:
                     out = job.output.process(delta)

@@ -13,7 +13,7 @@ import torch
 from engine.config import EngineConfig
 from engine.engine_setup import build_engine_parts
 from engine.stepper import EngineStepper
-from protocol.messages import AddRequest, SamplingParams
+from protocol.messages import ITERATION_TOKENS_BUCKETS, AddRequest, RequestDelta, SamplingParams
 
 PROMPT_LENGTHS = (5, 23, 40, 9, 61)
 MAX_TOKENS = 32
@@ -26,7 +26,10 @@ def prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
 
 
 def run_engine(
-    model_dir: Path, token_prompts: list[list[int]], **config: object
+    model_dir: Path,
+    token_prompts: list[list[int]],
+    on_delta: Callable[[RequestDelta], None] | None = None,
+    **config: object,
 ) -> tuple[list[list[int]], EngineStepper]:
     parts = build_engine_parts(EngineConfig(model=str(model_dir), **config))  # type: ignore[arg-type]
     stepper = EngineStepper(parts)
@@ -39,6 +42,8 @@ def run_engine(
             break
         for _client, delta in stepper.step():
             outputs[delta.request_id].extend(delta.new_token_ids)
+            if on_delta is not None:
+                on_delta(delta)
     kv = parts.scheduler.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks - 1, "blocks leaked"
     return [outputs[f"r{i}"] for i in range(len(token_prompts))], stepper
@@ -106,6 +111,31 @@ def test_prefix_caching_on_and_off_give_the_same_tokens(llama_dir: Path, referen
 def test_preemption_under_a_tiny_kv_budget_keeps_outputs(llama_dir: Path, reference: tuple) -> None:
     token_prompts, expected = reference
     # 61 + 32 tokens need 6 blocks of 16; 12 usable blocks cannot hold all five requests at once.
-    ours, stepper = run_engine(llama_dir, token_prompts, dtype="float32", num_gpu_blocks_override=13)
+    preempted: dict[str, int] = {}
+
+    def on_delta(delta: RequestDelta) -> None:
+        if delta.finish_reason is not None:
+            preempted[delta.request_id] = delta.num_preemptions
+
+    ours, stepper = run_engine(
+        llama_dir, token_prompts, on_delta, dtype="float32", num_gpu_blocks_override=13
+    )
     assert stepper.scheduler.num_preemptions > 0
     assert ours == expected
+    # vllm:request_num_preemptions: each finishing delta carries its request's count; they add up.
+    assert len(preempted) == len(token_prompts)
+    assert sum(preempted.values()) == stepper.scheduler.num_preemptions
+
+
+def test_step_stats_count_iteration_tokens(llama_dir: Path, reference: tuple) -> None:
+    """vllm:iteration_tokens_total: one count per step in the bucket of its token count, and the sum of
+    all tokens scheduled (prompts once, then one per decode step, with no preemption here)."""
+    token_prompts, _expected = reference
+    _ours, stepper = run_engine(llama_dir, token_prompts, dtype="float32", max_num_batched_tokens=64)
+    stats = stepper.stats()
+    assert len(stats.iteration_tokens_counts) == len(ITERATION_TOKENS_BUCKETS) + 1
+    assert sum(stats.iteration_tokens_counts) == stats.step == stepper.step_count
+    # Each request's last sampled token is never fed back, so it computes prompt + MAX_TOKENS - 1 tokens.
+    assert stats.iteration_tokens_sum == sum(len(p) + MAX_TOKENS - 1 for p in token_prompts)
+    assert stats.iteration_tokens_counts[-1] == 0 and stats.iteration_tokens_counts[0] > 0  # 1-token steps
+    assert stats.num_waiting_deferred == 0

@@ -163,10 +163,13 @@ def test_slow_compile_does_not_stall_other_requests(stepper: EngineStepper) -> N
                 release.set()
                 assert compiled.wait(timeout=30)
                 time.sleep(0.05)  # let the worker thread publish the compiled matcher
+            if step < 10:  # waiting on its grammar: vllm:num_requests_waiting_by_reason "deferred"
+                assert stepper.stats().num_waiting_deferred == 1
             for _client, delta in stepper.step():
                 (steps_with_free if delta.request_id == "free" else steps_with_slow).append(step)
         assert steps_with_free == list(range(40))  # one token every step, compile or not
         assert steps_with_slow and steps_with_slow[0] == 10  # first step after the compile finished
+        assert stepper.stats().num_waiting_deferred == 0
         run_all(stepper)
     finally:
         compiler.before_compile = None
