@@ -25,7 +25,7 @@ from frontend.middleware import (
     DisconnectMiddleware,
     RequestIdMiddleware,
 )
-from frontend.routes import extra_routes, openai_routes, system_routes
+from frontend.routes import extra_routes, openai_routes, sagemaker_routes, system_routes
 from frontend.serving.model_context import ModelContext
 from frontend.serving.streaming import json_response
 from frontend.state import AppState
@@ -119,7 +119,12 @@ def build_app(config: FrontendConfig) -> Starlette:
     if config.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=config.api_key))
     app = Starlette(
-        routes=[*openai_routes.routes, *extra_routes.routes, *system_routes.routes],
+        routes=[
+            *openai_routes.routes,
+            *extra_routes.routes,
+            *system_routes.routes,
+            *sagemaker_routes.routes_for(config),
+        ],
         middleware=middleware,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,

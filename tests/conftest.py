@@ -29,6 +29,7 @@ def default_server() -> Iterator[ServerProcess]:
             "--enable-auto-tool-choice",
             "--tool-call-parser",
             "hermes",
+            "--enable-tokenizer-info-endpoint",  # only adds GET /tokenizer_info
         ]
     )
     yield server

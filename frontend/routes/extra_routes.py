@@ -51,10 +51,14 @@ async def detokenize_route(request: Request) -> Response:
     return json_response(detokenize(_state(request).model, req))
 
 
-async def embeddings(request: Request) -> Response:
+async def embeddings_from_body(request: Request, body: bytes) -> Response:
     state = _state(request)
-    req = decode_body(embedding_decoder, await _body(request))
+    req = decode_body(embedding_decoder, body)
     return await create_embeddings(state.model, state.client, req, request.scope[REQUEST_ID_KEY])
+
+
+async def embeddings(request: Request) -> Response:
+    return await embeddings_from_body(request, await _body(request))
 
 
 routes = [

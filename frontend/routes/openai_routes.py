@@ -25,19 +25,29 @@ def _state(request: Request) -> AppState:
     return request.app.state.tandem
 
 
-async def chat_completions(request: Request) -> Response:
+async def chat_from_body(request: Request, body: bytes) -> Response:
     state = _state(request)
-    req = decode_chat_request(await read_body(request, state.config.max_request_body_bytes))
+    req = decode_chat_request(body)
     tools = ToolSettings.from_config(state.config)
     return await create_chat_completion(
         state.model, state.client, req, request.scope[REQUEST_ID_KEY], tool_settings=tools
     )
 
 
-async def completions(request: Request) -> Response:
+async def completion_from_body(request: Request, body: bytes) -> Response:
     state = _state(request)
-    req = decode_completion_request(await read_body(request, state.config.max_request_body_bytes))
+    req = decode_completion_request(body)
     return await create_completion(state.model, state.client, req, request.scope[REQUEST_ID_KEY])
+
+
+async def chat_completions(request: Request) -> Response:
+    body = await read_body(request, _state(request).config.max_request_body_bytes)
+    return await chat_from_body(request, body)
+
+
+async def completions(request: Request) -> Response:
+    body = await read_body(request, _state(request).config.max_request_body_bytes)
+    return await completion_from_body(request, body)
 
 
 def _model_card(ctx: ModelContext, name: str, created: int) -> dict[str, Any]:

@@ -145,3 +145,18 @@ def test_embeddings_refused_by_a_generation_model(default_server: ServerProcess)
     response = _embed(default_server, input="hi")
     assert response.status_code == 400
     assert "--task embed" in response.json()["error"]["message"]
+
+
+def test_invocations_route_an_embedding_body_to_embeddings(embed_server: ServerProcess) -> None:
+    """vLLM's SageMaker route on an embedding server: `input` goes to /v1/embeddings; a chat body has
+    no handler here (400 naming the one kind this server takes)."""
+    url = f"{embed_server.base_url}/invocations"
+    direct = _embed(embed_server, input=SENTENCES[:2]).json()
+    routed = httpx.post(url, json={"input": SENTENCES[:2]}, timeout=300)
+    assert routed.status_code == 200, routed.text
+    assert [d["embedding"] for d in routed.json()["data"]] == [d["embedding"] for d in direct["data"]]
+    chat = httpx.post(url, json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+    assert chat.status_code == 400
+    assert chat.json()["error"]["message"] == (
+        "Cannot find suitable handler for request. Expected one of: [EmbeddingRequest]"
+    )

@@ -5,6 +5,7 @@ API processes, and clients that disconnect (streaming or not) leave every KV blo
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from tests.conftest import DEFAULT_MODEL_NAME
 from tests.server_process import ServerProcess, serve
 
 NUM_ENGINES = 2
+STARTUP_METRICS: dict[int, list[str]] = {}  # port -> /metrics bodies scraped before the first request
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +34,14 @@ def server() -> Iterator[ServerProcess]:
             "1",
             "--max-model-len",
             "1024",
+            "--max-tool-argument-chars",
+            "8",
         ]
     )
     # /health answers once one engine is up; these tests want both.
     wait_for_engines(proc.base_url, lambda e: e["alive"] and e["num_free_blocks"] is not None)
+    # Before any request: a fresh connection per scrape, so both API processes get asked.
+    STARTUP_METRICS[proc.port] = [httpx.get(f"{proc.base_url}/metrics", timeout=10).text for _ in range(8)]
     yield proc
     proc.stop()
 
@@ -79,6 +85,90 @@ def per_engine(samples: dict[str, float], **labels: str) -> dict[str, float]:
             engine = re.search(r'engine="([^"]+)"', label_text).group(1)  # type: ignore[union-attr]
             totals[engine] = totals.get(engine, 0.0) + value
     return totals
+
+
+# Labelled series dashboards and alerts read; each must exist (at zero) before the first request.
+STARTUP_ZERO_SERIES = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_waiting_by_reason",
+    "vllm:kv_cache_usage_perc",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:num_preemptions_total",
+    "vllm:iteration_tokens_total_count",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:request_success_total",
+    "vllm:time_to_first_token_seconds_count",
+    "vllm:inter_token_latency_seconds_count",
+    "vllm:e2e_request_latency_seconds_count",
+    "vllm:request_queue_time_seconds_count",
+    "vllm:request_inference_time_seconds_count",
+    "vllm:request_prefill_time_seconds_count",
+    "vllm:request_decode_time_seconds_count",
+    "vllm:request_prompt_tokens_count",
+    "vllm:request_generation_tokens_count",
+    "vllm:request_params_n_count",
+    "vllm:request_params_max_tokens_count",
+    "vllm:request_num_preemptions_count",
+)
+
+
+def test_every_series_exists_at_zero_from_start_up(server: ServerProcess) -> None:
+    """Issue 16 item 10: with --api-server-count 2, every scrape before the first request (whichever API
+    process answers it) already has each series for each engine, at zero, so dashboards show 0 and
+    not "no data"; vllm:cache_config_info describes each engine's KV cache."""
+    engines = {e["engine_id"]: e for e in httpx.get(f"{server.base_url}/load", timeout=5).json()["engines"]}
+    assert len(engines) == NUM_ENGINES
+    for text in STARTUP_METRICS[server.port]:
+        for name in STARTUP_ZERO_SERIES:
+            samples = metric_samples(text, name)
+            assert set(per_engine(samples)) == set(engines), (name, samples)
+            assert all(v == 0 for v in samples.values()), (name, samples)
+        reasons = metric_samples(text, "vllm:request_success_total")
+        assert {r.split('finished_reason="')[1].split('"')[0] for r in reasons} >= {"stop", "length", "abort"}
+        waiting = metric_samples(text, "vllm:num_requests_waiting_by_reason")
+        assert {r.split('reason="')[1].split('"')[0] for r in waiting} == {"capacity", "deferred"}
+        info = metric_samples(text, "vllm:cache_config_info")
+        assert len(info) == NUM_ENGINES and all(v == 1 for v in info.values())
+        for labels in info:
+            engine = engines[re.search(r'engine="([^"]+)"', labels).group(1)]  # type: ignore[union-attr]
+            assert f'num_gpu_blocks="{engine["num_kv_blocks"]}"' in labels and 'block_size="' in labels
+
+
+def test_forced_tool_call_strings_are_bounded_by_the_flag(server: ServerProcess) -> None:
+    """Issue 16 item 15: --max-tool-argument-chars 8 bounds a string the tool leaves open, so forced
+    calls at temperature 1 close instead of running to max_tokens."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "write_note",
+            "parameters": {
+                "type": "object",
+                "properties": {"text": {"type": "string"}},
+                "required": ["text"],
+            },
+        },
+    }
+    body = {
+        "model": DEFAULT_MODEL_NAME,
+        "messages": [{"role": "user", "content": "Write a long note about Paris."}],
+        "tools": [tool],
+        "temperature": 1.0,
+        "max_tokens": 60,
+        "n": 6,
+        "parallel_tool_calls": False,  # one call per choice: the bound, not the number of calls, is tested
+    }
+    for tool_choice in ("required", {"type": "function", "function": {"name": "write_note"}}):
+        response = httpx.post(
+            f"{server.base_url}/v1/chat/completions", json={**body, "tool_choice": tool_choice}, timeout=300
+        )
+        assert response.status_code == 200, response.text
+        for choice in response.json()["choices"]:
+            assert choice["finish_reason"] == "tool_calls", choice
+            (call,) = choice["message"]["tool_calls"]
+            assert len(json.loads(call["function"]["arguments"])["text"]) <= 8
 
 
 def test_64_concurrent_requests_use_both_engines_and_metrics_sum_over_api_processes(
