@@ -6,26 +6,36 @@ Two things a tool's own schema needs before it is nested or used as a constraint
   nested under `properties.arguments` they would point at the combined schema's root, where nothing
   is. Each such tool is moved under the root's `$defs` and its references are rewritten to match.
 - open strings: at temperature 1 a small model can write one string argument until `max_tokens`, so the
-  call never closes. Strings the tool leaves unbounded get a `maxLength` (`--max-tool-argument-chars`).
+  call never closes. Strings the tool leaves unbounded get a `maxLength` (`--max-tool-argument-chars`),
+  and objects that declare `properties` but say nothing about other keys get `additionalProperties:
+  false`: otherwise the grammar lets the model invent keys with unbounded values, one after another.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 # Keywords whose values are data, not subschemas: a "$ref" or "type" inside them is not a keyword.
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "example"})
+_NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 # A string with one of these is already bounded (or shaped) by the tool's author: leave it.
 _STRING_SHAPES = frozenset({"maxLength", "enum", "const", "pattern", "format"})
+# An object with one of these has said what other keys it takes: leave it.
+_OPEN_KEYS_KEYWORDS = frozenset({"additionalProperties", "patternProperties", "unevaluatedProperties"})
 
 
-def _walk(node: Any, visit: Any) -> None:
-    """Calls visit(schema_dict) on every subschema, skipping data-valued keywords."""
+def _walk(node: Any, visit: Callable[[dict[str, Any]], None]) -> None:
+    """Calls visit(schema_dict) on every subschema, skipping data-valued keywords; the name -> schema
+    maps (`properties`, `$defs`, ...) are walked through, not visited, since their keys are names."""
     if isinstance(node, dict):
         visit(node)
         for key, value in node.items():
-            if key not in _DATA_KEYWORDS:
+            if key in _NAMED_SCHEMAS and isinstance(value, dict):
+                for child in value.values():
+                    _walk(child, visit)
+            elif key not in _DATA_KEYWORDS:
                 _walk(value, visit)
     elif isinstance(node, list):
         for item in node:
@@ -67,11 +77,24 @@ def bound_strings(schema: dict[str, Any], max_chars: int) -> None:
     _walk(schema, visit)
 
 
+def close_objects(schema: dict[str, Any]) -> None:
+    """Adds `additionalProperties: false` in place to objects that list their properties and leave
+    other keys unspecified (as OpenAI's strict function schemas require)."""
+
+    def visit(node: dict[str, Any]) -> None:
+        if "properties" in node and not _OPEN_KEYS_KEYWORDS & node.keys():
+            node["additionalProperties"] = False
+
+    _walk(schema, visit)
+
+
 def arguments_schema(function: dict[str, Any], max_string_chars: int | None) -> dict[str, Any]:
-    """A copy of the function's parameters schema, strings bounded unless `max_string_chars` is None."""
+    """A copy of the function's parameters schema, bounded (strings, undeclared keys) unless
+    `max_string_chars` is None."""
     schema = copy.deepcopy(function.get("parameters") or {"type": "object", "properties": {}})
     if max_string_chars is not None:
         bound_strings(schema, max_string_chars)
+        close_objects(schema)
     return schema
 
 

@@ -154,7 +154,10 @@ def test_invocations_route_an_embedding_body_to_embeddings(embed_server: ServerP
     direct = _embed(embed_server, input=SENTENCES[:2]).json()
     routed = httpx.post(url, json={"input": SENTENCES[:2]}, timeout=300)
     assert routed.status_code == 200, routed.text
-    assert [d["embedding"] for d in routed.json()["data"]] == [d["embedding"] for d in direct["data"]]
+    # The same vectors, up to float noise from how inputs were batched with padding.
+    ours = torch.tensor([d["embedding"] for d in routed.json()["data"]])
+    theirs = torch.tensor([d["embedding"] for d in direct["data"]])
+    assert torch.allclose(ours, theirs, atol=1e-5)
     chat = httpx.post(url, json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60)
     assert chat.status_code == 400
     assert chat.json()["error"]["message"] == (

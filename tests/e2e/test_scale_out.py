@@ -135,6 +135,8 @@ def test_every_series_exists_at_zero_from_start_up(server: ServerProcess) -> Non
         for labels in info:
             engine = engines[re.search(r'engine="([^"]+)"', labels).group(1)]  # type: ignore[union-attr]
             assert f'num_gpu_blocks="{engine["num_kv_blocks"]}"' in labels and 'block_size="' in labels
+    # Off by default (this server has no --enable-tokenizer-info-endpoint), as in vLLM.
+    assert httpx.get(f"{server.base_url}/tokenizer_info", timeout=5).status_code == 404
 
 
 def test_forced_tool_call_strings_are_bounded_by_the_flag(server: ServerProcess) -> None:

@@ -161,6 +161,7 @@ def test_plan_tools_modes() -> None:
     # The tool's own schema, with its open string bounded (--max-tool-argument-chars, default 1000).
     bounded = json.loads(plan.structured.json_schema or "")
     assert bounded["properties"]["city"] == {"type": "string", "maxLength": 1000}
+    assert bounded.pop("additionalProperties") is False  # undeclared keys closed too
     assert {**bounded, "properties": WEATHER["function"]["parameters"]["properties"]} == WEATHER["function"][
         "parameters"
     ]

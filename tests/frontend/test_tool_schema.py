@@ -74,6 +74,27 @@ def test_tools_without_refs_stay_inline() -> None:
     assert "$defs" not in schema and schema["properties"]["arguments"] == plain["parameters"]
 
 
+def test_undeclared_keys_are_closed_unless_the_tool_allows_them() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            # A property named like keywords: its name map is not a schema, so nothing is added to it.
+            "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            "type": {"type": "object", "additionalProperties": {"type": "integer"}, "properties": {}},
+        },
+    }
+    arguments = arguments_schema({"name": "f", "parameters": schema}, 10)
+    assert arguments["additionalProperties"] is False
+    inner = arguments["properties"]
+    assert set(inner) == {"properties", "type"}  # no key added to the name map
+    assert inner["properties"]["additionalProperties"] is False
+    assert inner["type"]["additionalProperties"] == {"type": "integer"}  # the tool's own choice
+    jsonschema.validate({"properties": {"a": 1}, "type": {"x": 2}}, arguments)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"properties": {"a": 1}, "invented": "..."}, arguments)
+    assert "additionalProperties" not in arguments_schema({"name": "f", "parameters": schema}, None)
+
+
 def test_open_strings_are_bounded_and_shaped_ones_left_alone() -> None:
     schema = {
         "type": "object",
@@ -94,4 +115,9 @@ def test_open_strings_are_bounded_and_shaped_ones_left_alone() -> None:
     assert props["short"]["maxLength"] == 5
     assert "maxLength" not in props["pattern"] and "maxLength" not in props["choice"]
     assert props["data"] == {"const": {"type": "string"}}
-    assert arguments_schema({"name": "f"}, 7) == {"type": "object", "properties": {}}
+    # No parameters: the only call is `{}`.
+    assert arguments_schema({"name": "f"}, 7) == {
+        "type": "object",
+        "properties": {},
+        "additionalProperties": False,
+    }
