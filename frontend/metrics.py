@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from protocol.messages import ITERATION_TOKENS_BUCKETS, SchedulerStats
+from protocol.messages import ITERATION_TOKENS_BUCKETS, Ready, SchedulerStats
 
 if TYPE_CHECKING:
     from frontend.engine_client import EngineConnection, RequestTiming
@@ -223,9 +223,8 @@ class EngineStatsCollector:
         cache_info = GaugeMetricFamily(
             "vllm:cache_config_info",
             "The KV cache's configuration, in the labels (value 1).",
-            labels=["engine", "block_size", "num_gpu_blocks", "kv_cache_size_tokens", "cache_dtype",
-                    "enable_prefix_caching"],
-        )  # fmt: skip
+            labels=list(_CACHE_INFO_LABELS),
+        )
         max_seqs = GaugeMetricFamily(
             "tandem:max_step_num_seqs", "Largest number of sequences in one engine step.", labels=labels
         )
@@ -235,12 +234,7 @@ class EngineStatsCollector:
             lv = [model, engine_label(conn)]
             alive.add_metric(lv, 1.0 if conn.alive else 0.0)
             if conn.ready is not None:
-                r = conn.ready
-                cache_info.add_metric(
-                    [r.engine_id, str(r.block_size), str(r.num_kv_blocks), str(r.num_kv_blocks * r.block_size),
-                     r.model_dtype, str(r.enable_prefix_caching)],
-                    1.0,
-                )  # fmt: skip
+                cache_info.add_metric(_cache_info_values(conn.ready), 1.0)
             s = conn.stats or SchedulerStats(num_running=0, num_waiting=0, kv_cache_usage=0.0)
             running.add_metric(lv, s.num_running)
             waiting.add_metric(lv, s.num_waiting)
@@ -254,6 +248,29 @@ class EngineStatsCollector:
             max_seqs.add_metric(lv, s.max_step_num_seqs)
         yield from (running, waiting, by_reason, kv, queries, hits, preempt, iteration, cache_info)
         yield from (max_seqs, alive)
+
+
+# vllm:cache_config_info's labels (vLLM's names; no model_name, as in vLLM).
+_CACHE_INFO_LABELS = (
+    "engine",
+    "block_size",
+    "num_gpu_blocks",
+    "kv_cache_size_tokens",
+    "cache_dtype",
+    "enable_prefix_caching",
+)
+
+
+def _cache_info_values(ready: Ready) -> list[str]:
+    num_tokens = ready.num_kv_blocks * ready.block_size
+    return [
+        ready.engine_id,
+        str(ready.block_size),
+        str(ready.num_kv_blocks),
+        str(num_tokens),
+        ready.model_dtype,
+        str(ready.enable_prefix_caching),
+    ]
 
 
 def _iteration_buckets(counts: list[int]) -> list[tuple[str, float]]:

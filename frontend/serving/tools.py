@@ -214,9 +214,13 @@ def parse_tool_output(text: str, finish_reason: str | None, plan: ToolPlan | Non
     and turn finish reason "stop" into "tool_calls"; text without a valid call stays content, except a
     forced call cut off by max_tokens, which is returned as the partial call with finish reason "length"."""
     extracted = plan.new_parser().extract(text) if plan is not None else None
-    forced = plan is not None and plan.mode != "auto"
-    if forced and finish_reason == "length" and extracted is not None and not extracted.tool_calls:
-        assert plan is not None  # forced implies it; mypy does not follow the bool
+    if (
+        plan is not None
+        and plan.mode != "auto"
+        and finish_reason == "length"
+        and extracted is not None
+        and not extracted.tool_calls
+    ):
         extracted = ExtractedToolCalls(None, _cut_forced_calls(text, plan))
     if extracted is None or not extracted.tool_calls:
         return ToolOutput(text, [], finish_reason)
