@@ -235,6 +235,7 @@ def ready_message(
         model_dtype=str(dtype).removeprefix("torch."),
         special_tokens=dict(tok.special_tokens),
         max_waiting_requests=config.max_waiting_requests,
+        max_logprobs=config.max_logprobs,
         **extra,
     )
 

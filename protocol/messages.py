@@ -103,6 +103,8 @@ class Ready(Wire):
     # leaves unset, under the request's field names: temperature, top_p, top_k, min_p,
     # repetition_penalty, max_tokens. Only the fields the file sets.
     default_sampling: dict[str, float] = {}
+    # --max-logprobs: the most logprobs / prompt_logprobs a request may ask for (-1: the whole vocabulary).
+    max_logprobs: int = 20
 
 
 class AddRequest(Wire):
