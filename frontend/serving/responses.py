@@ -132,6 +132,7 @@ def chat_message(content: str | None) -> dict[str, Any]:
         "audio": None,
         "function_call": None,
         "tool_calls": [],
+        "reasoning": None,  # vLLM's current name; reasoning_content its older one
         "reasoning_content": None,
     }
 
