@@ -74,13 +74,16 @@ def prepare_chat(ctx: ModelContext, req: ChatCompletionRequest) -> PreparedPromp
     )
 
 
-def echo_prefix(req: ChatCompletionRequest) -> str:
+def echo_prefix(req: Any, prompt_index: int = 0) -> str:
     """What `echo: true` repeats before the answer, as vLLM does: the last message's content when it has
     the answer's role (the assistant's, or with no generation prompt the last message's own role), so a
-    continued assistant prefix comes back whole."""
+    continued assistant prefix comes back whole. A batch chat request holds one conversation per prompt."""
     if not req.echo:
         return ""
-    last = req.messages[-1]
+    messages = req.messages
+    if isinstance(messages[0], list):
+        messages = messages[prompt_index]
+    last = messages[-1]
     adds_prompt = req.add_generation_prompt is not False and not req.continue_final_message
     role = "assistant" if adds_prompt else last.role
     if last.role != role or last.content is None:
@@ -127,7 +130,6 @@ def chat_choices(
     jobs: list[ChoiceJob], req: ChatCompletionRequest, tool_plan: ToolPlan | None
 ) -> list[dict[str, Any]]:
     """The finished choices of a non-streamed answer, with tool calls parsed out of their text."""
-    echo = echo_prefix(req)
     choices = [
         chat_choice(
             j.index,
@@ -135,13 +137,13 @@ def chat_choices(
             want_logprobs=bool(req.logprobs),
             as_ids=bool(req.return_tokens_as_token_ids),
             return_token_ids=bool(req.return_token_ids),
-            echo=echo,
+            echo=echo_prefix(req, j.prompt_index),
         )
         for j in jobs
     ]
     if tool_plan is not None:
         for job, choice in zip(jobs, choices, strict=True):
-            apply_tool_calls(choice, echo + job.output.text, tool_plan)
+            apply_tool_calls(choice, echo_prefix(req, job.prompt_index) + job.output.text, tool_plan)
     return choices
 
 
