@@ -162,7 +162,9 @@ def test_minus_one_is_the_whole_vocabulary_when_the_server_allows_it() -> None:
         decode_completion_request(body), vocab_size=VOCAB, max_logprobs=-1, **options
     )
     assert (everything.logprobs, everything.prompt_logprobs) == (VOCAB, VOCAB)
-    wide = build_sampling_params(decode_completion_request(body), vocab_size=VOCAB, max_logprobs=600, **options)
+    wide = build_sampling_params(
+        decode_completion_request(body), vocab_size=VOCAB, max_logprobs=600, **options
+    )
     assert wide.logprobs == VOCAB
 
 
