@@ -39,3 +39,4 @@ class EngineConfig:
     chat_template: str | None = None  # a Jinja file's path or the template itself; None: the model's own
     # Sampling defaults: "auto" (the model folder's generation_config.json), "vllm" (none) or a folder.
     generation_config: str = "auto"
+    max_logprobs: int = 20  # vLLM's default; -1 lets requests ask for the whole vocabulary

@@ -236,6 +236,7 @@ def ready_message(
         special_tokens=dict(tok.special_tokens),
         max_waiting_requests=config.max_waiting_requests,
         enable_prefix_caching=config.enable_prefix_caching,
+        max_logprobs=config.max_logprobs,
         **extra,
     )
 

@@ -27,7 +27,6 @@ from engine.request import Request
 # Host list (+ dtype, default int64) -> device tensor, without waiting for the device.
 _ToDevice = Callable[..., torch.Tensor]
 
-_MAX_TOP_LOGPROBS = 20
 # Temperatures below this are greedy (vLLM's epsilon): dividing by them only overflows.
 _SAMPLING_EPS = 1e-5
 
@@ -120,7 +119,9 @@ class Sampler:
         token_ids = self._choose(logits, requests)
         pending = PendingSample(requests, readback.add(token_ids), None, 0)
         if raw_logprobs is not None:
-            pending.k = min(max((r.sampling.logprobs or 0) for r in requests), _MAX_TOP_LOGPROBS)
+            # The frontend bounds requests by --max-logprobs (up to the whole vocabulary); only the
+            # vocabulary bounds topk here.
+            pending.k = min(max((r.sampling.logprobs or 0) for r in requests), self.vocab_size)
             pending.table_slot = readback.add(_logprob_table(raw_logprobs, token_ids, pending.k))
         return pending
 
@@ -216,7 +217,7 @@ class Sampler:
     ) -> None:
         """Queues the logprobs of logits [n, V], computed at prompt positions start..start+n-1, each
         predicting the next prompt token; collect_prompt_logprobs() files them after the readback."""
-        k = min(request.sampling.prompt_logprobs or 0, _MAX_TOP_LOGPROBS)
+        k = min(request.sampling.prompt_logprobs or 0, self.vocab_size)
         num = logits.shape[0]
         targets = self._tensor(request.prompt_token_ids[start + 1 : start + 1 + num])
         logprobs = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)

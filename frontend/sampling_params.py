@@ -9,6 +9,7 @@ import msgspec
 
 from frontend.errors import invalid_request
 from frontend.schemas import ChatCompletionRequest, CompletionRequest, StructuredOutputs
+from frontend.schemas.checks import MAX_LOGPROBS
 from frontend.structured_check import check_structured_spec, spec_param
 from protocol.messages import SamplingParams, StructuredSpec
 
@@ -25,6 +26,7 @@ def build_sampling_params(
     default_max_tokens: int | None = None,
     structured_override: StructuredSpec | None = None,
     model_defaults: Mapping[str, float] | None = None,
+    max_logprobs: int = MAX_LOGPROBS,
 ) -> SamplingParams:
     """Sampling settings for one request whose prompt is `num_prompt_tokens` long.
 
@@ -34,6 +36,7 @@ def build_sampling_params(
     `model_defaults` (the model's generation_config.json, READY's `default_sampling`) replaces the API
     defaults of temperature, top_p, top_k, min_p and repetition_penalty for fields the request leaves
     unset; its max_tokens (max_new_tokens) caps every request's length, as vLLM applies it.
+    `max_logprobs` is the server's --max-logprobs (-1: the whole vocabulary).
     """
     defaults = model_defaults or {}
     is_chat = isinstance(req, ChatCompletionRequest)
@@ -47,8 +50,14 @@ def build_sampling_params(
         )
     if isinstance(req, ChatCompletionRequest):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        logprobs_param = "top_logprobs"
     else:
         logprobs = req.logprobs
+        logprobs_param = "logprobs"
+    logprobs = resolve_logprobs(logprobs, logprobs_param, "sample", vocab_size, max_logprobs)
+    prompt_logprobs = resolve_logprobs(
+        req.prompt_logprobs, "prompt_logprobs", "prompt", vocab_size, max_logprobs
+    )
     structured = structured_spec(req)
     if structured_override is not None:
         if structured is not None:
@@ -72,11 +81,27 @@ def build_sampling_params(
         stop_token_ids=_stop_token_ids(req, vocab_size, eos_token_ids),
         ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
-        prompt_logprobs=req.prompt_logprobs,
+        prompt_logprobs=prompt_logprobs,
         logit_bias=_logit_bias(req.logit_bias, vocab_size),
         structured=structured,
         allowed_token_ids=_in_vocab(req.allowed_token_ids, vocab_size, "allowed_token_ids"),
     )
+
+
+def resolve_logprobs(
+    count: int | None, param: str, kind: str, vocab_size: int, max_logprobs: int
+) -> int | None:
+    """A requested number of logprobs with -1 ("all") made the vocabulary size; 400 past the server's
+    --max-logprobs (whose -1 also means the vocabulary), with vLLM's wording."""
+    if count is None:
+        return None
+    limit = vocab_size if max_logprobs == -1 else max_logprobs
+    wanted = vocab_size if count == -1 else count
+    if wanted > limit:
+        raise invalid_request(
+            f"Requested {kind} logprobs of {wanted}, which is greater than max allowed: {limit}.", param
+        )
+    return min(wanted, vocab_size)
 
 
 def check_prompt_token_ids(prompt_token_ids: list[int], *, vocab_size: int, param: str = "prompt") -> None:

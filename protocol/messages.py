@@ -108,6 +108,8 @@ class Ready(Wire):
     # repetition_penalty, max_tokens. Only the fields the file sets.
     default_sampling: dict[str, float] = {}
     enable_prefix_caching: bool = True  # for vllm:cache_config_info
+    # --max-logprobs: the most logprobs / prompt_logprobs a request may ask for (-1: the whole vocabulary).
+    max_logprobs: int = 20
 
 
 class AddRequest(Wire):

@@ -113,6 +113,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "generation_config.json), 'vllm' (none; the API defaults), or a folder holding a "
         "generation_config.json.",
     )
+    g.add_argument(
+        "--max-logprobs",
+        type=_logprob_limit,
+        default=20,
+        help="Most logprobs / prompt_logprobs a request may ask for; -1 allows the whole vocabulary "
+        "(requests send -1 for 'all').",
+    )
+
+
+def _logprob_limit(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be -1 (the whole vocabulary) or at least 0, got {value}")
+    return value
 
 
 def add_api_args(parser: argparse.ArgumentParser) -> None:
@@ -216,6 +230,7 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         num_threads=ns.num_threads,
         chat_template=ns.chat_template,
         generation_config=ns.generation_config,
+        max_logprobs=ns.max_logprobs,
     )
 
 

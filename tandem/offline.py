@@ -254,6 +254,7 @@ class LLM:
                 eos_token_ids=ready.eos_token_ids,
                 structured_override=structured_override,
                 model_defaults=ready.default_sampling,
+                max_logprobs=ready.max_logprobs,
             )
             rid = str(next(self._ids))
             jobs = plan_choices(rid, [prompt], [wire], sp.n, self._output_factory(sp))

@@ -118,6 +118,7 @@ class SamplingParams:
         eos_token_ids: list[int],
         structured_override: StructuredSpec | None = None,
         model_defaults: Mapping[str, float] | None = None,
+        max_logprobs: int = 20,
     ) -> WireSamplingParams:
         """The engine's sampling struct for one prompt; raises ValueError for a bad setting.
         `structured_override` is the constraint that forces a tool call (as the server's chat passes it)."""
@@ -135,6 +136,7 @@ class SamplingParams:
                 structured_override=structured_override,
                 # Every field here is set, so of the model's defaults only the max_tokens cap applies.
                 model_defaults=model_defaults,
+                max_logprobs=max_logprobs,  # the engine's --max-logprobs (LLM(max_logprobs=...))
             )
         except APIError as exc:
             raise ValueError(exc.message) from None

@@ -10,7 +10,8 @@ from frontend.errors import invalid_request
 from frontend.schemas.requests import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
 MAX_N = 128  # a sane cap: each choice is a separate sequence in the engine
-MAX_LOGPROBS = 20  # OpenAI's and vLLM's default cap on top logprobs
+MAX_LOGPROBS = 20  # OpenAI's and vLLM's default cap on top logprobs (--max-logprobs)
+TRUNCATION_SIDES = ("left", "right")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 RESPONSE_FORMAT_TYPES = frozenset({"text", "json_object", "json_schema"})
@@ -75,7 +76,8 @@ def _check_sampling(req: SamplingFields, *, max_tokens_param: str, max_tokens: i
                 f"`min_tokens` ({req.min_tokens}) must not exceed `{max_tokens_param}` ({max_tokens}).",
                 "min_tokens",
             )
-    _check_range(req.prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
+    # The upper bound is the server's --max-logprobs, checked with the model's vocabulary at hand.
+    _check_logprob_count(req.prompt_logprobs, "prompt_logprobs")
     if req.prompt_logprobs is not None and req.stream:
         raise invalid_request("`prompt_logprobs` is not available when `stream` is true.", "prompt_logprobs")
     if req.stream_options is not None and not req.stream:
@@ -86,7 +88,17 @@ def _check_sampling(req: SamplingFields, *, max_tokens_param: str, max_tokens: i
         raise invalid_request("`best_of` different from `n` is not supported.", "best_of")
     if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens != -1:
         _check_at_least(req.truncate_prompt_tokens, "truncate_prompt_tokens", 1)
+    if req.truncation_side is not None and req.truncation_side not in TRUNCATION_SIDES:
+        raise invalid_request(
+            f"`truncation_side` must be 'left' or 'right', got {req.truncation_side!r}.", "truncation_side"
+        )
     _check_structured(req)
+
+
+def _check_logprob_count(value: int | None, param: str) -> None:
+    """vLLM's rule: a count of logprobs is at least 0, or -1 for the whole vocabulary."""
+    if value is not None and value < 0 and value != -1:
+        raise invalid_request(f"`{param}` must be -1 (all) or at least 0, got {value}.", param)
 
 
 def _check_logit_bias(logit_bias: dict[str, float] | None) -> None:
@@ -228,7 +240,7 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     _check_sampling(req, max_tokens_param=max_tokens_param, max_tokens=max_tokens)
-    _check_range(req.top_logprobs, "top_logprobs", 0, MAX_LOGPROBS)
+    _check_logprob_count(req.top_logprobs, "top_logprobs")
     if req.top_logprobs and not req.logprobs:
         raise invalid_request("`top_logprobs` needs `logprobs` set to true.", "top_logprobs")
     if req.continue_final_message and req.add_generation_prompt:
@@ -286,4 +298,4 @@ def check_completion_request(req: CompletionRequest) -> None:
     if req.suffix:
         raise invalid_request("`suffix` is not supported.", "suffix")
     _check_sampling(req, max_tokens_param="max_tokens", max_tokens=req.max_tokens)
-    _check_range(req.logprobs, "logprobs", 0, MAX_LOGPROBS)
+    _check_logprob_count(req.logprobs, "logprobs")

@@ -98,6 +98,13 @@ class SamplingFields(Request):
     truncate_prompt_tokens: int | None = None
     add_special_tokens: bool | None = None
     echo: bool | None = None
+    # vLLM extensions (docs/api.md): token ids in the answer, `token_id:N` logprob tokens, which end of a
+    # prompt `truncate_prompt_tokens` keeps ("left" cuts from the left, keeping the last tokens), and
+    # disaggregated-serving parameters (accepted; this server has no KV transfer, so they are ignored).
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    truncation_side: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -122,3 +129,5 @@ class CompletionRequest(SamplingFields):
     prompt_embeds: str | list[str] | None = None
     suffix: str | None = None
     logprobs: int | None = None
+    # /inference/v1/generate's sampling_params only: false means the caller wants no text at all.
+    detokenize: bool | None = None

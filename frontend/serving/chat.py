@@ -26,7 +26,7 @@ from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta
 from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs, prompt_logprobs_json
-from frontend.serving.streaming import first_or_error, json_response, sse_response, usage_flags
+from frontend.serving.streaming import StreamUsage, first_or_error, json_response, sse_response, usage_flags
 from frontend.serving.tools import ToolPlan, ToolSettings, ToolStream, apply_tool_calls, plan_tools
 
 
@@ -69,7 +69,28 @@ def prepare_chat(ctx: ModelContext, req: ChatCompletionRequest) -> PreparedPromp
         prompt = prompt_with_embeds(ctx, text, embeds)
     else:
         prompt = PreparedPrompt(ctx.encode(text, add_special_tokens=False), text)
-    return truncate_prompt(prompt, req.truncate_prompt_tokens, ctx.max_model_len, ctx.decode_prompt)
+    return truncate_prompt(
+        prompt, req.truncate_prompt_tokens, ctx.max_model_len, ctx.decode_prompt, req.truncation_side
+    )
+
+
+def echo_prefix(req: Any, prompt_index: int = 0) -> str:
+    """What `echo: true` repeats before the answer, as vLLM does: the last message's content when it has
+    the answer's role (the assistant's, or with no generation prompt the last message's own role), so a
+    continued assistant prefix comes back whole. A batch chat request holds one conversation per prompt."""
+    if not req.echo:
+        return ""
+    messages = req.messages
+    if isinstance(messages[0], list):
+        messages = messages[prompt_index]
+    last = messages[-1]
+    adds_prompt = req.add_generation_prompt is not False and not req.continue_final_message
+    role = "assistant" if adds_prompt else last.role
+    if last.role != role or last.content is None:
+        return ""
+    if isinstance(last.content, str):
+        return last.content
+    return "\n".join(part.text or "" for part in last.content if part.type == "text")
 
 
 async def create_chat_completion(
@@ -109,10 +130,20 @@ def chat_choices(
     jobs: list[ChoiceJob], req: ChatCompletionRequest, tool_plan: ToolPlan | None
 ) -> list[dict[str, Any]]:
     """The finished choices of a non-streamed answer, with tool calls parsed out of their text."""
-    choices = [chat_choice(j.index, j.output, want_logprobs=bool(req.logprobs)) for j in jobs]
+    choices = [
+        chat_choice(
+            j.index,
+            j.output,
+            want_logprobs=bool(req.logprobs),
+            as_ids=bool(req.return_tokens_as_token_ids),
+            return_token_ids=bool(req.return_token_ids),
+            echo=echo_prefix(req, j.prompt_index),
+        )
+        for j in jobs
+    ]
     if tool_plan is not None:
         for job, choice in zip(jobs, choices, strict=True):
-            apply_tool_calls(choice, job.output.text, tool_plan)
+            apply_tool_calls(choice, echo_prefix(req, job.prompt_index) + job.output.text, tool_plan)
     return choices
 
 
@@ -128,19 +159,25 @@ async def _collect_chat(
     async for _job, delta in events:
         if delta.error:
             raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
-    body = {
+    first = jobs[0].output
+    # vLLM's extension fields are present as null when not asked for, where vLLM puts them.
+    return {
         "id": response_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": chat_choices(jobs, req, tool_plan),
+        "service_tier": None,
+        "system_fingerprint": None,
         "usage": usage_dict(jobs),
-    }
-    if req.prompt_logprobs is not None:  # vLLM extension: one list for the shared prompt
-        body["prompt_logprobs"] = prompt_logprobs_json(
-            jobs[0].output.tokenizer, jobs[0].output.prompt_logprobs, req.prompt_logprobs
+        "prompt_logprobs": prompt_logprobs_json(
+            first.tokenizer, first.prompt_logprobs, jobs[0].add.sampling.prompt_logprobs
         )
-    return body
+        if req.prompt_logprobs is not None
+        else None,  # one list for the shared prompt
+        "prompt_token_ids": list(jobs[0].add.prompt_token_ids) if req.return_token_ids else None,
+        "kv_transfer_params": None,
+    }
 
 
 async def _stream_chat(
@@ -153,18 +190,24 @@ async def _stream_chat(
     tool_plan: ToolPlan | None = None,
 ) -> AsyncIterator[dict[str, Any] | APIError]:
     include_usage, continuous = usage_flags(req.stream_options)
+    usage = StreamUsage(jobs)
+    as_ids, return_token_ids = bool(req.return_tokens_as_token_ids), bool(req.return_token_ids)
 
-    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return chat_chunk(
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        body = chat_chunk(
             response_id,
             created,
             model,
             choices,
-            usage_dict(jobs) if continuous else None,
+            usage.current() if continuous else None,
             with_usage_key=include_usage,
         )
+        body.update(extra)
+        return body
 
     tool_streams = {job.index: ToolStream(tool_plan) for job in jobs} if tool_plan else {}
+    # vLLM sends the prompt's token ids once, on the first chunk.
+    first_extra = {"prompt_token_ids": list(jobs[0].add.prompt_token_ids)} if return_token_ids else {}
     for job in jobs:
         yield chunk(
             [
@@ -174,12 +217,21 @@ async def _stream_chat(
                     "logprobs": None,
                     "finish_reason": None,
                 }
-            ]
+            ],
+            **first_extra,
         )
+        first_extra = {}
+    echo = echo_prefix(req)
+    if echo:  # the continued prefix, before any generated text (completion_tokens still 0)
+        for job in jobs:
+            yield chunk(
+                [{"index": job.index, "delta": {"content": echo}, "logprobs": None, "finish_reason": None}]
+            )
     async for job, delta in events:
         if delta.error:
             yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
             return
+        usage.add(job.index, delta)
         finish_reason = delta.finish_reason
         if tool_plan is not None:  # content and tool-call deltas from the choice's parser
             message, finish_reason = tool_streams[job.index].step(delta.text, finish_reason)
@@ -192,11 +244,13 @@ async def _stream_chat(
         choice: dict[str, Any] = {
             "index": job.index,
             "delta": message,
-            "logprobs": chat_logprobs(delta.logprobs) if req.logprobs else None,
+            "logprobs": chat_logprobs(delta.logprobs, as_ids=as_ids) if req.logprobs else None,
             "finish_reason": finish_reason,
         }
         if delta.finish_reason is not None:
             choice["stop_reason"] = delta.stop_reason
+        if return_token_ids:
+            choice["token_ids"] = usage.take_token_ids(job.index)
         yield chunk([choice])
     if include_usage:
         yield chat_chunk(response_id, created, model, [], usage_dict(jobs), with_usage_key=True)

@@ -26,9 +26,9 @@ from frontend.serving.generation import (
 )
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
-from frontend.serving.output import ChoiceDelta, ChoiceOutput, LogprobEntry
+from frontend.serving.output import ChoiceDelta, LogprobEntry
 from frontend.serving.responses import completion_chunk, completion_logprobs, prompt_logprobs_json
-from frontend.serving.streaming import first_or_error, json_response, sse_response, usage_flags
+from frontend.serving.streaming import StreamUsage, first_or_error, json_response, sse_response, usage_flags
 
 # OpenAI's legacy completions default; vLLM uses the same.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -67,7 +67,9 @@ async def create_completion(
     require_task(ctx, "generate", "/v1/completions")
     model = ctx.check_model(req.model)
     prompts = [
-        truncate_prompt(p, req.truncate_prompt_tokens, ctx.max_model_len, ctx.decode_prompt)
+        truncate_prompt(
+            p, req.truncate_prompt_tokens, ctx.max_model_len, ctx.decode_prompt, req.truncation_side
+        )
         for p in prepare_prompts(ctx, req)
     ]
     sampling = [
@@ -76,8 +78,10 @@ async def create_completion(
     ]
     if req.echo and req.logprobs is not None:
         # Echo with logprobs shows the prompt tokens' logprobs first: the engine must compute them.
-        wanted = max(req.prompt_logprobs or 0, req.logprobs)
-        sampling = [msgspec.structs.replace(p, prompt_logprobs=wanted) for p in sampling]
+        sampling = [
+            msgspec.structs.replace(p, prompt_logprobs=max(p.prompt_logprobs or 0, p.logprobs or 0))
+            for p in sampling
+        ]
     make_output = output_factory(ctx.tokenizer, req)
 
     response_id = f"cmpl-{uuid.uuid4().hex}"
@@ -101,25 +105,26 @@ def _echo_text(req: CompletionRequest, prompts: list[PreparedPrompt], job: Choic
     return (prompts[job.prompt_index].text or "") if req.echo else ""
 
 
-def _echo_entries(req: CompletionRequest, output: ChoiceOutput) -> list[LogprobEntry]:
+def _echo_entries(job: ChoiceJob) -> list[LogprobEntry]:
     """The prompt tokens' logprob entries, cut to the `logprobs` alternatives the request asked for."""
-    k = req.logprobs or 0
-    return [replace(e, top=e.top[:k]) for e in output.prompt_entries()]
+    k = job.add.sampling.logprobs or 0
+    return [replace(e, top=e.top[:k], top_ids=e.top_ids[:k]) for e in job.output.prompt_entries()]
 
 
 def _logprobs(
     req: CompletionRequest,
-    output: ChoiceOutput,
+    job: ChoiceJob,
     entries: list[LogprobEntry],
     echo: str | None,
     text_offset: int = 0,
 ) -> dict[str, Any]:
     """Completion logprobs for `entries` (the first at `text_offset`); with `echo` (the echoed text) the
     prompt tokens come first and the output's offsets start after the echo."""
+    as_ids = bool(req.return_tokens_as_token_ids)
     if echo is None:
-        return completion_logprobs(entries, text_offset)
-    prompt_part = completion_logprobs(_echo_entries(req, output), 0)
-    output_part = completion_logprobs(entries, len(echo))
+        return completion_logprobs(entries, text_offset, as_ids=as_ids)
+    prompt_part = completion_logprobs(_echo_entries(job), 0, as_ids=as_ids)
+    output_part = completion_logprobs(entries, len(echo), as_ids=as_ids)
     return {key: prompt_part[key] + output_part[key] for key in prompt_part}
 
 
@@ -127,19 +132,23 @@ def _choice_body(job: ChoiceJob, req: CompletionRequest, prompts: list[PreparedP
     echo = _echo_text(req, prompts, job)
     logprobs = None
     if req.logprobs is not None:
-        logprobs = _logprobs(req, job.output, job.output.logprobs, echo if req.echo else None)
-    choice: dict[str, Any] = {
+        logprobs = _logprobs(req, job, job.output.logprobs, echo if req.echo else None)
+    prompt_logprobs = None
+    if req.prompt_logprobs is not None:
+        prompt_logprobs = prompt_logprobs_json(
+            job.output.tokenizer, job.output.prompt_logprobs, job.add.sampling.prompt_logprobs
+        )
+    # vLLM's extension fields are present as null when not asked for.
+    return {
         "index": job.index,
         "text": echo + job.output.text,
         "logprobs": logprobs,
         "finish_reason": job.output.finish_reason,
         "stop_reason": job.output.stop_reason,
+        "token_ids": list(job.output.token_ids) if req.return_token_ids else None,
+        "prompt_logprobs": prompt_logprobs,
+        "prompt_token_ids": list(job.add.prompt_token_ids) if req.return_token_ids else None,
     }
-    if req.prompt_logprobs is not None:
-        choice["prompt_logprobs"] = prompt_logprobs_json(
-            job.output.tokenizer, job.output.prompt_logprobs, req.prompt_logprobs
-        )
-    return choice
 
 
 async def _collect(
@@ -160,7 +169,10 @@ async def _collect(
         "created": created,
         "model": model,
         "choices": [_choice_body(job, req, prompts) for job in jobs],
+        "service_tier": None,
+        "system_fingerprint": None,
         "usage": usage_dict(jobs),
+        "kv_transfer_params": None,
     }
 
 
@@ -174,39 +186,44 @@ async def _stream(
     req: CompletionRequest,
 ) -> AsyncIterator[dict[str, Any] | APIError]:
     include_usage, continuous = usage_flags(req.stream_options)
-    echoed: set[int] = set()
+    usage = StreamUsage(jobs)
+    started: set[int] = set()  # choices that sent their first chunk (echo, prompt_token_ids)
     offsets = {job.index: 0 for job in jobs}  # text offset of each choice's next token
     async for job, delta in events:
         if delta.error:
             yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
             return
+        usage.add(job.index, delta)
         text = delta.text
         echo = None
-        if req.echo and job.index not in echoed:
-            echoed.add(job.index)
+        first = job.index not in started
+        if req.echo and first:
             echo = _echo_text(req, prompts, job)
             text = echo + text
         if not text and delta.finish_reason is None and not delta.logprobs:
             continue
+        started.add(job.index)
         logprobs = None
         if req.logprobs is not None:
             start = len(echo) if echo is not None else offsets[job.index]
-            logprobs = _logprobs(req, job.output, delta.logprobs, echo, start)
+            logprobs = _logprobs(req, job, delta.logprobs, echo, start)
             offsets[job.index] = start + sum(len(e.token) for e in delta.logprobs)
         choice: dict[str, Any] = {
             "index": job.index,
             "text": text,
             "logprobs": logprobs,
             "finish_reason": delta.finish_reason,
+            "stop_reason": delta.stop_reason,
         }
-        if delta.finish_reason is not None:
-            choice["stop_reason"] = delta.stop_reason
+        if req.return_token_ids:  # as vLLM: the prompt's ids on the choice's first chunk only
+            choice["prompt_token_ids"] = list(job.add.prompt_token_ids) if first else None
+            choice["token_ids"] = usage.take_token_ids(job.index)
         yield completion_chunk(
             response_id,
             created,
             model,
             [choice],
-            usage_dict(jobs) if continuous else None,
+            usage.current() if continuous else None,
             with_usage_key=include_usage,
         )
     if include_usage:

@@ -29,13 +29,9 @@ from frontend.serving.generation import (
 )
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
-from frontend.serving.output import ChoiceDelta, ChoiceOutput
-from frontend.serving.responses import chat_logprobs
-from frontend.serving.streaming import first_or_error, json_response, sse_response, usage_flags
-from protocol.messages import RequestDelta, TokenLogprob
-
-# vLLM's SamplingParams default when max_tokens is not given.
-DEFAULT_GENERATE_MAX_TOKENS = 16
+from frontend.serving.output import ChoiceDelta
+from frontend.serving.responses import generate_logprobs, prompt_logprobs_json
+from frontend.serving.streaming import StreamUsage, first_or_error, json_response, sse_response, usage_flags
 
 
 class GenerateRequest(Request):
@@ -47,17 +43,7 @@ class GenerateRequest(Request):
     request_id: str | None = None
     cache_salt: str | None = None
     priority: int | None = None
-
-
-class _GenerateOutput(ChoiceOutput):
-    """A choice that also keeps the prompt logprobs the engine sends with its first delta."""
-
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-
-    def process(self, delta: RequestDelta) -> ChoiceDelta:
-        if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
-            self.prompt_logprobs = delta.prompt_logprobs
-        return super().process(delta)
+    kv_transfer_params: dict[str, Any] | None = None  # vLLM's disaggregated serving; accepted, unused
 
 
 def _check_token_ids(token_ids: list[int], vocab_size: int) -> None:
@@ -69,25 +55,20 @@ def _check_token_ids(token_ids: list[int], vocab_size: int) -> None:
     check_prompt_token_ids(token_ids, vocab_size=vocab_size, param="token_ids")
 
 
-def _sampling_request(req: GenerateRequest) -> tuple[CompletionRequest, int | None]:
-    """The nested sampling fields as a checked completion request, and prompt_logprobs (-1: all)."""
+def _sampling_request(req: GenerateRequest) -> CompletionRequest:
+    """The nested sampling fields as a checked completion request (param names under sampling_params)."""
     sp = req.sampling_params
-    prompt_logprobs = sp.prompt_logprobs
-    if prompt_logprobs is not None and prompt_logprobs < -1:
-        raise invalid_request(
-            f"`sampling_params.prompt_logprobs` must be -1 (all) or at least 0, got {prompt_logprobs}.",
-            "sampling_params.prompt_logprobs",
-        )
     if sp.n not in (None, 1):
         raise invalid_request("`sampling_params.n` must be 1 on this endpoint.", "sampling_params.n")
+    if sp.detokenize is False and sp.stop:
+        # Stop strings are matched in text; without detokenization there is none to match.
+        raise invalid_request(
+            "`sampling_params.stop` needs text: it cannot be combined with `detokenize: false` "
+            "(use `stop_token_ids`).",
+            "sampling_params.stop",
+        )
     completion = msgspec.structs.replace(
-        sp,
-        prompt=req.token_ids,
-        stream=req.stream,
-        stream_options=req.stream_options,
-        # -1 is outside the completions range check; the value is restored after it.
-        prompt_logprobs=None if prompt_logprobs == -1 else prompt_logprobs,
-        echo=None,
+        sp, prompt=req.token_ids, stream=req.stream, stream_options=req.stream_options, echo=None
     )
     try:
         check_completion_request(completion)
@@ -95,9 +76,7 @@ def _sampling_request(req: GenerateRequest) -> tuple[CompletionRequest, int | No
         if err.param and err.param not in ("stream_options", "prompt"):
             err.param = f"sampling_params.{err.param}"
         raise
-    if prompt_logprobs is not None and req.stream:
-        raise invalid_request("`prompt_logprobs` is not available when `stream` is true.", "stream")
-    return completion, prompt_logprobs
+    return completion
 
 
 async def create_generate(
@@ -106,18 +85,18 @@ async def create_generate(
     require_task(ctx, "generate", "/inference/v1/generate")
     ctx.check_model(req.model)
     _check_token_ids(req.token_ids, ctx.ready.vocab_size)
-    completion, prompt_logprobs = _sampling_request(req)
-    num_prompt_tokens = len(req.token_ids)
-    if completion.max_tokens is None:
-        # vLLM's SamplingParams default (a model's max_new_tokens caps it in ctx.sampling_params).
-        completion = msgspec.structs.replace(
-            completion,
-            max_tokens=min(DEFAULT_GENERATE_MAX_TOKENS, max(ctx.max_model_len - num_prompt_tokens, 1)),
-        )
-    sampling = ctx.sampling_params(completion, num_prompt_tokens)
-    if prompt_logprobs == -1:
-        sampling = msgspec.structs.replace(sampling, prompt_logprobs=ctx.ready.vocab_size)
-    make_output = output_factory(ctx.tokenizer, completion, _GenerateOutput)
+    completion = _sampling_request(req)
+    # No max_tokens: all the room left in the context, as current vLLM (a model's max_new_tokens still
+    # caps it in ctx.sampling_params).
+    try:
+        sampling = ctx.sampling_params(completion, len(req.token_ids))
+    except APIError as err:
+        if err.param == "prompt":
+            err.param = "token_ids"
+        elif err.param and not err.param.startswith("sampling_params."):
+            err.param = f"sampling_params.{err.param}"
+        raise
+    make_output = output_factory(ctx.tokenizer, completion)
 
     response_id = req.request_id or uuid.uuid4().hex
     prompt = PreparedPrompt(list(req.token_ids))
@@ -132,49 +111,17 @@ async def create_generate(
     )
     events = await first_or_error(run_choices(client, jobs))
     if req.stream:
-        return sse_response(_stream(events, jobs, response_id, req, completion))
-    return json_response(await _collect(events, jobs, response_id, ctx, completion))
+        return sse_response(_stream(events, jobs, response_id, req))
+    return json_response(await _collect(events, jobs, response_id))
 
 
-def _logprobs(entries: list, completion: CompletionRequest) -> dict[str, Any] | None:
-    return chat_logprobs(entries) if completion.logprobs is not None else None
-
-
-def _prompt_logprobs(ctx: ModelContext, entries: list[TokenLogprob | None] | None) -> list | None:
-    """vLLM's shape: per prompt position None or {token_id: {logprob, rank, decoded_token}}."""
-    if entries is None:
-        return None
-    out: list[dict[str, dict[str, Any]] | None] = []
-    for entry in entries:
-        if entry is None:
-            out.append(None)
-            continue
-        position = {
-            str(entry.token_id): {
-                "logprob": entry.logprob,
-                "rank": entry.rank,
-                "decoded_token": ctx.tokenizer.decode([entry.token_id], skip_special_tokens=False),
-            }
-        }
-        for rank, (token_id, logprob) in enumerate(zip(entry.top_ids, entry.top_logprobs, strict=False), 1):
-            position.setdefault(
-                str(token_id),
-                {
-                    "logprob": logprob,
-                    "rank": rank,
-                    "decoded_token": ctx.tokenizer.decode([token_id], skip_special_tokens=False),
-                },
-            )
-        out.append(position)
-    return out
+def _logprobs(entries: list, job: ChoiceJob) -> dict[str, Any] | None:
+    num_top = job.add.sampling.logprobs
+    return generate_logprobs(entries, num_top) if num_top is not None else None
 
 
 async def _collect(
-    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
-    jobs: list[ChoiceJob],
-    response_id: str,
-    ctx: ModelContext,
-    completion: CompletionRequest,
+    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]], jobs: list[ChoiceJob], response_id: str
 ) -> dict[str, Any]:
     async for _job, delta in events:
         if delta.error:
@@ -186,11 +133,11 @@ async def _collect(
             {
                 "index": 0,
                 "token_ids": output.token_ids,
-                "logprobs": _logprobs(output.logprobs, completion),
+                "logprobs": _logprobs(output.logprobs, jobs[0]),
                 "finish_reason": output.finish_reason,
             }
         ],
-        "prompt_logprobs": _prompt_logprobs(ctx, getattr(output, "prompt_logprobs", None)),
+        "prompt_logprobs": prompt_logprobs_json(output.tokenizer, output.prompt_logprobs),
         "kv_transfer_params": None,
         "usage": usage_dict(jobs),
     }
@@ -201,13 +148,14 @@ async def _stream(
     jobs: list[ChoiceJob],
     response_id: str,
     req: GenerateRequest,
-    completion: CompletionRequest,
 ) -> AsyncIterator[dict[str, Any] | APIError]:
     include_usage, continuous = usage_flags(req.stream_options)
+    usage = StreamUsage(jobs)
     async for _job, delta in events:
         if delta.error:
             yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
             return
+        usage.add(0, delta)
         if not delta.token_ids and delta.finish_reason is None:
             continue
         chunk: dict[str, Any] = {
@@ -216,13 +164,13 @@ async def _stream(
                 {
                     "index": 0,
                     "token_ids": delta.token_ids,
-                    "logprobs": _logprobs(delta.logprobs, completion),
+                    "logprobs": _logprobs(delta.logprobs, jobs[0]),
                     "finish_reason": delta.finish_reason,
                 }
             ],
         }
         if continuous:
-            chunk["usage"] = usage_dict(jobs)
+            chunk["usage"] = usage.current()
         yield chunk
     if include_usage:
         yield {"request_id": response_id, "choices": [], "usage": usage_dict(jobs)}

@@ -64,9 +64,14 @@ def plan_choices(
 
 
 def truncate_prompt(
-    prompt: PreparedPrompt, keep: int | None, max_model_len: int, detokenize: Any
+    prompt: PreparedPrompt,
+    keep: int | None,
+    max_model_len: int,
+    detokenize: Any,
+    side: str | None = None,
 ) -> PreparedPrompt:
-    """vLLM's `truncate_prompt_tokens`: keep the last `keep` prompt tokens (-1: the model's context)."""
+    """vLLM's `truncate_prompt_tokens`: keep the last `keep` prompt tokens (-1: the model's context), or
+    the first ones with `truncation_side: "right"`."""
     if keep is None:
         return prompt
     if keep == -1:
@@ -80,7 +85,7 @@ def truncate_prompt(
             "`truncate_prompt_tokens` cannot cut a prompt that carries prompt embeddings.",
             "truncate_prompt_tokens",
         )
-    kept = prompt.token_ids[-keep:]
+    kept = prompt.token_ids[:keep] if side == "right" else prompt.token_ids[-keep:]
     return PreparedPrompt(kept, detokenize(kept))
 
 

@@ -59,6 +59,7 @@ class ModelContext:
             vocab_size=self.ready.vocab_size,
             eos_token_ids=self.ready.eos_token_ids,
             model_defaults=self.ready.default_sampling,
+            max_logprobs=self.ready.max_logprobs,
             **options,
         )
 

@@ -24,6 +24,7 @@ class LogprobEntry:
     top: list[tuple[str, float, list[int]]]
     token_id: int = 0
     rank: int | None = None
+    top_ids: list[int] = field(default_factory=list)  # ids of `top`, for `return_tokens_as_token_ids`
 
 
 def logprob_entry(tokenizer: Tokenizer, lp: TokenLogprob) -> LogprobEntry:
@@ -38,6 +39,7 @@ def logprob_entry(tokenizer: Tokenizer, lp: TokenLogprob) -> LogprobEntry:
         top,
         lp.token_id,
         lp.rank,
+        list(lp.top_ids[: len(top)]),
     )
 
 

@@ -11,41 +11,82 @@ from frontend.serving.output import MIN_LOGPROB, ChoiceOutput, LogprobEntry
 from protocol.messages import TokenLogprob
 
 
-def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
+def token_name(entry_text: str, token_id: int, as_ids: bool) -> str:
+    """A token as logprobs show it: its text, or vLLM's `token_id:N` (`return_tokens_as_token_ids`), which
+    stays unambiguous for byte-fallback pieces that decode to U+FFFD."""
+    return f"token_id:{token_id}" if as_ids else entry_text
+
+
+def _top_names(entry: LogprobEntry, as_ids: bool) -> list[str]:
+    if not as_ids:
+        return [t for t, _, _ in entry.top]
+    return [f"token_id:{i}" for i in entry.top_ids]
+
+
+def chat_logprobs(entries: list[LogprobEntry], *, as_ids: bool = False) -> dict[str, Any]:
     return {
         "content": [
             {
-                "token": e.token,
+                "token": token_name(e.token, e.token_id, as_ids),
                 "logprob": e.logprob,
                 "bytes": e.bytes,
-                "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, v, b in e.top],
+                "top_logprobs": [
+                    {"token": name, "logprob": v, "bytes": b}
+                    for name, (_, v, b) in zip(_top_names(e, as_ids), e.top, strict=False)
+                ],
             }
             for e in entries
         ]
     }
 
 
-def completion_logprobs(entries: list[LogprobEntry], text_offset_start: int) -> dict[str, Any]:
-    """OpenAI's legacy format. `top_logprobs` always holds the chosen token too (up to logprobs + 1
-    entries, as OpenAI documents); an echoed first prompt token has null logprob and top_logprobs."""
+def generate_logprobs(entries: list[LogprobEntry], num_top: int) -> dict[str, Any]:
+    """/inference/v1/generate's logprobs, as vLLM's tokens-out endpoint writes them: tokens always as
+    `token_id:N` (the caller owns detokenization), no bytes, and `top_logprobs` holding the sampled token
+    first and then the most likely others, max(num_top, 1) entries: `logprobs: 0` still shows the sampled
+    token's own logprob."""
+    content = []
+    for e in entries:
+        ranked = {e.token_id: e.logprob}
+        for token_id, (_, value, _) in zip(e.top_ids, e.top, strict=False):
+            ranked.setdefault(token_id, value)
+        top = list(ranked.items())[: max(num_top, 1)]
+        content.append(
+            {
+                "token": f"token_id:{e.token_id}",
+                "logprob": e.logprob,
+                "bytes": None,
+                "top_logprobs": [{"token": f"token_id:{i}", "logprob": v, "bytes": None} for i, v in top],
+            }
+        )
+    return {"content": content}
+
+
+def completion_logprobs(
+    entries: list[LogprobEntry], text_offset_start: int, *, as_ids: bool = False
+) -> dict[str, Any]:
+    """OpenAI's legacy format. `top_logprobs` holds the chosen token first and then the `logprobs` most
+    likely ones (up to logprobs + 1 entries, as OpenAI documents and vLLM orders them); an echoed first
+    prompt token has null logprob and top_logprobs. Offsets count the tokens' text."""
     offsets = []
     pos = text_offset_start
     for e in entries:
         offsets.append(pos)
         pos += len(e.token)
     return {
-        "tokens": [e.token for e in entries],
+        "tokens": [token_name(e.token, e.token_id, as_ids) for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [_completion_top(e) for e in entries],
+        "top_logprobs": [_completion_top(e, as_ids) for e in entries],
         "text_offset": offsets,
     }
 
 
-def _completion_top(entry: LogprobEntry) -> dict[str, float] | None:
+def _completion_top(entry: LogprobEntry, as_ids: bool) -> dict[str, float] | None:
     if entry.logprob is None:
         return None
-    top = {t: v for t, v, _ in entry.top}
-    top.setdefault(entry.token, entry.logprob)
+    top = {token_name(entry.token, entry.token_id, as_ids): entry.logprob}
+    for name, (_, value, _) in zip(_top_names(entry, as_ids), entry.top, strict=False):
+        top.setdefault(name, value)
     return top
 
 
@@ -80,13 +121,39 @@ def _prompt_logprob(tokenizer: Tokenizer, token_id: int, logprob: float, rank: i
     }
 
 
-def chat_choice(index: int, output: ChoiceOutput, *, want_logprobs: bool) -> dict[str, Any]:
+def chat_message(content: str | None) -> dict[str, Any]:
+    """An assistant message with OpenAI's and vLLM's optional fields present as null, so clients that read
+    them (through the openai SDK or by key) find them."""
+    return {
+        "role": "assistant",
+        "content": content,
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "tool_calls": [],
+        "reasoning": None,  # vLLM's current name; reasoning_content its older one
+        "reasoning_content": None,
+    }
+
+
+def chat_choice(
+    index: int,
+    output: ChoiceOutput,
+    *,
+    want_logprobs: bool,
+    as_ids: bool = False,
+    return_token_ids: bool = False,
+    echo: str = "",
+) -> dict[str, Any]:
+    """One finished chat choice; `echo` is the continued assistant prefix that `echo: true` repeats."""
     return {
         "index": index,
-        "message": {"role": "assistant", "content": output.text, "tool_calls": []},
-        "logprobs": chat_logprobs(output.logprobs) if want_logprobs else None,
+        "message": chat_message(echo + output.text),
+        "logprobs": chat_logprobs(output.logprobs, as_ids=as_ids) if want_logprobs else None,
         "finish_reason": output.finish_reason,
         "stop_reason": output.stop_reason,
+        "token_ids": list(output.token_ids) if return_token_ids else None,
     }
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import jinja2
 import pytest
 from tokenizers import Tokenizer
 
-from tests.engine.conftest import CHAT_TEMPLATE, build_tiny_hf_model, write_tokenizer_files
+from tests.engine.conftest import CHAT_TEMPLATE, TINY_SHAPE, build_tiny_hf_model, write_tokenizer_files
 from tests.server_process import REPO, ServerProcess, free_port, serve
 
 # Both differ from the folder's own template (CHAT_TEMPLATE), so a render tells which one was used.
@@ -60,9 +61,18 @@ def file_server(folders: dict[str, Path]) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def inline_server(folders: dict[str, Path]) -> Iterator[ServerProcess]:
-    """The folder with a template, replaced by an inline `--chat-template`; `--generation-config vllm`."""
+    """The folder with a template, replaced by an inline `--chat-template`; `--generation-config vllm`;
+    `--max-logprobs -1` (requests may ask for the whole vocabulary; smaller requests are unchanged)."""
     server = serve(
-        [str(folders["templated"]), "--chat-template", INLINE_TEMPLATE, "--generation-config", "vllm"]
+        [
+            str(folders["templated"]),
+            "--chat-template",
+            INLINE_TEMPLATE,
+            "--generation-config",
+            "vllm",
+            "--max-logprobs",
+            "-1",
+        ]
     )
     yield server
     server.stop()
@@ -150,6 +160,52 @@ def test_generation_config_vllm_ignores_the_file(inline_server: ServerProcess) -
     greedy = _post(inline_server, "/v1/completions", {**body, "temperature": 0.0, "max_tokens": 16})
     assert default["usage"]["completion_tokens"] == 16  # the completions default, not the file's 5
     assert default["choices"][0]["text"] == explicit["choices"][0]["text"] != greedy["choices"][0]["text"]
+
+
+def test_minus_one_logprobs_cover_the_whole_vocabulary(inline_server: ServerProcess) -> None:
+    """vLLM's `-1` ("all"), allowed by --max-logprobs -1: every token of the vocabulary, once each."""
+    vocab_size = TINY_SHAPE["vocab_size"]
+    chat = _post(
+        inline_server,
+        "/v1/chat/completions",
+        {"messages": CHAT, "max_tokens": 2, "ignore_eos": True, "logprobs": True, "top_logprobs": -1},
+    )
+    for entry in chat["choices"][0]["logprobs"]["content"]:
+        top = entry["top_logprobs"]
+        assert len(top) == vocab_size
+        assert math.isclose(sum(math.exp(t["logprob"]) for t in top), 1.0, abs_tol=1e-3)
+        assert entry["logprob"] in [t["logprob"] for t in top]
+    token_ids = _post(inline_server, "/tokenize", {"prompt": PROMPT})["tokens"]
+    generated = _post(
+        inline_server,
+        "/inference/v1/generate",
+        {"token_ids": token_ids, "sampling_params": {"max_tokens": 1, "prompt_logprobs": -1, "logprobs": -1}},
+    )
+    positions = generated["prompt_logprobs"]
+    assert positions[0] is None and all(len(p) == vocab_size for p in positions[1:])
+    (entry,) = generated["choices"][0]["logprobs"]["content"]
+    assert len(entry["top_logprobs"]) == vocab_size
+    # Past the vocabulary nothing more exists: a larger count is refused, as vLLM refuses it.
+    too_many = httpx.post(
+        f"{inline_server.base_url}/v1/completions",
+        json={"prompt": PROMPT, "max_tokens": 1, "logprobs": vocab_size + 1},
+        timeout=60,
+    )
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "logprobs"
+
+
+def test_generate_defaults_to_the_rest_of_the_context(inline_server: ServerProcess) -> None:
+    """/inference/v1/generate without max_tokens generates until the context is full, as current vLLM
+    (the model's max_position_embeddings is the context here; --generation-config vllm sets no cap)."""
+    token_ids = _post(inline_server, "/tokenize", {"prompt": PROMPT})["tokens"]
+    out = _post(
+        inline_server,
+        "/inference/v1/generate",
+        {"token_ids": token_ids, "sampling_params": {"ignore_eos": True}},
+    )
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert len(choice["token_ids"]) == TINY_SHAPE["max_position_embeddings"] - len(token_ids)
 
 
 def test_bad_flags_stop_tandem_serve_at_start(folders: dict[str, Path]) -> None:

@@ -82,6 +82,9 @@ def test_stream_usage_chunks_as_asked(default_server: ServerProcess) -> None:
     )
     completion_counts = [c["usage"]["completion_tokens"] for c in continuous]
     assert completion_counts == [1, 2, 3, 3]
+    assert all(
+        c["usage"]["total_tokens"] == len(ids) + n for c, n in zip(continuous, completion_counts, strict=True)
+    )
 
 
 def test_logprobs_and_prompt_logprobs(default_server: ServerProcess) -> None:
@@ -90,14 +93,57 @@ def test_logprobs_and_prompt_logprobs(default_server: ServerProcess) -> None:
     body = httpx.post(
         _url(default_server), json={"token_ids": ids, "sampling_params": sampling}, timeout=120
     ).json()
-    content = body["choices"][0]["logprobs"]["content"]
-    assert len(content) == 2 and all(len(entry["top_logprobs"]) >= 2 for entry in content)
-    # Greedy: each sampled token is the most likely one.
-    assert all(entry["logprob"] == max(t["logprob"] for t in entry["top_logprobs"]) for entry in content)
+    choice = body["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == 2 and all(len(entry["top_logprobs"]) == 2 for entry in content)
+    # As vLLM's tokens-out endpoint: tokens as `token_id:N`, no bytes, the sampled token first.
+    assert [entry["token"] for entry in content] == [f"token_id:{t}" for t in choice["token_ids"]]
+    for entry in content:
+        assert entry["bytes"] is None
+        assert (entry["top_logprobs"][0]["token"], entry["top_logprobs"][0]["logprob"]) == (
+            entry["token"],
+            entry["logprob"],
+        )
+        # Greedy: the sampled token is the most likely one.
+        assert entry["logprob"] == max(t["logprob"] for t in entry["top_logprobs"])
     prompt_lps = body["prompt_logprobs"]
     assert len(prompt_lps) == len(ids) and prompt_lps[0] is None
     for position, token_id in enumerate(ids[1:], 1):
         assert str(token_id) in prompt_lps[position]
+
+
+def test_logprobs_zero_returns_the_sampled_tokens_logprob(default_server: ServerProcess) -> None:
+    ids = _prompt_ids(default_server)
+    sampling = {"max_tokens": 4, "temperature": 1.0, "seed": 3, "ignore_eos": True, "logprobs": 0}
+    body = httpx.post(
+        _url(default_server), json={"token_ids": ids, "sampling_params": sampling}, timeout=120
+    ).json()
+    choice = body["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == len(choice["token_ids"]) == 4
+    for entry, token_id in zip(content, choice["token_ids"], strict=True):
+        assert entry["token"] == f"token_id:{token_id}" and entry["logprob"] <= 0
+        assert entry["top_logprobs"] == [
+            {"token": entry["token"], "logprob": entry["logprob"], "bytes": None}
+        ]
+
+
+def test_detokenize_false_refuses_stop_strings(default_server: ServerProcess) -> None:
+    ids = _prompt_ids(default_server)
+    refused = httpx.post(
+        _url(default_server),
+        json={"token_ids": ids, "sampling_params": {**GREEDY, "detokenize": False, "stop": ["\n"]}},
+        timeout=60,
+    )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "sampling_params.stop"
+    # Stop token ids need no text: the same request with them is served.
+    served = httpx.post(
+        _url(default_server),
+        json={"token_ids": ids, "sampling_params": {**GREEDY, "detokenize": False, "stop_token_ids": [198]}},
+        timeout=120,
+    )
+    assert served.status_code == 200, served.text
 
 
 @pytest.mark.parametrize(

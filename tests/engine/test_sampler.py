@@ -188,6 +188,24 @@ def test_logprobs_are_the_raw_distribution() -> None:
     )
 
 
+def test_logprobs_can_cover_the_whole_vocabulary() -> None:
+    """The frontend bounds the count by --max-logprobs (which may allow every token, vLLM's -1); the
+    engine then returns the whole distribution, ranked, and never more than the vocabulary."""
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(4))
+    raw = torch.log_softmax(logits, dim=-1)
+    requests = [make_request("a", logprobs=VOCAB), make_request("b", logprobs=3, prompt_logprobs=VOCAB + 5)]
+    out = new_sampler().sample(logits, requests)
+    _, _, all_ids, all_vals = out.logprobs[0]
+    assert sorted(all_ids) == list(range(VOCAB))
+    assert math.isclose(sum(math.exp(v) for v in all_vals), 1.0, rel_tol=1e-5)
+    assert all_ids == raw[0].argsort(descending=True).tolist()
+    assert len(out.logprobs[1][2]) == 3  # each request keeps its own count within the shared table
+    sampler = new_sampler()
+    add_prompt_logprobs(sampler, requests[1], logits, 0)
+    rows = sampler.take_prompt_logprobs("b")
+    assert rows is not None and all(len(row[2]) == VOCAB for row in rows[1:])
+
+
 def test_prompt_logprobs_accumulate_across_chunks_like_one_pass() -> None:
     prompt = [3, 8, 1, 12, 5, 9, 0]
     logits = torch.randn(len(prompt) - 1, VOCAB, generator=torch.Generator().manual_seed(3))

@@ -139,6 +139,36 @@ def test_logprobs_mapping() -> None:
 
 
 @pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ],
+)
+def test_logprobs_past_the_server_limit_are_refused(fields: dict[str, Any], param: str) -> None:
+    """vLLM's rule: --max-logprobs (20 by default) bounds every count; -1 ("all") counts as the vocabulary."""
+    with pytest.raises(APIError) as caught:
+        chat_params(**fields)
+    assert caught.value.param == param
+    assert "greater than max allowed: 20" in caught.value.message
+
+
+def test_minus_one_is_the_whole_vocabulary_when_the_server_allows_it() -> None:
+    body = json.dumps({"model": "m", "prompt": "hi", "logprobs": -1, "prompt_logprobs": -1}).encode()
+    options: dict[str, Any] = {"num_prompt_tokens": 3, "max_model_len": 100, "eos_token_ids": EOS}
+    everything = build_sampling_params(
+        decode_completion_request(body), vocab_size=VOCAB, max_logprobs=-1, **options
+    )
+    assert (everything.logprobs, everything.prompt_logprobs) == (VOCAB, VOCAB)
+    wide = build_sampling_params(
+        decode_completion_request(body), vocab_size=VOCAB, max_logprobs=600, **options
+    )
+    assert wide.logprobs == VOCAB
+
+
+@pytest.mark.parametrize(
     ("fields", "param", "token"),
     [
         ({"logit_bias": {str(VOCAB): 1.0}}, "logit_bias", VOCAB),
