@@ -18,6 +18,7 @@ from starlette.responses import Response
 from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient, EngineUnavailable
 from frontend.errors import APIError, engine_unavailable, internal_error
+from frontend.limits import InputLimits
 from frontend.metrics import setup_metrics, start_request_metrics
 from frontend.middleware import (
     REQUEST_ID_KEY,
@@ -91,7 +92,7 @@ def build_app(config: FrontendConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         ready = await _wait_for_engine(client, config.engine_ready_timeout_s, state.stop_requested)
-        state.ctx = ModelContext.from_ready(ready, config.served_model_names)
+        state.ctx = ModelContext.from_ready(ready, config.served_model_names, InputLimits.from_config(config))
         start_request_metrics(state, state.ctx.model_name, ready.max_model_len)
         logger.info(
             "serving %s (max_model_len %d)", ", ".join(state.ctx.served_model_names), ready.max_model_len

@@ -12,7 +12,11 @@ from starlette.responses import Response
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
 from frontend.schemas import ChatCompletionRequest
-from frontend.serving.chat_template import ChatTemplateError, normalize_messages
+from frontend.serving.chat_template import (
+    RESERVED_TEMPLATE_KWARGS,
+    ChatTemplateError,
+    normalize_messages,
+)
 from frontend.serving.generation import (
     ChoiceJob,
     PreparedPrompt,
@@ -45,6 +49,13 @@ def render_chat_prompt(ctx: ModelContext, req: ChatCompletionRequest) -> tuple[s
         )
     messages, embeds = normalize_messages(req.messages)
     kwargs = dict(req.chat_template_kwargs or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if reserved:
+        # These are set from the request's own fields; a second value would replace the conversation.
+        raise invalid_request(
+            f"`chat_template_kwargs` must not set {', '.join(reserved)}: use the request fields instead.",
+            "chat_template_kwargs",
+        )
     try:
         text = ctx.chat_template.render(
             messages,

@@ -37,7 +37,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 def prepare_prompts(ctx: ModelContext, req: CompletionRequest) -> list[PreparedPrompt]:
     prompt = req.prompt
     prompts: list[PreparedPrompt] = []
-    if req.prompt_embeds is not None:
+    if req.prompt_embeds:  # an empty list next to a text prompt is ignored, as vLLM does
         from frontend.serving.prompt_embeds import prompts_from_embeds
 
         prompts.extend(prompts_from_embeds(ctx, req.prompt_embeds))

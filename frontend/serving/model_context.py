@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from frontend.errors import model_not_found
+from frontend.limits import InputLimits
 from frontend.sampling_params import build_sampling_params
 from frontend.serving.chat_template import ChatTemplate
 from protocol.messages import Ready, SamplingParams
@@ -19,9 +20,12 @@ class ModelContext:
     tokenizer: Tokenizer
     chat_template: ChatTemplate | None
     served_model_names: list[str]
+    limits: InputLimits = field(default_factory=InputLimits)
 
     @classmethod
-    def from_ready(cls, ready: Ready, served_model_names: tuple[str, ...] = ()) -> ModelContext:
+    def from_ready(
+        cls, ready: Ready, served_model_names: tuple[str, ...] = (), limits: InputLimits | None = None
+    ) -> ModelContext:
         tokenizer = Tokenizer.from_str(ready.tokenizer_json)
         template = None
         if ready.chat_template:
@@ -31,7 +35,8 @@ class ModelContext:
                 eos_token=ready.eos_token,
                 special_tokens=ready.special_tokens,
             )
-        return cls(ready, tokenizer, template, list(served_model_names) or list(ready.served_model_names))
+        names = list(served_model_names) or list(ready.served_model_names)
+        return cls(ready, tokenizer, template, names, limits or InputLimits())
 
     @property
     def model_name(self) -> str:
