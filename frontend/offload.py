@@ -7,6 +7,7 @@ Small inputs stay inline: a thread hop costs more than encoding a short prompt.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,8 @@ _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tandem-prepare")
 async def run_off_loop(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """`fn(*args, **kwargs)` on a worker thread; exceptions (APIError included) propagate to the caller."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_pool, functools.partial(fn, *args, **kwargs))
+    context = contextvars.copy_context()  # log records made in the worker keep the request's context
+    return await loop.run_in_executor(_pool, functools.partial(context.run, fn, *args, **kwargs))
 
 
 async def run_sized(size: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
+from frontend.offload import run_off_loop
 from frontend.schemas import ChatCompletionRequest
 from frontend.serving.chat_template import (
     RESERVED_TEMPLATE_KWARGS,
@@ -32,6 +33,7 @@ from frontend.serving.output import ChoiceDelta
 from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs, prompt_logprobs_json
 from frontend.serving.streaming import first_or_error, json_response, sse_response, usage_flags
 from frontend.serving.tools import ToolPlan, ToolSettings, ToolStream, apply_tool_calls, plan_tools
+from protocol.messages import SamplingParams
 
 
 def render_chat_prompt(ctx: ModelContext, req: ChatCompletionRequest) -> tuple[str, list[str]]:
@@ -94,10 +96,14 @@ async def create_chat_completion(
     require_task(ctx, "generate", "/v1/chat/completions")
     model = ctx.check_model(req.model)
     tool_plan = plan_tools(req, tool_settings or ToolSettings())
-    prompt = prepare_chat(ctx, req)
-    sampling = ctx.sampling_params(
-        req, len(prompt.token_ids), structured_override=tool_plan.structured if tool_plan else None
-    )
+
+    def prepare() -> tuple[PreparedPrompt, SamplingParams]:
+        prompt = prepare_chat(ctx, req)
+        structured = tool_plan.structured if tool_plan else None
+        return prompt, ctx.sampling_params(req, len(prompt.token_ids), structured_override=structured)
+
+    # Templating, tokenizing and the grammar check can take seconds on a huge request: off the loop.
+    prompt, sampling = await run_off_loop(prepare)
     n = req.n or 1
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     jobs = plan_choices(

@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
+from frontend.offload import run_off_loop
 from frontend.sampling_params import check_prompt_token_ids
 from frontend.schemas import CompletionRequest, StreamOptions
 from frontend.schemas.checks import check_completion_request
@@ -114,7 +115,7 @@ async def create_generate(
             completion,
             max_tokens=min(DEFAULT_GENERATE_MAX_TOKENS, max(ctx.max_model_len - num_prompt_tokens, 1)),
         )
-    sampling = ctx.sampling_params(completion, num_prompt_tokens)
+    sampling = await run_off_loop(ctx.sampling_params, completion, num_prompt_tokens)  # grammar check
     if prompt_logprobs == -1:
         sampling = msgspec.structs.replace(sampling, prompt_logprobs=ctx.ready.vocab_size)
     make_output = output_factory(ctx.tokenizer, completion, _GenerateOutput)

@@ -9,6 +9,7 @@ from tokenizers import Tokenizer
 
 from frontend.errors import model_not_found
 from frontend.limits import InputLimits
+from frontend.offload import OFFLOAD_MIN_SIZE
 from frontend.sampling_params import build_sampling_params
 from frontend.serving.chat_template import ChatTemplate
 from protocol.messages import Ready, SamplingParams
@@ -70,8 +71,15 @@ class ModelContext:
     def decode_prompt(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
+    def tokenize_text(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """The tokenizer's own ids for `text`. A long text goes through encode_batch, which releases
+        the GIL (encode does not), so tokenizing it on a worker thread leaves the event loop free."""
+        if len(text) < OFFLOAD_MIN_SIZE:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self.tokenize_text(text, add_special_tokens=False)
         bos = self.ready.bos_token
         if add_special_tokens and self.ready.add_bos_token and bos is not None:
             bos_id = self.tokenizer.token_to_id(bos)

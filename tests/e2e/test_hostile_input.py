@@ -5,6 +5,8 @@ and the server keeps answering greedy requests exactly as before."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -136,3 +138,39 @@ def test_the_server_still_answers_greedily_after_hostile_input(default_server: S
         _post_raw(default_server, path, _deep_text(50_000))
         _post_raw(default_server, path, b"a=1&b=2", "application/x-www-form-urlencoded")
     assert _greedy_text(default_server) == before
+
+
+def _health_latencies(server: ServerProcess, busy: threading.Thread) -> list[float]:
+    latencies = []
+    with httpx.Client(timeout=60) as client:
+        while busy.is_alive():
+            started = time.monotonic()
+            assert client.get(f"{server.base_url}/health").status_code == 200
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.05)
+    return latencies
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+def test_a_huge_prompt_does_not_stall_the_readiness_probe(default_server: ServerProcess, path: str) -> None:
+    """Tokenizing 4 MB of text takes seconds; it runs on a worker thread with the GIL released, so
+    /health keeps answering at once (before, it waited for the whole tokenization)."""
+    text = "lorem ipsum dolor sit amet " * 150_000
+    body = {"prompt": text, "max_tokens": 2} if path != "/v1/chat/completions" else {}
+    if path == "/v1/chat/completions":
+        body = {"messages": [{"role": "user", "content": text}], "max_tokens": 2}
+    statuses: list[int] = []
+    busy = threading.Thread(
+        target=lambda: statuses.append(
+            httpx.post(f"{default_server.base_url}{path}", json=body, timeout=300).status_code
+        )
+    )
+    started = time.monotonic()
+    busy.start()
+    latencies = _health_latencies(default_server, busy)
+    busy.join()
+    took = time.monotonic() - started
+    # The prompt is longer than the context: a 400 for completions and chat, the token count for /tokenize.
+    assert statuses == [200 if path == "/tokenize" else 400]
+    assert len(latencies) >= 3, f"the request took only {took:.2f} s; make the prompt longer"
+    assert max(latencies) < 1.5, f"/health took {max(latencies):.2f} s while a {took:.1f} s request ran"
