@@ -33,3 +33,5 @@ class FrontendConfig:
     ssl_certfile: str | None = None  # HTTPS when set
     ssl_keyfile: str | None = None
     root_path: str = ""  # the prefix a proxy serves the API under
+    # Engine requests one API request may fan out into (completion prompts x n, batch conversations).
+    max_batch_size: int = 1024

@@ -155,6 +155,13 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--root-path", default="", help="Path prefix a proxy serves the API under (ASGI root_path)."
     )
+    g.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=1024,
+        help="Most engine requests one API request may fan out into (completion prompts x n, batch chat "
+        "conversations); larger requests get 400.",
+    )
 
 
 def add_security_args(parser: argparse.ArgumentParser) -> None:
@@ -225,6 +232,7 @@ def frontend_config(ns: argparse.Namespace, *, engines: list[str], fd: int | Non
         ssl_certfile=ns.ssl_certfile,
         ssl_keyfile=ns.ssl_keyfile,
         root_path=ns.root_path,
+        max_batch_size=ns.max_batch_size,
     )
 
 

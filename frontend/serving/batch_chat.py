@@ -74,6 +74,7 @@ async def create_batch_chat_completion(
 ) -> Response:
     require_task(ctx, "generate", "/v1/chat/completions/batch")
     model = ctx.check_model(req.model)
+    ctx.limits.check_fan_out(len(req.messages), "messages", "conversations")
     conversations = split_conversations(req)
     # `tools` and `tool_choice` are shared fields, so every conversation has this same plan.
     tool_plan = plan_tools(req, tool_settings or ToolSettings())

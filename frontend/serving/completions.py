@@ -63,6 +63,16 @@ def prepare_prompts(ctx: ModelContext, req: CompletionRequest) -> list[PreparedP
     return prompts
 
 
+def _num_prompts(req: CompletionRequest) -> int:
+    """How many prompts a (checked) request holds, counted without tokenizing any."""
+    embeds = req.prompt_embeds
+    count = len(embeds) if isinstance(embeds, list) else int(embeds is not None)
+    prompt = req.prompt
+    if prompt is None or isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return count + int(prompt is not None)
+    return count + len(prompt)
+
+
 def _prepare(ctx: ModelContext, req: CompletionRequest) -> tuple[list[PreparedPrompt], list[SamplingParams]]:
     prompts = [
         truncate_prompt(p, req.truncate_prompt_tokens, ctx.max_model_len, ctx.decode_prompt)
@@ -80,6 +90,7 @@ async def create_completion(
 ) -> Response:
     require_task(ctx, "generate", "/v1/completions")
     model = ctx.check_model(req.model)
+    ctx.limits.check_fan_out(_num_prompts(req) * (req.n or 1), "prompt", "completions (prompts x n)")
     # Tokenizing, decoding embeddings and the grammar check can take seconds: off the event loop.
     prompts, sampling = await run_off_loop(_prepare, ctx, req)
     if req.echo and req.logprobs is not None:

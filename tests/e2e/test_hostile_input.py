@@ -174,3 +174,30 @@ def test_a_huge_prompt_does_not_stall_the_readiness_probe(default_server: Server
     assert statuses == [200 if path == "/tokenize" else 400]
     assert len(latencies) >= 3, f"the request took only {took:.2f} s; make the prompt longer"
     assert max(latencies) < 1.5, f"/health took {max(latencies):.2f} s while a {took:.1f} s request ran"
+
+
+def test_fan_out_past_max_batch_size_is_400_before_any_work(default_server: ServerProcess) -> None:
+    url = default_server.base_url
+    started = time.monotonic()
+    batch = httpx.post(f"{url}/v1/chat/completions/batch", json={"messages": [HI] * 1025}, timeout=60)
+    assert _assert_error(batch)["param"] == "messages"
+    many = httpx.post(f"{url}/v1/completions", json={"prompt": ["hi"] * 1025, "max_tokens": 1}, timeout=60)
+    assert _assert_error(many)["param"] == "prompt"
+    times_n = httpx.post(f"{url}/v1/completions", json={"prompt": ["hi"] * 600, "n": 2}, timeout=60)
+    assert "1200" in _assert_error(times_n)["message"]
+    assert time.monotonic() - started < 10
+
+
+def _engines_idle(server: ServerProcess) -> bool:
+    engines = httpx.get(f"{server.base_url}/load", timeout=10).json()["engines"]
+    return all(e["outstanding"] == 0 and not e["num_running"] and not e["num_waiting"] for e in engines)
+
+
+def test_a_batch_whose_client_leaves_is_aborted_everywhere(default_server: ServerProcess) -> None:
+    body = {"messages": [HI] * 24, "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{default_server.base_url}/v1/chat/completions/batch", json=body, timeout=2)
+    deadline = time.monotonic() + 20
+    while not _engines_idle(default_server):
+        assert time.monotonic() < deadline, httpx.get(f"{default_server.base_url}/load").text
+        time.sleep(0.2)
