@@ -12,6 +12,7 @@ from frontend.limits import InputLimits
 from frontend.offload import OFFLOAD_MIN_SIZE
 from frontend.sampling_params import build_sampling_params
 from frontend.serving.chat_template import ChatTemplate
+from frontend.structured_check import GrammarDryRun, check_structured_spec, spec_param
 from protocol.messages import Ready, SamplingParams
 
 
@@ -22,6 +23,7 @@ class ModelContext:
     chat_template: ChatTemplate | None
     served_model_names: list[str]
     limits: InputLimits = field(default_factory=InputLimits)
+    grammar_dry_run: GrammarDryRun | None = None  # None: structured specs are only compiled, not tried
 
     @classmethod
     def from_ready(
@@ -37,7 +39,8 @@ class ModelContext:
                 special_tokens=ready.special_tokens,
             )
         names = list(served_model_names) or list(ready.served_model_names)
-        return cls(ready, tokenizer, template, names, limits or InputLimits())
+        dry_run = GrammarDryRun(ready.tokenizer_json, ready.vocab_size, list(ready.eos_token_ids))
+        return cls(ready, tokenizer, template, names, limits or InputLimits(), dry_run)
 
     @property
     def model_name(self) -> str:
@@ -58,7 +61,7 @@ class ModelContext:
     def sampling_params(self, req: Any, num_prompt_tokens: int, **options: Any) -> SamplingParams:
         """The wire sampling settings of `req` for a prompt of this length on this model (400s on bad
         values); fields the request leaves unset take the model's generation-config defaults."""
-        return build_sampling_params(
+        params = build_sampling_params(
             req,
             num_prompt_tokens=num_prompt_tokens,
             max_model_len=self.max_model_len,
@@ -67,6 +70,9 @@ class ModelContext:
             model_defaults=self.ready.default_sampling,
             **options,
         )
+        if params.structured is not None and self.grammar_dry_run is not None:
+            check_structured_spec(params.structured, spec_param(req), self.grammar_dry_run)
+        return params
 
     def decode_prompt(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)

@@ -201,3 +201,34 @@ def test_a_batch_whose_client_leaves_is_aborted_everywhere(default_server: Serve
     while not _engines_idle(default_server):
         assert time.monotonic() < deadline, httpx.get(f"{default_server.base_url}/load").text
         time.sleep(0.2)
+
+
+def _tool(i: int) -> dict[str, Any]:
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    return {"type": "function", "function": {"name": f"tool_{i}", "parameters": parameters}}
+
+
+LONG_NAME = "x" * 10_000
+STRUCTURED_LIMITS = {
+    "50,000 choices": {"structured_outputs": {"choice": [f"option {i}" for i in range(50_000)]}},
+    "10,000-char property": {
+        "structured_outputs": {
+            "json": {"type": "object", "properties": {LONG_NAME: {"type": "string"}}, "required": [LONG_NAME]}
+        }
+    },
+    "5,000-alternative grammar": {
+        "structured_outputs": {"grammar": "start: " + " | ".join(f'"alt{i}"' for i in range(5_000))}
+    },
+    "regex a{99999999}": {"structured_outputs": {"regex": "a{99999999}"}},
+}
+
+
+@pytest.mark.parametrize("case", list(STRUCTURED_LIMITS))
+def test_structured_output_limits_are_400_before_generation(default_server: ServerProcess, case: str) -> None:
+    body = {**GREEDY_CHAT, "max_tokens": 64, "temperature": 1.0, **STRUCTURED_LIMITS[case]}
+    started = time.monotonic()
+    resp = httpx.post(f"{default_server.base_url}/v1/chat/completions", json=body, timeout=300)
+    error = _assert_error(resp)
+    assert "\n" not in error["message"] and "<state>" not in error["message"], error["message"]
+    assert error["param"] in ("structured_outputs", "tool_choice")
+    assert time.monotonic() - started < 30
