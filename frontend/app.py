@@ -79,6 +79,18 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return response
 
 
+def cors_credentials(config: FrontendConfig) -> bool:
+    """Whether browsers may send cookies/credentials cross-origin: only when asked for, and never with the
+    '*' wildcard (Starlette then echoes any Origin, even `null`, which would let every site act as the
+    user)."""
+    if not config.allow_credentials:
+        return False
+    if "*" in config.allowed_origins:
+        logger.warning("--allow-credentials is ignored with --allowed-origins '*': list the origins instead")
+        return False
+    return True
+
+
 def build_app(config: FrontendConfig) -> Starlette:
     client = EngineClient(
         list(config.engine_addresses),
@@ -114,7 +126,7 @@ def build_app(config: FrontendConfig) -> Starlette:
                 allow_origins=list(config.allowed_origins),
                 allow_methods=list(config.allowed_methods),
                 allow_headers=list(config.allowed_headers),
-                allow_credentials=True,
+                allow_credentials=cors_credentials(config),
             )
         )
     if config.api_key:

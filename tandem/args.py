@@ -124,6 +124,11 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
         "--max-request-body-bytes", type=_size, default=64 * 1024**2, help="Larger request bodies get 413."
     )
     g.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins ('*' for any).")
+    g.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="CORS: let browsers send credentials; only with an explicit --allowed-origins list, never '*'.",
+    )
     g.add_argument("--allowed-methods", nargs="*", default=["*"], help="CORS methods.")
     g.add_argument("--allowed-headers", nargs="*", default=["*"], help="CORS headers.")
     g.add_argument("--disable-log-requests", action="store_true", help="No per-request access log.")
@@ -233,6 +238,7 @@ def frontend_config(ns: argparse.Namespace, *, engines: list[str], fd: int | Non
         ssl_keyfile=ns.ssl_keyfile,
         root_path=ns.root_path,
         max_batch_size=ns.max_batch_size,
+        allow_credentials=ns.allow_credentials,
     )
 
 
