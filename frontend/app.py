@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from frontend import openapi
 from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient, EngineUnavailable
 from frontend.errors import APIError, engine_unavailable, internal_error
@@ -132,7 +133,7 @@ def build_app(config: FrontendConfig) -> Starlette:
     if config.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=config.api_key))
     app = Starlette(
-        routes=[*openai_routes.routes, *extra_routes.routes, *system_routes.routes],
+        routes=[*openai_routes.routes, *extra_routes.routes, *system_routes.routes, *openapi.routes],
         middleware=middleware,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,
