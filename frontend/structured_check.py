@@ -8,7 +8,7 @@ specs are also capped by size up front and dry-run for a few tokens against the 
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import re
 import threading
@@ -92,9 +92,32 @@ def _property_name_error(schema_text: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=512)
 def _grammar_error(kind: str, text: str) -> str | None:
-    """llguidance's message for an unusable spec, or None. Cached: clients repeat the same schemas."""
+    """llguidance's message for an unusable spec, or None. Cached by a digest of the spec (clients repeat
+    the same schemas), so a cache of multi-megabyte specs cannot hold on to their text."""
+    key = (kind, _digest(text))
+    with _cache_lock:
+        if key in _compile_cache:
+            _compile_cache.move_to_end(key)
+            return _compile_cache[key]
+    error = _compile_error(kind, text)
+    error = error[:2000] if error else None  # the message can quote the spec: keep the cache small
+    with _cache_lock:
+        _compile_cache[key] = error
+        if len(_compile_cache) > 512:
+            _compile_cache.popitem(last=False)
+    return error
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+_compile_cache: OrderedDict[tuple[str, str], str | None] = OrderedDict()
+_cache_lock = threading.Lock()  # request preparation runs on worker threads
+
+
+def _compile_error(kind: str, text: str) -> str | None:
     try:
         if kind == "json":
             grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
@@ -142,7 +165,7 @@ class GrammarDryRun:
             return self._tokenizer
 
     def error(self, spec: StructuredSpec) -> str | None:
-        key = json.dumps([spec.json_schema, spec.regex, spec.choice, spec.grammar])
+        key = _digest(json.dumps([spec.json_schema, spec.regex, spec.choice, spec.grammar]))
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)

@@ -12,7 +12,7 @@ from tests.conftest import DEFAULT_MODEL_NAME
 from tests.server_process import ServerProcess
 
 # `make test` runs a short fuzz (well under 90 s); `make stress` sets TANDEM_FUZZ_EXAMPLES much higher.
-FUZZ_EXAMPLES = int(os.environ.get("TANDEM_FUZZ_EXAMPLES", "25"))
+FUZZ_EXAMPLES = int(os.environ.get("TANDEM_FUZZ_EXAMPLES", "8"))
 
 GREEDY_CHAT = {
     "model": DEFAULT_MODEL_NAME,
