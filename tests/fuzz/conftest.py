@@ -12,12 +12,12 @@ from tests.conftest import DEFAULT_MODEL_NAME
 from tests.server_process import ServerProcess
 
 # `make test` runs a short fuzz (well under 90 s); `make stress` sets TANDEM_FUZZ_EXAMPLES much higher.
-FUZZ_EXAMPLES = int(os.environ.get("TANDEM_FUZZ_EXAMPLES", "8"))
+FUZZ_EXAMPLES = int(os.environ.get("TANDEM_FUZZ_EXAMPLES", "4"))
 
 GREEDY_CHAT = {
     "model": DEFAULT_MODEL_NAME,
     "messages": [{"role": "user", "content": "What is the capital of France?"}],
-    "max_tokens": 8,
+    "max_tokens": 4,
     "temperature": 0,
 }
 
