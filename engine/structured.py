@@ -51,6 +51,13 @@ def grammar_for_spec(spec: StructuredSpec) -> str:
     return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_OPTIONS)
 
 
+def _short_reason(matcher: llguidance.LLMatcher) -> str:
+    """llguidance's error without the parser state dump that can follow it (for the log, not clients)."""
+    message = matcher.get_error() or "grammar error"
+    logger.debug("llguidance error: %s", message)
+    return " ".join(message.split("<state>", 1)[0].split())[:500]
+
+
 class GrammarCompiler:
     """Compiles specs to pristine matchers on worker threads; keeps the last `cache_size` results by spec."""
 
@@ -102,7 +109,7 @@ class GrammarCompiler:
         grammar = grammar_for_spec(spec)
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise GrammarError(matcher.get_error())
+            raise GrammarError(_short_reason(matcher))
         return matcher
 
     def shutdown(self) -> None:
@@ -186,7 +193,7 @@ class StructuredOutputs:
             return {}
         results = self._executor.consume_token_par(pairs)
         return {
-            request.request_id: f"structured output rejected a token: {matcher.get_error()}"
+            request.request_id: f"structured output rejected a token: {_short_reason(matcher)}"
             for request, ok, (matcher, _) in zip(owners, results, pairs, strict=True)
             if not ok
         }

@@ -15,9 +15,11 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from frontend import openapi
 from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient, EngineUnavailable
 from frontend.errors import APIError, engine_unavailable, internal_error
+from frontend.limits import InputLimits
 from frontend.metrics import setup_metrics, start_request_metrics
 from frontend.middleware import (
     REQUEST_ID_KEY,
@@ -78,6 +80,18 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return response
 
 
+def cors_credentials(config: FrontendConfig) -> bool:
+    """Whether browsers may send cookies/credentials cross-origin: only when asked for, and never with the
+    '*' wildcard (Starlette then echoes any Origin, even `null`, which would let every site act as the
+    user)."""
+    if not config.allow_credentials:
+        return False
+    if "*" in config.allowed_origins:
+        logger.warning("--allow-credentials is ignored with --allowed-origins '*': list the origins instead")
+        return False
+    return True
+
+
 def build_app(config: FrontendConfig) -> Starlette:
     client = EngineClient(
         list(config.engine_addresses),
@@ -91,7 +105,7 @@ def build_app(config: FrontendConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         ready = await _wait_for_engine(client, config.engine_ready_timeout_s, state.stop_requested)
-        state.ctx = ModelContext.from_ready(ready, config.served_model_names)
+        state.ctx = ModelContext.from_ready(ready, config.served_model_names, InputLimits.from_config(config))
         start_request_metrics(state, state.ctx.model_name, ready.max_model_len)
         logger.info(
             "serving %s (max_model_len %d)", ", ".join(state.ctx.served_model_names), ready.max_model_len
@@ -113,7 +127,7 @@ def build_app(config: FrontendConfig) -> Starlette:
                 allow_origins=list(config.allowed_origins),
                 allow_methods=list(config.allowed_methods),
                 allow_headers=list(config.allowed_headers),
-                allow_credentials=True,
+                allow_credentials=cors_credentials(config),
             )
         )
     if config.api_key:
@@ -124,6 +138,7 @@ def build_app(config: FrontendConfig) -> Starlette:
             *extra_routes.routes,
             *system_routes.routes,
             *sagemaker_routes.routes_for(config),
+            *openapi.routes,
         ],
         middleware=middleware,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},

@@ -35,3 +35,6 @@ class FrontendConfig:
     ssl_certfile: str | None = None  # HTTPS when set
     ssl_keyfile: str | None = None
     root_path: str = ""  # the prefix a proxy serves the API under
+    # Engine requests one API request may fan out into (completion prompts x n, batch conversations).
+    max_batch_size: int = 1024
+    allow_credentials: bool = False  # CORS credentials, only ever with an explicit origin list

@@ -138,6 +138,11 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
         "--max-request-body-bytes", type=_size, default=64 * 1024**2, help="Larger request bodies get 413."
     )
     g.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins ('*' for any).")
+    g.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="CORS: let browsers send credentials; only with an explicit --allowed-origins list, never '*'.",
+    )
     g.add_argument("--allowed-methods", nargs="*", default=["*"], help="CORS methods.")
     g.add_argument("--allowed-headers", nargs="*", default=["*"], help="CORS headers.")
     g.add_argument("--disable-log-requests", action="store_true", help="No per-request access log.")
@@ -180,6 +185,13 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ssl-keyfile", default=None, help="The private key of --ssl-certfile (PEM).")
     g.add_argument(
         "--root-path", default="", help="Path prefix a proxy serves the API under (ASGI root_path)."
+    )
+    g.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=1024,
+        help="Most engine requests one API request may fan out into (completion prompts x n, batch chat "
+        "conversations); larger requests get 400.",
     )
 
 
@@ -261,6 +273,8 @@ def frontend_config(ns: argparse.Namespace, *, engines: list[str], fd: int | Non
         ssl_certfile=ns.ssl_certfile,
         ssl_keyfile=ns.ssl_keyfile,
         root_path=ns.root_path,
+        max_batch_size=ns.max_batch_size,
+        allow_credentials=ns.allow_credentials,
     )
 
 

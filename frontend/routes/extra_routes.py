@@ -7,6 +7,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from frontend.middleware import REQUEST_ID_KEY
+from frontend.offload import run_off_loop
 from frontend.request_body import read_body
 from frontend.schemas import _decode as decode_body
 from frontend.serving.batch_chat import batch_chat_decoder, create_batch_chat_completion
@@ -43,7 +44,7 @@ async def generate(request: Request) -> Response:
 
 async def tokenize_route(request: Request) -> Response:
     req = decode_body(tokenize_decoder, await _body(request))
-    return json_response(tokenize(_state(request).model, req))
+    return json_response(await run_off_loop(tokenize, _state(request).model, req))
 
 
 async def detokenize_route(request: Request) -> Response:

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from frontend.errors import invalid_request
+from frontend.errors import APIError, invalid_request
 from frontend.schemas.requests import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
 MAX_N = 128  # a sane cap: each choice is a separate sequence in the engine
@@ -225,6 +225,15 @@ def _check_content(message: ChatMessage, index: int) -> None:
             )
 
 
+def _embeds_without_prompt_logprobs() -> APIError:
+    # As vLLM: embedding positions have no token to score, so prompt logprobs would be meaningless.
+    return invalid_request("`prompt_logprobs` is not supported with prompt embeddings.", "prompt_logprobs")
+
+
+def _has_embeds_part(message: ChatMessage) -> bool:
+    return isinstance(message.content, list) and any(p.type == "prompt_embeds" for p in message.content)
+
+
 def check_chat_request(req: ChatCompletionRequest) -> None:
     if not req.messages:
         raise invalid_request("`messages` must hold at least one message.", "messages")
@@ -235,6 +244,8 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
                 f"messages[{index}].role",
             )
         _check_content(message, index)
+    if req.prompt_logprobs is not None and any(_has_embeds_part(m) for m in req.messages):
+        raise _embeds_without_prompt_logprobs()
     # max_completion_tokens is OpenAI's newer name for max_tokens and wins when both are given.
     _check_at_least(req.max_tokens, "max_tokens", 1)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -293,8 +304,17 @@ def check_completion_request(req: CompletionRequest) -> None:
     if req.prompt is not None:
         _check_prompt(req.prompt)
     embeds = req.prompt_embeds
-    if embeds is not None and (not embeds or (isinstance(embeds, list) and "" in embeds)):
+    # As vLLM: an empty `prompt_embeds: []` next to a text prompt is ignored (the serving code skips it).
+    ignored = embeds == [] and req.prompt is not None
+    if embeds is not None and not ignored and (not embeds or (isinstance(embeds, list) and "" in embeds)):
         raise invalid_request("`prompt_embeds` must not be empty.", "prompt_embeds")
+    if embeds and req.prompt_logprobs is not None:
+        raise _embeds_without_prompt_logprobs()
+    if embeds and req.echo and req.logprobs is not None:
+        raise invalid_request(
+            "`echo` with `logprobs` needs prompt logprobs, which `prompt_embeds` prompts do not have.",
+            "echo",
+        )
     if req.suffix:
         raise invalid_request("`suffix` is not supported.", "suffix")
     _check_sampling(req, max_tokens_param="max_tokens", max_tokens=req.max_tokens)

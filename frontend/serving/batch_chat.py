@@ -15,14 +15,22 @@ from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
+from frontend.offload import run_off_loop
 from frontend.schemas import ChatCompletionRequest, ChatMessage
 from frontend.schemas.checks import check_chat_request
 from frontend.serving.chat import chat_choices, prepare_chat
-from frontend.serving.generation import output_factory, plan_choices, run_choices, usage_dict
+from frontend.serving.generation import (
+    PreparedPrompt,
+    output_factory,
+    plan_choices,
+    run_choices,
+    usage_dict,
+)
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.streaming import first_or_error, json_response
 from frontend.serving.tools import ToolSettings, plan_tools
+from protocol.messages import SamplingParams
 
 
 class BatchChatCompletionRequest(ChatCompletionRequest, kw_only=True):
@@ -66,15 +74,21 @@ async def create_batch_chat_completion(
 ) -> Response:
     require_task(ctx, "generate", "/v1/chat/completions/batch")
     model = ctx.check_model(req.model)
+    ctx.limits.check_fan_out(len(req.messages), "messages", "conversations")
     conversations = split_conversations(req)
     # `tools` and `tool_choice` are shared fields, so every conversation has this same plan.
     tool_plan = plan_tools(req, tool_settings or ToolSettings())
     structured = tool_plan.structured if tool_plan else None
-    prompts = [prepare_chat(ctx, conversation) for conversation in conversations]
-    sampling = [
-        ctx.sampling_params(conversation, len(prompt.token_ids), structured_override=structured)
-        for conversation, prompt in zip(conversations, prompts, strict=True)
-    ]
+
+    def prepare() -> tuple[list[PreparedPrompt], list[SamplingParams]]:
+        prompts = [prepare_chat(ctx, conversation) for conversation in conversations]
+        sampling = [
+            ctx.sampling_params(conversation, len(prompt.token_ids), structured_override=structured)
+            for conversation, prompt in zip(conversations, prompts, strict=True)
+        ]
+        return prompts, sampling
+
+    prompts, sampling = await run_off_loop(prepare)  # every template and tokenization, off the loop
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     jobs = plan_choices(
         response_id,

@@ -11,8 +11,13 @@ from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
+from frontend.offload import run_off_loop
 from frontend.schemas import ChatCompletionRequest
-from frontend.serving.chat_template import ChatTemplateError, normalize_messages
+from frontend.serving.chat_template import (
+    RESERVED_TEMPLATE_KWARGS,
+    ChatTemplateError,
+    normalize_messages,
+)
 from frontend.serving.generation import (
     ChoiceJob,
     PreparedPrompt,
@@ -28,6 +33,7 @@ from frontend.serving.output import ChoiceDelta
 from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs, prompt_logprobs_json
 from frontend.serving.streaming import StreamUsage, first_or_error, json_response, sse_response, usage_flags
 from frontend.serving.tools import ToolPlan, ToolSettings, ToolStream, apply_tool_calls, plan_tools
+from protocol.messages import SamplingParams
 
 
 def render_chat_prompt(ctx: ModelContext, req: ChatCompletionRequest) -> tuple[str, list[str]]:
@@ -45,6 +51,13 @@ def render_chat_prompt(ctx: ModelContext, req: ChatCompletionRequest) -> tuple[s
         )
     messages, embeds = normalize_messages(req.messages)
     kwargs = dict(req.chat_template_kwargs or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if reserved:
+        # These are set from the request's own fields; a second value would replace the conversation.
+        raise invalid_request(
+            f"`chat_template_kwargs` must not set {', '.join(reserved)}: use the request fields instead.",
+            "chat_template_kwargs",
+        )
     try:
         text = ctx.chat_template.render(
             messages,
@@ -104,10 +117,14 @@ async def create_chat_completion(
     require_task(ctx, "generate", "/v1/chat/completions")
     model = ctx.check_model(req.model)
     tool_plan = plan_tools(req, tool_settings or ToolSettings())
-    prompt = prepare_chat(ctx, req)
-    sampling = ctx.sampling_params(
-        req, len(prompt.token_ids), structured_override=tool_plan.structured if tool_plan else None
-    )
+
+    def prepare() -> tuple[PreparedPrompt, SamplingParams]:
+        prompt = prepare_chat(ctx, req)
+        structured = tool_plan.structured if tool_plan else None
+        return prompt, ctx.sampling_params(req, len(prompt.token_ids), structured_override=structured)
+
+    # Templating, tokenizing and the grammar check can take seconds on a huge request: off the loop.
+    prompt, sampling = await run_off_loop(prepare)
     n = req.n or 1
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     jobs = plan_choices(

@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError
+from frontend.offload import run_off_loop
 from frontend.sampling_params import check_prompt_token_ids
 from frontend.schemas import CompletionRequest
 from frontend.serving.generation import (
@@ -29,6 +30,7 @@ from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, LogprobEntry
 from frontend.serving.responses import completion_chunk, completion_logprobs, prompt_logprobs_json
 from frontend.serving.streaming import StreamUsage, first_or_error, json_response, sse_response, usage_flags
+from protocol.messages import SamplingParams
 
 # OpenAI's legacy completions default; vLLM uses the same.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -37,7 +39,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 def prepare_prompts(ctx: ModelContext, req: CompletionRequest) -> list[PreparedPrompt]:
     prompt = req.prompt
     prompts: list[PreparedPrompt] = []
-    if req.prompt_embeds is not None:
+    if req.prompt_embeds:  # an empty list next to a text prompt is ignored, as vLLM does
         from frontend.serving.prompt_embeds import prompts_from_embeds
 
         prompts.extend(prompts_from_embeds(ctx, req.prompt_embeds))
@@ -61,11 +63,17 @@ def prepare_prompts(ctx: ModelContext, req: CompletionRequest) -> list[PreparedP
     return prompts
 
 
-async def create_completion(
-    ctx: ModelContext, client: EngineClient, req: CompletionRequest, request_id: str
-) -> Response:
-    require_task(ctx, "generate", "/v1/completions")
-    model = ctx.check_model(req.model)
+def _num_prompts(req: CompletionRequest) -> int:
+    """How many prompts a (checked) request holds, counted without tokenizing any."""
+    embeds = req.prompt_embeds
+    count = len(embeds) if isinstance(embeds, list) else int(embeds is not None)
+    prompt = req.prompt
+    if prompt is None or isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return count + int(prompt is not None)
+    return count + len(prompt)
+
+
+def _prepare(ctx: ModelContext, req: CompletionRequest) -> tuple[list[PreparedPrompt], list[SamplingParams]]:
     prompts = [
         truncate_prompt(
             p, req.truncate_prompt_tokens, ctx.max_model_len, ctx.decode_prompt, req.truncation_side
@@ -76,6 +84,17 @@ async def create_completion(
         ctx.sampling_params(req, len(p.token_ids), default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS)
         for p in prompts
     ]
+    return prompts, sampling
+
+
+async def create_completion(
+    ctx: ModelContext, client: EngineClient, req: CompletionRequest, request_id: str
+) -> Response:
+    require_task(ctx, "generate", "/v1/completions")
+    model = ctx.check_model(req.model)
+    ctx.limits.check_fan_out(_num_prompts(req) * (req.n or 1), "prompt", "completions (prompts x n)")
+    # Tokenizing, decoding embeddings and the grammar check can take seconds: off the event loop.
+    prompts, sampling = await run_off_loop(_prepare, ctx, req)
     if req.echo and req.logprobs is not None:
         # Echo with logprobs shows the prompt tokens' logprobs first: the engine must compute them.
         sampling = [

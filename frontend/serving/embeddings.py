@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
+from frontend.offload import run_off_loop
 from frontend.schemas.requests import Request
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
@@ -79,7 +80,7 @@ def _tokenize(ctx: ModelContext, req: EmbeddingRequest, items: list[str | list[i
     prompts = []
     for index, item in enumerate(items):
         if isinstance(item, str):
-            token_ids = ctx.tokenizer.encode(item, add_special_tokens=add_special).ids
+            token_ids = ctx.tokenize_text(item, add_special_tokens=add_special)
         else:
             token_ids = list(item)
             bad = next((t for t in token_ids if t >= vocab_size), None)
@@ -156,7 +157,7 @@ async def create_embeddings(
             f"`encoding_format` must be 'float' or 'base64', got {encoding_format!r}.", "encoding_format"
         )
     _check_dimensions(ctx, req.dimensions)
-    prompts = _tokenize(ctx, req, _input_items(req))
+    prompts = await run_off_loop(_tokenize, ctx, req, _input_items(req))  # long inputs: off the loop
     response_id = f"embd-{uuid.uuid4().hex}"
     now = time.time()
     adds = [

@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
+from frontend.offload import run_off_loop
 from frontend.sampling_params import check_prompt_token_ids
 from frontend.schemas import CompletionRequest, StreamOptions
 from frontend.schemas.checks import check_completion_request
@@ -89,7 +90,7 @@ async def create_generate(
     # No max_tokens: all the room left in the context, as current vLLM (a model's max_new_tokens still
     # caps it in ctx.sampling_params).
     try:
-        sampling = ctx.sampling_params(completion, len(req.token_ids))
+        sampling = await run_off_loop(ctx.sampling_params, completion, len(req.token_ids))  # grammar check
     except APIError as err:
         if err.param == "prompt":
             err.param = "token_ids"

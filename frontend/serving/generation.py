@@ -13,6 +13,10 @@ from frontend.engine_client import EngineClient
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
 from protocol.messages import AddRequest, EmbedSpan, SamplingParams
 
+# Engine requests of one API request in flight at once; the rest wait in the API process, costing nothing
+# in the engines until they are admitted.
+ADMIT_WINDOW = 256
+
 
 @dataclass
 class PreparedPrompt:
@@ -114,11 +118,14 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
 
 
 async def run_choices(
-    client: EngineClient, jobs: list[ChoiceJob]
+    client: EngineClient, jobs: list[ChoiceJob], *, admit_window: int = ADMIT_WINDOW
 ) -> AsyncGenerator[tuple[ChoiceJob, ChoiceDelta], None]:
-    """Deltas of all jobs as they arrive. Cancelling the consumer aborts every unfinished engine request."""
+    """Deltas of all jobs as they arrive. At most `admit_window` of them are in the engines at once (the
+    next starts when one finishes), so one large fan-out neither floods the engine queues nor trips
+    admission control. Cancelling the consumer aborts every unfinished engine request."""
     queue: asyncio.Queue[tuple[ChoiceJob, ChoiceDelta] | None] = asyncio.Queue()
     n = len(jobs) // max(len({job.prompt_index for job in jobs}), 1)  # choices per prompt, for metrics
+    admitted = asyncio.Semaphore(admit_window)
 
     async def pump(job: ChoiceJob) -> None:
         try:
@@ -141,7 +148,11 @@ async def run_choices(
         finally:
             queue.put_nowait(None)
 
-    tasks = [asyncio.create_task(pump(job)) for job in jobs]
+    async def admit(job: ChoiceJob) -> None:
+        async with admitted:
+            await pump(job)
+
+    tasks = [asyncio.create_task(admit(job)) for job in jobs]
     remaining = len(tasks)
     try:
         while remaining:

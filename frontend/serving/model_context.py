@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from frontend.errors import model_not_found
+from frontend.limits import InputLimits
+from frontend.offload import OFFLOAD_MIN_SIZE
 from frontend.sampling_params import build_sampling_params
 from frontend.serving.chat_template import ChatTemplate
+from frontend.structured_check import GrammarDryRun, check_structured_spec, spec_param
 from protocol.messages import Ready, SamplingParams
 
 
@@ -19,9 +22,13 @@ class ModelContext:
     tokenizer: Tokenizer
     chat_template: ChatTemplate | None
     served_model_names: list[str]
+    limits: InputLimits = field(default_factory=InputLimits)
+    grammar_dry_run: GrammarDryRun | None = None  # None: structured specs are only compiled, not tried
 
     @classmethod
-    def from_ready(cls, ready: Ready, served_model_names: tuple[str, ...] = ()) -> ModelContext:
+    def from_ready(
+        cls, ready: Ready, served_model_names: tuple[str, ...] = (), limits: InputLimits | None = None
+    ) -> ModelContext:
         tokenizer = Tokenizer.from_str(ready.tokenizer_json)
         template = None
         if ready.chat_template:
@@ -31,7 +38,9 @@ class ModelContext:
                 eos_token=ready.eos_token,
                 special_tokens=ready.special_tokens,
             )
-        return cls(ready, tokenizer, template, list(served_model_names) or list(ready.served_model_names))
+        names = list(served_model_names) or list(ready.served_model_names)
+        dry_run = GrammarDryRun(ready.tokenizer_json, ready.vocab_size, list(ready.eos_token_ids))
+        return cls(ready, tokenizer, template, names, limits or InputLimits(), dry_run)
 
     @property
     def model_name(self) -> str:
@@ -52,7 +61,7 @@ class ModelContext:
     def sampling_params(self, req: Any, num_prompt_tokens: int, **options: Any) -> SamplingParams:
         """The wire sampling settings of `req` for a prompt of this length on this model (400s on bad
         values); fields the request leaves unset take the model's generation-config defaults."""
-        return build_sampling_params(
+        params = build_sampling_params(
             req,
             num_prompt_tokens=num_prompt_tokens,
             max_model_len=self.max_model_len,
@@ -62,12 +71,22 @@ class ModelContext:
             max_logprobs=self.ready.max_logprobs,
             **options,
         )
+        if params.structured is not None and self.grammar_dry_run is not None:
+            check_structured_spec(params.structured, spec_param(req), self.grammar_dry_run)
+        return params
 
     def decode_prompt(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
+    def tokenize_text(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """The tokenizer's own ids for `text`. A long text goes through encode_batch, which releases
+        the GIL (encode does not), so tokenizing it on a worker thread leaves the event loop free."""
+        if len(text) < OFFLOAD_MIN_SIZE:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self.tokenize_text(text, add_special_tokens=False)
         bos = self.ready.bos_token
         if add_special_tokens and self.ready.add_bos_token and bos is not None:
             bos_id = self.tokenizer.token_to_id(bos)

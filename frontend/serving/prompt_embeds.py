@@ -3,6 +3,9 @@
 Each payload is base64 of a `torch.save`d tensor. It is loaded with `weights_only=True` (no code runs,
 whatever the pickle asks for), checked, cast to the model dtype, and sent to the engine as a raw frame.
 torch is imported here only, lazily, so the default API path stays torch-free.
+
+A loaded tensor can be a view far larger than its storage (`zeros(1, H).expand(10**6, H)` is a few KB on
+the wire), so its shape, dtype and size are checked against the limits before anything is materialized.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import hashlib
 import io
 from typing import Any
 
-from frontend.config import FrontendConfig
 from frontend.errors import invalid_request
 from frontend.serving.chat_template import PROMPT_EMBEDS_PLACEHOLDER
 from frontend.serving.generation import PreparedPrompt
@@ -22,7 +24,8 @@ from protocol.messages import EmbedSpan
 
 # Any valid id: the engine replaces these positions' embeddings with the request's rows.
 PLACEHOLDER_TOKEN_ID = 0
-DEFAULT_MAX_EMBEDS_BYTES = FrontendConfig.max_prompt_embeds_bytes
+# Input dtypes a client may send; others (float8, complex, integers) are refused with a 400.
+ACCEPTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def _require_enabled(ctx: ModelContext, param: str) -> None:
@@ -39,7 +42,7 @@ def decode_embeds(
     """Raw rows (model dtype, C order) of one base64 payload, and the dtype name; 400 naming the problem."""
     import torch
 
-    limit = max_bytes or DEFAULT_MAX_EMBEDS_BYTES
+    limit = max_bytes or ctx.limits.max_prompt_embeds_bytes
     # base64 is 4/3 the size of its bytes: refuse an oversized payload before decoding it.
     if len(data) * 3 // 4 > limit:
         raise invalid_request(
@@ -56,24 +59,39 @@ def decode_embeds(
         raise invalid_request(
             f"`{param}` is not a tensor saved with torch.save that can be loaded safely: {reason}", param
         ) from None
-    rows = _check_tensor(tensor, ctx.ready.hidden_size, param)
     dtype = getattr(torch, ctx.ready.model_dtype, torch.float32)
+    rows = _check_tensor(tensor, ctx, param)
+    _check_size(rows.shape[0], ctx, max(rows.element_size(), dtype.itemsize), limit, param)
+    # Materialize only now that the size is known to fit; check finiteness after the cast, since a
+    # float64 value that is finite can overflow to inf in the model dtype.
     rows = rows.to(dtype).contiguous()
+    if not bool(torch.isfinite(rows).all()):
+        raise invalid_request(
+            f"`{param}` holds NaN or infinite values (in the model dtype {ctx.ready.model_dtype}).", param
+        )
     if dtype == torch.bfloat16:
         # numpy has no bfloat16: the engine reads these frames as raw 16-bit words.
         return rows.view(torch.int16).numpy().tobytes(), "bfloat16"
     return rows.numpy().tobytes(), str(dtype).removeprefix("torch.")
 
 
-def _check_tensor(tensor: Any, hidden_size: int, param: str) -> Any:
+def _check_tensor(tensor: Any, ctx: ModelContext, param: str) -> Any:
+    """The (num_tokens, hidden_size) view of a loaded payload, checked from its metadata only."""
     import torch
 
-    if not isinstance(tensor, torch.Tensor):
-        raise invalid_request(f"`{param}` must hold a tensor, got {type(tensor).__name__}.", param)
+    hidden_size = ctx.ready.hidden_size
+    # A Parameter or a tensor that records gradients cannot be turned into bytes; refuse it plainly.
+    if type(tensor) is not torch.Tensor:
+        raise invalid_request(f"`{param}` must hold a plain tensor, got {type(tensor).__name__}.", param)
+    if tensor.requires_grad:
+        raise invalid_request(f"`{param}` must not require grad: save `tensor.detach()`.", param)
     if tensor.layout != torch.strided or tensor.is_sparse or tensor.is_quantized:
         raise invalid_request(f"`{param}` must be a dense tensor.", param)
-    if not tensor.is_floating_point():
-        raise invalid_request(f"`{param}` must be a floating-point tensor, got {tensor.dtype}.", param)
+    dtype_name = str(tensor.dtype).removeprefix("torch.")
+    if dtype_name not in ACCEPTED_DTYPES:
+        raise invalid_request(
+            f"`{param}` has dtype {dtype_name}; expected one of {', '.join(ACCEPTED_DTYPES)}.", param
+        )
     if tensor.dim() == 3 and tensor.shape[0] == 1:
         tensor = tensor.squeeze(0)
     if tensor.dim() != 2:
@@ -86,9 +104,22 @@ def _check_tensor(tensor: Any, hidden_size: int, param: str) -> Any:
         raise invalid_request(
             f"`{param}` rows have size {tensor.shape[1]}; this model's hidden size is {hidden_size}.", param
         )
-    if not bool(torch.isfinite(tensor).all()):
-        raise invalid_request(f"`{param}` holds NaN or infinite values.", param)
     return tensor
+
+
+def _check_size(num_rows: int, ctx: ModelContext, item_size: int, limit: int, param: str) -> None:
+    """Refuses more rows than the context holds, or more bytes than the limit once cast."""
+    if num_rows > ctx.max_model_len:
+        raise invalid_request(
+            f"`{param}` has {num_rows} rows; this model's context holds {ctx.max_model_len} tokens.", param
+        )
+    num_bytes = num_rows * ctx.ready.hidden_size * item_size
+    if num_bytes > limit:
+        raise invalid_request(
+            f"`{param}` needs {num_bytes} bytes once decoded, over the {limit}-byte limit for prompt "
+            "embeddings.",
+            param,
+        )
 
 
 def _span(raw: bytes, dtype: str, start: int, hidden_size: int, frame_index: int) -> EmbedSpan:

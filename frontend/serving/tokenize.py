@@ -49,7 +49,7 @@ def tokenize(ctx: ModelContext, req: TokenizeRequest) -> dict[str, Any]:
 def _encode_text(ctx: ModelContext, text: str, add_special: bool) -> list[int]:
     if ctx.ready.task == "embed":
         # Encoder tokenizers add their own [CLS]/[SEP] through the post-processor.
-        return ctx.tokenizer.encode(text, add_special_tokens=add_special).ids
+        return ctx.tokenize_text(text, add_special_tokens=add_special)
     return ctx.encode(text, add_special_tokens=add_special)
 
 

@@ -122,6 +122,14 @@ BAD_PAYLOADS = {
     "infinite": lambda _m: _b64(torch.full((3, HIDDEN_SIZE), float("inf"))),
     "integer tensor": lambda _m: _b64(torch.zeros(3, HIDDEN_SIZE, dtype=torch.int64)),
     "not a tensor": lambda _m: _b64({"rows": [1.0, 2.0]}),
+    # A 4 KB view of 460 MB: refused from its shape, before any row is materialized.
+    "expanded past the context": lambda _m: _b64(torch.zeros(1, HIDDEN_SIZE).expand(200_000, HIDDEN_SIZE)),
+    "requires grad": lambda _m: _b64(torch.zeros(3, HIDDEN_SIZE, requires_grad=True)),
+    "nn.Parameter": lambda _m: _b64(torch.nn.Parameter(torch.zeros(3, HIDDEN_SIZE))),
+    "float8": lambda _m: _b64(torch.zeros(3, HIDDEN_SIZE, dtype=torch.float8_e4m3fn)),
+    "finite float64, inf in float32": lambda _m: _b64(
+        torch.full((3, HIDDEN_SIZE), 1e300, dtype=torch.float64)
+    ),
     "pickle with code": lambda m: _b64(_WritesMarker(m)),
 }
 
@@ -152,3 +160,27 @@ def test_pickle_payload_would_run_code_if_loaded_unsafely(tmp_path: Path) -> Non
     raw = base64.b64decode(_b64(_WritesMarker(marker)))
     torch.load(io.BytesIO(raw), weights_only=False)
     assert marker.exists()
+
+
+def test_prompt_logprobs_are_refused_and_an_empty_list_is_ignored(
+    default_server: ServerProcess, embed_table: torch.Tensor
+) -> None:
+    """vLLM's behaviour: embedding positions have no token to score; `prompt_embeds: []` is no input."""
+    data = _b64(embed_table[_tokens(default_server, prompt="Hello there")])
+    completion = _post(
+        default_server, "/v1/completions", {"prompt_embeds": data, "prompt_logprobs": 1, **GREEDY}
+    )
+    assert completion.status_code == 400 and completion.json()["error"]["param"] == "prompt_logprobs"
+    parts = [{"type": "prompt_embeds", "data": data}]
+    chat = _post(
+        default_server,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": parts}], "prompt_logprobs": 0, **GREEDY},
+    )
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "prompt_logprobs"
+    text = {"prompt": "The capital of France is", **GREEDY}
+    with_empty = _post(default_server, "/v1/completions", {**text, "prompt_embeds": []})
+    assert with_empty.status_code == 200, with_empty.text
+    plain = _post(default_server, "/v1/completions", text).json()
+    assert with_empty.json()["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert len(with_empty.json()["choices"]) == 1
