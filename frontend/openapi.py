@@ -49,7 +49,21 @@ def request_bodies() -> dict[str, tuple[str, Any]]:
         "/tokenize": ("Tokenize a prompt or a chat (vLLM)", tokenize_decoder.type),
         "/detokenize": ("Token ids to text (vLLM)", detokenize_decoder.type),
         "/v1/embeddings": ("Embeddings (OpenAI, --task embed)", embedding_decoder.type),
+        # SageMaker-style: the body's shape picks the endpoint (chat, completions or embeddings).
+        "/invocations": (
+            "Chat, completion or embedding, chosen by the body's fields (SageMaker, vLLM)",
+            (ChatCompletionRequest, CompletionRequest, embedding_decoder.type),
+        ),
     }
+
+
+# POST routes that take no body (SageMaker's health check accepts POST as well as GET).
+BODYLESS_POST_ROUTES = frozenset({"/ping"})
+
+
+def _body_types(body: Any) -> list[Any]:
+    """The structs a body may decode into: one, or several for a route that dispatches on shape."""
+    return list(body) if isinstance(body, tuple) else [body]
 
 
 def _error_responses() -> dict[str, Any]:
@@ -70,10 +84,15 @@ def build_openapi(routes: list[Any]) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `routes` (the app's Starlette routes)."""
     bodies = request_bodies()
     names = sorted(bodies)
-    refs, components = msgspec.json.schema_components(
-        [bodies[path][1] for path in names] + [ErrorResponse], ref_template=_REF
-    )
-    body_refs = dict(zip(names, refs, strict=False))
+    types = [t for path in names for t in _body_types(bodies[path][1])]
+    refs, components = msgspec.json.schema_components([*types, ErrorResponse], ref_template=_REF)
+    body_refs: dict[str, Any] = {}
+    position = 0
+    for path in names:
+        count = len(_body_types(bodies[path][1]))
+        path_refs = list(refs[position : position + count])
+        body_refs[path] = path_refs[0] if count == 1 else {"oneOf": path_refs}
+        position += count
     paths: dict[str, Any] = {}
     for route in routes:
         if not isinstance(route, Route) or route.path in ("/openapi.json", "/docs"):
