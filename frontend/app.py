@@ -116,10 +116,11 @@ def build_app(config: FrontendConfig) -> Starlette:
                 allow_credentials=True,
             )
         )
+    routes = [*openai_routes.routes, *extra_routes.routes, *system_routes.routes]
     if config.api_key:
-        middleware.append(Middleware(ApiKeyMiddleware, api_key=config.api_key))
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=config.api_key, routes=routes))
     app = Starlette(
-        routes=[*openai_routes.routes, *extra_routes.routes, *system_routes.routes],
+        routes=routes,
         middleware=middleware,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,
