@@ -157,17 +157,24 @@ class EngineStepper:
     def _fail_grammars(
         self, out: SchedulerOutput, errors: dict[str, str], finished: list[Request]
     ) -> list[tuple[bytes, RequestDelta]]:
-        """A token its grammar rejected (never expected: the mask forbids it) ends the request with an error.
-        A complete grammar needs nothing here: its mask then allows only EOS, which stops the request."""
+        """A token its grammar rejected ends the request with an error. The mask forbids such tokens, so
+        this happens when the request's other settings (allowed_token_ids, logit_bias, ...) forbid every
+        token the grammar allows: a contradiction in the request itself, hence 400. A complete grammar
+        needs nothing here: its mask then allows only EOS, which stops the request."""
         deltas = []
         for request, _ in out.scheduled:
             error = errors.get(request.request_id)
             if error is None:
                 continue
+            logger.warning("request %s: %s", request.request_id, error[:2000])
             if request in finished:
                 finished.remove(request)
             self.scheduler.finish_with_error(request)
-            deltas.append((request.client_id, error_delta(request.request_id, error, 500)))
+            message = (
+                "No token satisfies both the structured-output constraint and the request's other "
+                "sampling settings (allowed_token_ids, logit_bias, bad words, min_tokens)."
+            )
+            deltas.append((request.client_id, error_delta(request.request_id, message, 400)))
             self._forget(request)
         return deltas
 

@@ -157,3 +157,14 @@ def test_a_failing_request_leaves_its_batch_mates_unharmed(stepper: EngineSteppe
     assert "IndexError" not in (deltas["bad"][-1].error or "")
     assert _tokens(deltas["good"]) == expected
     assert deltas["good"][-1].finish_reason == FinishReason.LENGTH and deltas["good"][-1].error is None
+
+
+def test_settings_that_contradict_the_grammar_fail_that_request_with_400(stepper: EngineStepper) -> None:
+    # No digit is an allowed token, so the grammar and allowed_token_ids leave nothing to sample.
+    sampling = _greedy(structured=StructuredSpec(regex="[0-9]+"), allowed_token_ids=[3])
+    assert stepper.add(AddRequest("clash", PROMPT, sampling, time.time()), b"peer", []) is None
+    assert stepper.add(AddRequest("fine", PROMPT, _greedy(2), time.time()), b"peer", []) is None
+    deltas = _run(stepper)
+    assert deltas["clash"][-1].finish_reason == FinishReason.ERROR and deltas["clash"][-1].error_status == 400
+    assert "structured-output constraint" in (deltas["clash"][-1].error or "")
+    assert len(_tokens(deltas["fine"])) == 2 and deltas["fine"][-1].error is None
