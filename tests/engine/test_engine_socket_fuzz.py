@@ -48,6 +48,7 @@ class EngineSocket:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, 5000)  # a DEALER blocks sending to a dead peer; fail instead
         self.sock.connect(address)
         self.ready: Ready | None = None
 
@@ -70,18 +71,25 @@ class EngineSocket:
         assert code is None, f"the engine exited with {code}:\n{self.engine.log_tail()}"
 
     def send_raw(self, frames: list[bytes]) -> None:
+        self.assert_alive()
         self.sock.send_multipart(frames)
+
+    def wait_readable(self) -> None:
+        for _ in range(int(REPLY_TIMEOUT_S * 10)):
+            self.assert_alive()
+            if self.sock.poll(100):
+                return
+        raise AssertionError(f"the engine stopped answering:\n{self.engine.log_tail()}")
 
     def run_canary(self, others: set[str]) -> tuple[list[int], dict[str, list[RequestDelta]]]:
         """Sends a greedy request and reads until it finishes; also returns what came for `others`."""
         canary_id = f"canary-{uuid.uuid4().hex}"
         sampling = SamplingParams(max_tokens=CANARY_TOKENS, temperature=0.0, ignore_eos=True)
-        self.sock.send_multipart(encode(AddRequest(canary_id, CANARY_PROMPT, sampling, 0.0)))
+        self.send_raw(encode(AddRequest(canary_id, CANARY_PROMPT, sampling, 0.0)))
         tokens: list[int] = []
         seen: dict[str, list[RequestDelta]] = {}
         while True:
-            self.assert_alive()
-            assert self.sock.poll(int(REPLY_TIMEOUT_S * 1000)), "the engine stopped answering"
+            self.wait_readable()
             message, _ = decode(self.sock.recv_multipart())  # whatever the engine sends must decode
             if not isinstance(message, Outputs):
                 continue
