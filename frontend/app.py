@@ -23,6 +23,7 @@ from frontend.middleware import (
     REQUEST_ID_KEY,
     ApiKeyMiddleware,
     DisconnectMiddleware,
+    InFlightMiddleware,
     RequestIdMiddleware,
 )
 from frontend.routes import extra_routes, openai_routes, system_routes
@@ -105,6 +106,7 @@ def build_app(config: FrontendConfig) -> Starlette:
     middleware = [
         Middleware(RequestIdMiddleware, log_requests=not config.disable_log_requests),
         Middleware(DisconnectMiddleware),
+        Middleware(InFlightMiddleware, state=state),
     ]
     if config.allowed_origins:
         middleware.append(

@@ -5,7 +5,6 @@ marked down; their requests end with an explicit error or, with no token yet, ar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -13,7 +12,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import zmq
 import zmq.asyncio
@@ -198,10 +197,22 @@ class EngineClient:
         conn.socket = None
 
     def _send(self, conn: EngineConnection, message: object, buffers: list[bytes] | None = None) -> None:
+        """Best effort, for control messages (HELLO, heartbeats, aborts): a lost one is sent again or
+        made moot by the engine's own timeouts."""
+        self._send_frames(conn, encode(message, buffers or []))
+
+    def _send_frames(self, conn: EngineConnection, frames: list[bytes | memoryview]) -> bool:
+        """False when the frames did not leave (no socket, no connected peer, a full queue)."""
         if conn.socket is None:
-            return
-        with contextlib.suppress(zmq.Again, zmq.ZMQError):
-            conn.socket.send_multipart(encode(message, buffers or []), flags=zmq.NOBLOCK)
+            return False
+        try:
+            # An asyncio socket tries a NOBLOCK send at once and reports the outcome on a finished
+            # future, not by raising: zmq.Again (no connected peer, a full queue) is found there.
+            sent = cast("asyncio.Future[object]", conn.socket.send_multipart(frames, flags=zmq.NOBLOCK))
+            error = sent.exception() if sent.done() else None
+        except zmq.ZMQError as exc:
+            error = exc
+        return error is None
 
     # -- receiving ------------------------------------------------------------------------------------
     async def _recv_loop(self, conn: EngineConnection, sock: zmq.asyncio.Socket) -> None:
@@ -331,6 +342,8 @@ class EngineClient:
     async def _generate(
         self, request: AddRequest, buffers: list[bytes] | None, timing: RequestTiming
     ) -> AsyncGenerator[RequestDelta, None]:
+        # Encoded before any routing state exists: a request the wire cannot carry leaks nothing.
+        frames = encode(request, buffers or [])
         tried: set[int] = set()
         conn = self.pick_engine(request.prompt_token_ids)
         got_tokens = False
@@ -340,9 +353,12 @@ class EngineClient:
             conn.pending[request.request_id] = queue
             conn.num_served += 1
             tried.add(conn.index)
-            self._send(conn, request, buffers)
             lost: EngineLost | None = None
             finished = False
+            if not self._send_frames(conn, frames):
+                # Fail (or move) it now rather than wait for the heartbeat timeout to notice.
+                logger.warning("could not send request %s to engine %s", request.request_id, conn.address)
+                queue.put_nowait(EngineLost("the request could not be sent to the engine"))
             try:
                 while True:
                     item = await queue.get()

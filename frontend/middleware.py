@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Protocol
 
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,6 +19,12 @@ from frontend.errors import unauthorized
 from frontend.sse import json_bytes
 
 REQUEST_ID_KEY = "tandem.request_id"
+
+
+class InFlightCounter(Protocol):
+    num_requests_in_flight: int
+
+
 request_logger = logging.getLogger("tandem.requests")
 # The only routes served without the API key: probes, scrapers and load balancers cannot send one.
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/load"})
@@ -121,6 +128,26 @@ class DisconnectMiddleware:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+
+
+class InFlightMiddleware:
+    """Counts the POST requests being handled (generation, embeddings, tokenization), for `/load`'s
+    server_load: a load balancer's view of this API process. A streaming response counts until its
+    last chunk is sent or its client goes."""
+
+    def __init__(self, app: ASGIApp, state: InFlightCounter) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        self.state.num_requests_in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.num_requests_in_flight -= 1
 
 
 class ApiKeyMiddleware:

@@ -217,3 +217,23 @@ async def test_health_is_false_with_no_live_engine(two_engines) -> None:  # noqa
     await _until(lambda: not client.is_healthy)
     with pytest.raises(Exception, match="no engine"):
         client.pick_engine([1])
+
+
+async def test_a_request_that_cannot_be_sent_fails_at_once_with_a_retryable_503(two_engines) -> None:  # noqa: ANN001
+    client, a, b = two_engines
+    client.dead_after_s = 30.0  # a heartbeat timeout would take this long: the failure must not wait for it
+    for conn in client.engines:
+        # Fault injection: a DEALER with no connected peer, as in the moment between an engine's death
+        # and the client noticing. A non-blocking send on it raises zmq.Again, which was swallowed.
+        old = conn.socket
+        conn.socket = client.ctx.socket(zmq.DEALER)
+        assert old is not None
+        old.close(0)
+    t0 = time.monotonic()
+    deltas = [delta async for delta in client.generate(_add("unsent"))]
+    assert time.monotonic() - t0 < 5.0
+    assert len(deltas) == 1
+    assert deltas[0].finish_reason == FinishReason.ERROR and deltas[0].error_status == 503
+    assert client.num_retries == 1  # the second engine was tried too
+    assert all(not conn.pending for conn in client.engines)
+    assert a.adds == [] and b.adds == []
