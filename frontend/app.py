@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient, EngineUnavailable
-from frontend.errors import APIError, engine_unavailable, internal_error
+from frontend.errors import NO_ENGINE_MESSAGE, APIError, engine_unavailable, internal_error
 from frontend.metrics import setup_metrics, start_request_metrics
 from frontend.middleware import (
     REQUEST_ID_KEY,
@@ -68,7 +68,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     request_id = request.scope.get(REQUEST_ID_KEY, "?")
     if isinstance(exc, EngineUnavailable):
-        response = await _api_error(request, engine_unavailable(str(exc)))
+        logger.warning("request %s: %s", request_id, exc)
+        response = await _api_error(request, engine_unavailable(NO_ENGINE_MESSAGE))
     else:
         logger.exception("request %s failed", request_id)
         err = internal_error(request_id)

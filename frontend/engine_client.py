@@ -18,7 +18,9 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from frontend.errors import ENGINE_LOST_MESSAGE
 from protocol.framing import FrameError, decode, encode
+from protocol.log_limit import RateLimitedWarning
 from protocol.messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -53,7 +55,8 @@ _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | getattr(zmq, "EVENT_HANDSHAKE_FAILED_
 class EngineLost:
     """Put on a request's queue when its engine dies or goes silent."""
 
-    reason: str
+    reason: str  # for the log
+    public: str = ENGINE_LOST_MESSAGE  # for the client
 
 
 @dataclass
@@ -136,6 +139,7 @@ class EngineClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._affinity: OrderedDict[tuple[int, ...], int] = OrderedDict()
         self.num_bad_messages = 0
+        self._bad_message_warning = RateLimitedWarning(logger)  # a garbling peer must not flood the log
         self.num_retries = 0
         self.metrics: RequestMetricsSink | None = None  # set by the app; records every finished request
 
@@ -225,7 +229,9 @@ class EngineClient:
                 message, _extra = decode(frames)
             except FrameError as exc:
                 self.num_bad_messages += 1
-                logger.warning("dropped an undecodable message from engine %s: %s", conn.address, exc)
+                self._bad_message_warning.warn(
+                    "dropped an undecodable message from engine %s: %.300s", conn.address, exc
+                )
                 continue
             conn.last_heard = time.monotonic()
             self._dispatch(conn, message)
@@ -367,7 +373,8 @@ class EngineClient:
                         break
                     if _refused_for_now(item) and not got_tokens:
                         # Full queue or draining: another engine may well take it.
-                        lost, finished = EngineLost(item.error or "the engine refused the request"), True
+                        refusal = item.error or "the engine refused the request"
+                        lost, finished = EngineLost(refusal, public=refusal), True
                         break
                     got_tokens = got_tokens or bool(item.new_token_ids)
                     finished = item.finish_reason is not None
@@ -381,16 +388,17 @@ class EngineClient:
                 conn.pending.pop(request.request_id, None)
                 if not finished:
                     self._send(conn, Abort([request.request_id]))
-            reason = lost.reason if lost is not None else "the engine was lost"
+            if lost is None:
+                lost = EngineLost("the engine was lost")
             if got_tokens:
                 timing.finish_reason = "error"
-                yield _lost_delta(request.request_id, reason)
+                yield _lost_delta(request.request_id, lost)
                 return
             try:
                 conn = self.pick_engine(request.prompt_token_ids, exclude=tried)
             except EngineUnavailable:
                 timing.finish_reason = "error"
-                yield _lost_delta(request.request_id, reason)
+                yield _lost_delta(request.request_id, lost)
                 return
             self.num_retries += 1
             logger.warning("retrying request %s on engine %s", request.request_id, conn.address)
@@ -406,5 +414,7 @@ def _refused_for_now(delta: RequestDelta) -> bool:
     return delta.finish_reason == FinishReason.ERROR and delta.error_status == 503
 
 
-def _lost_delta(request_id: str, reason: str) -> RequestDelta:
-    return RequestDelta(request_id, [], finish_reason=FinishReason.ERROR, error=reason, error_status=503)
+def _lost_delta(request_id: str, lost: EngineLost) -> RequestDelta:
+    # The reason names engines and their failures: the log gets it, the client a public sentence.
+    logger.warning("request %s ended: %s", request_id, lost.reason)
+    return RequestDelta(request_id, [], finish_reason=FinishReason.ERROR, error=lost.public, error_status=503)

@@ -10,7 +10,7 @@ from typing import Any
 from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError, invalid_request
+from frontend.errors import APIError, choice_error, invalid_request
 from frontend.schemas import ChatCompletionRequest
 from frontend.serving.chat_template import ChatTemplateError, normalize_messages
 from frontend.serving.generation import (
@@ -127,7 +127,7 @@ async def _collect_chat(
 ) -> dict[str, Any]:
     async for _job, delta in events:
         if delta.error:
-            raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            raise choice_error(delta.error, delta.error_status)
     body = {
         "id": response_id,
         "object": "chat.completion",
@@ -178,7 +178,7 @@ async def _stream_chat(
         )
     async for job, delta in events:
         if delta.error:
-            yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            yield choice_error(delta.error, delta.error_status)
             return
         finish_reason = delta.finish_reason
         if tool_plan is not None:  # content and tool-call deltas from the choice's parser

@@ -14,7 +14,7 @@ import msgspec
 from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError, invalid_request
+from frontend.errors import APIError, choice_error, invalid_request
 from frontend.sampling_params import check_prompt_token_ids
 from frontend.schemas import CompletionRequest, StreamOptions
 from frontend.schemas.checks import check_completion_request
@@ -178,7 +178,7 @@ async def _collect(
 ) -> dict[str, Any]:
     async for _job, delta in events:
         if delta.error:
-            raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            raise choice_error(delta.error, delta.error_status)
     output = jobs[0].output
     return {
         "request_id": response_id,
@@ -206,7 +206,7 @@ async def _stream(
     include_usage, continuous = usage_flags(req.stream_options)
     async for _job, delta in events:
         if delta.error:
-            yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            yield choice_error(delta.error, delta.error_status)
             return
         if not delta.token_ids and delta.finish_reason is None:
             continue

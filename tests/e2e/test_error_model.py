@@ -72,6 +72,8 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str, str | None]] = [
     (CHAT, chat_body(allowed_token_ids=[2**64]), 400, INVALID, "allowed_token_ids[0]"),
     (COMPLETIONS, completion_body(prompt=[1, 2**64]), 400, INVALID, "prompt[1]"),
     (COMPLETIONS, completion_body(priority=-(2**64)), 400, INVALID, "priority"),
+    # The engine's own refusal (no token satisfies both constraints) is the client's: 400, not server_error.
+    (CHAT, chat_body(allowed_token_ids=[0], guided_regex="[0-9]+"), 400, INVALID, None),
     (CHAT, chat_body(stop=""), 400, INVALID, "stop"),
     (CHAT, chat_body(stop_token_ids=[-1]), 400, INVALID, "stop_token_ids"),
     (CHAT, chat_body(stop_token_ids=[10_000_000]), 400, INVALID, "stop_token_ids"),
