@@ -39,12 +39,17 @@ class EngineCore:
         self.config = config
         self.parts: EngineParts | EmbeddingParts
         self.stepper: EngineStepper | EmbeddingStepper
+        # Admission control is always on: Ready carries the flag's bound or the one from the KV cache.
         if parts is None and config.task == "embed":
             self.parts = build_embedding_parts(config)
-            self.stepper = EmbeddingStepper(self.parts, max_waiting_requests=config.max_waiting_requests)
+            self.stepper = EmbeddingStepper(
+                self.parts, max_waiting_requests=self.parts.ready.max_waiting_requests
+            )
         else:
             self.parts = parts or build_engine_parts(config)
-            self.stepper = EngineStepper(self.parts, max_waiting_requests=config.max_waiting_requests)
+            self.stepper = EngineStepper(
+                self.parts, max_waiting_requests=self.parts.ready.max_waiting_requests
+            )
         self.io = EngineIO(
             config.listen,
             heartbeat_interval_s=config.heartbeat_interval_s,
