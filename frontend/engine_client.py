@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from frontend.delta_mailbox import DeltaMailbox
 from frontend.errors import ENGINE_LOST_MESSAGE
 from protocol.framing import FrameError, decode, encode
 from protocol.log_limit import RateLimitedWarning
@@ -69,7 +70,7 @@ class EngineConnection:
     refused: str | None = None
     last_heard: float = 0.0
     stats: SchedulerStats | None = None
-    pending: dict[str, asyncio.Queue[RequestDelta | EngineLost]] = field(default_factory=dict)
+    pending: dict[str, DeltaMailbox[EngineLost]] = field(default_factory=dict)
     recv_task: asyncio.Task[None] | None = None
     monitor_task: asyncio.Task[None] | None = None
     num_served: int = 0
@@ -355,7 +356,7 @@ class EngineClient:
         got_tokens = False
         while True:
             timing.engine = conn.ready.engine_id if conn.ready else conn.address
-            queue: asyncio.Queue[RequestDelta | EngineLost] = asyncio.Queue()
+            queue: DeltaMailbox[EngineLost] = DeltaMailbox()
             conn.pending[request.request_id] = queue
             conn.num_served += 1
             tried.add(conn.index)

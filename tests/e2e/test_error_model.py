@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -221,5 +223,30 @@ def test_load_counts_requests_in_flight_and_returns_to_zero(default_server: Serv
     # The client went away mid-stream: the handler is cancelled and the engine request aborted.
     deadline = time.monotonic() + 20
     while _load(url) != (0, 0):
+        assert time.monotonic() < deadline, _load(url)
+        time.sleep(0.1)
+
+
+def test_a_client_that_never_reads_its_stream_stalls_no_one(default_server: ServerProcess) -> None:
+    url = default_server.base_url
+    body = json.dumps(chat_body(stream=True, max_tokens=400, ignore_eos=True)).encode()
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.socket() as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills after a few chunks
+        slow.connect(("127.0.0.1", default_server.port))
+        slow.sendall(head + body)  # ...and is never read
+        deadline = time.monotonic() + 60
+        while _load(url) != (1, 1):
+            assert time.monotonic() < deadline, _load(url)
+            time.sleep(0.1)
+        for _ in range(3):  # meanwhile others are served as usual
+            resp = httpx.post(url + CHAT, json=chat_body(max_tokens=8), timeout=120)
+            assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] <= 8
+        assert _load(url)[0] == 1
+    deadline = time.monotonic() + 30
+    while _load(url) != (0, 0):  # the reader is gone: its request is aborted
         assert time.monotonic() < deadline, _load(url)
         time.sleep(0.1)

@@ -237,3 +237,25 @@ async def test_a_request_that_cannot_be_sent_fails_at_once_with_a_retryable_503(
     assert client.num_retries == 1  # the second engine was tried too
     assert all(not conn.pending for conn in client.engines)
     assert a.adds == [] and b.adds == []
+
+
+async def test_a_slow_reader_gets_merged_deltas_not_an_unbounded_queue(two_engines) -> None:  # noqa: ANN001
+    client, a, b = two_engines
+    stream = client.generate(_add("slow"))
+    first = asyncio.ensure_future(anext(stream))
+    await _until(lambda: len(a.adds) + len(b.adds) == 1)
+    engine = a if a.adds else b
+    peer = engine.adds[0][0]
+    engine.deltas(peer, RequestDelta("slow", [0], num_prompt_tokens=3))
+    assert (await first).new_token_ids == [0]
+    # The reader stops reading while the engine produces 200 more steps, the last one final.
+    for i in range(1, 201):
+        engine.deltas(
+            peer, RequestDelta("slow", [i], finish_reason=FinishReason.LENGTH if i == 200 else None)
+        )
+    conn = next(c for c in client.engines if c.address == engine.address)
+    await _until(lambda: conn.pending["slow"].num_tokens == 200)
+    assert len(conn.pending["slow"]) == 1  # one merged delta waits, not 200
+    rest = [delta async for delta in stream]
+    assert [t for d in rest for t in d.new_token_ids] == list(range(1, 201))
+    assert rest[-1].finish_reason == FinishReason.LENGTH
