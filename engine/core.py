@@ -39,12 +39,17 @@ class EngineCore:
         self.config = config
         self.parts: EngineParts | EmbeddingParts
         self.stepper: EngineStepper | EmbeddingStepper
+        # Admission control is always on: Ready carries the flag's bound or the one from the KV cache.
         if parts is None and config.task == "embed":
             self.parts = build_embedding_parts(config)
-            self.stepper = EmbeddingStepper(self.parts, max_waiting_requests=config.max_waiting_requests)
+            self.stepper = EmbeddingStepper(
+                self.parts, max_waiting_requests=self.parts.ready.max_waiting_requests
+            )
         else:
             self.parts = parts or build_engine_parts(config)
-            self.stepper = EngineStepper(self.parts, max_waiting_requests=config.max_waiting_requests)
+            self.stepper = EngineStepper(
+                self.parts, max_waiting_requests=self.parts.ready.max_waiting_requests
+            )
         self.io = EngineIO(
             config.listen,
             heartbeat_interval_s=config.heartbeat_interval_s,
@@ -105,11 +110,22 @@ class EngineCore:
             client_id, message, frames = item
             handler = self._handlers.get(type(message))
             if handler is not None:
-                handler(client_id, message, frames)
+                self._handle(handler, client_id, message, frames)
             try:
                 item = self.io.inputs.get_nowait()
             except queue.Empty:
                 return
+
+    def _handle(self, handler: Any, client_id: bytes, message: Any, frames: list[bytes]) -> None:
+        """Nothing a peer sends may end the engine: a message whose handling fails is logged, and an ADD
+        is answered with an error for that request alone."""
+        try:
+            handler(client_id, message, frames)
+        except Exception:
+            logger.exception("failed to handle a %s message from a peer", type(message).__name__)
+            if isinstance(message, AddRequest):
+                error = error_delta(message.request_id, "The engine could not read this request.", 400)
+                self.io.send(client_id, Outputs(self.config.engine_id, [error], self.stepper.stats()))
 
     def _on_hello(self, client_id: bytes, message: Hello, _frames: list[bytes]) -> None:
         if message.protocol_version != PROTOCOL_VERSION:
@@ -142,7 +158,13 @@ class EngineCore:
 
     # -- one step -------------------------------------------------------------------------------------
     def _step(self) -> None:
-        deltas = self.stepper.step()
+        try:
+            deltas = self.stepper.step()
+        except Exception:
+            # The model step isolates its own failures; this is a bug elsewhere in the step (the
+            # scheduler, say). Failing the requests in flight beats taking the engine down with them.
+            logger.exception("engine step failed; failing every request in flight")
+            deltas = self.stepper.fail_all()
         if not deltas and not self.stepper.last_step_had_work:
             time.sleep(0.001)  # nothing fits right now; let inputs (aborts) arrive
             return

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from engine.config import EngineConfig
 from engine.loader.encoder_folder import LoadedEncoder, PoolingConfig, load_encoder
+from engine.request_intake import MAX_REQUEST_ID_CHARS
 from engine.stepper import error_delta
 from protocol.messages import AddRequest, FinishReason, Ready, RequestDelta, SchedulerStats
 
@@ -126,6 +127,8 @@ class EmbeddingStepper:
     def _rejection(self, message: AddRequest) -> str | None:
         ids = message.prompt_token_ids
         vocab_size = self.parts.encoder.config.vocab_size
+        if not message.request_id or len(message.request_id) > MAX_REQUEST_ID_CHARS:
+            return f"the request id must have 1 to {MAX_REQUEST_ID_CHARS} characters"
         if not message.embed_task:
             return "this engine serves an embedding model (--task embed); it cannot generate text"
         if message.embeds:
@@ -188,10 +191,15 @@ class EmbeddingStepper:
         self.max_step_num_seqs = max(self.max_step_num_seqs, len(batch))
         try:
             vectors = self._encode(batch, seq_lens)
-        except Exception as exc:
+        except Exception:
             logger.exception("embedding step failed; failing the %d requests in it", len(batch))
-            return self._finish_all(batch, None, f"{type(exc).__name__}: {exc}")
+            return self._finish_all(batch, None, "The engine failed while embedding this input.")
         return self._finish_all(batch, vectors, None)
+
+    def fail_all(self) -> list[tuple[bytes, RequestDelta]]:
+        """Last resort after an engine bug outside the model call: the queued inputs end with an error."""
+        batch, self.waiting = list(self.waiting), deque()
+        return self._finish_all(batch, None, "The engine failed while embedding this input.")
 
     @torch.inference_mode()
     def _encode(self, batch: list[_Pending], seq_lens: list[int]) -> list[list[float]]:

@@ -234,11 +234,23 @@ def ready_message(
         hidden_size=hidden_size,
         model_dtype=str(dtype).removeprefix("torch."),
         special_tokens=dict(tok.special_tokens),
-        max_waiting_requests=config.max_waiting_requests,
+        max_waiting_requests=effective_max_waiting_requests(config, extra.get("num_kv_blocks", 0)),
         enable_prefix_caching=config.enable_prefix_caching,
         max_logprobs=config.max_logprobs,
         **extra,
     )
+
+
+MIN_DEFAULT_WAITING_REQUESTS = 1024
+
+
+def effective_max_waiting_requests(config: EngineConfig, num_kv_blocks: int) -> int:
+    """--max-waiting-requests, or by default a bound from the KV cache: a waiting request needs at least
+    one block to start, so more waiting requests than blocks only add latency and memory. The floor
+    keeps small caches (and embedding engines, which have none) able to take a large fan-out."""
+    if config.max_waiting_requests is not None:
+        return config.max_waiting_requests
+    return max(MIN_DEFAULT_WAITING_REQUESTS, num_kv_blocks)
 
 
 def _curve_keys(config: EngineConfig) -> dict[str, bytes]:

@@ -14,9 +14,12 @@ from typing import Any
 import zmq
 
 from protocol.framing import FrameError, decode, encode
+from protocol.log_limit import RateLimitedWarning
 from protocol.messages import Heartbeat, SchedulerStats
 
 logger = logging.getLogger(__name__)
+# A peer sending garbage in a loop must not fill the disk with our log lines.
+_bad_message_warning = RateLimitedWarning(logger)
 
 _OUTBOX = "inproc://tandem-engine-outbox"
 
@@ -145,7 +148,11 @@ class EngineIO:
                 message, extra = decode(body)
             except FrameError as exc:
                 self.num_bad_messages += 1
-                logger.warning("dropped an undecodable message from a peer: %s", exc)
+                _bad_message_warning.warn("dropped an undecodable message from a peer: %.300s", exc)
+                continue
+            except Exception as exc:  # decode has no other failure we know of; this thread must not die
+                self.num_bad_messages += 1
+                _bad_message_warning.warn("dropped a message that broke the decoder: %r", exc)
                 continue
             self.inputs.put((client_id, message, [bytes(b) for b in extra]))
 
@@ -157,7 +164,12 @@ class EngineIO:
             if item is None:
                 break
             client_id, message, buffers = item
-            push.send_multipart([client_id, *encode(message, buffers)])
+            try:
+                frames = encode(message, buffers)
+            except Exception:  # one unencodable output is lost, not every later one
+                logger.exception("could not encode a %s for a peer", type(message).__name__)
+                continue
+            push.send_multipart([client_id, *frames])
         push.close(0)
 
 

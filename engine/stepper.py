@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable
 
 from engine.engine_setup import EngineParts
+from engine.model_runner import StepResult
 from engine.request import Request
 from engine.request_intake import RequestRejected, make_request
 from engine.scheduler import SchedulerOutput
@@ -29,6 +30,11 @@ logger = logging.getLogger(__name__)
 
 def error_delta(request_id: str, error: str, status: int) -> RequestDelta:
     return RequestDelta(request_id, [], finish_reason=FinishReason.ERROR, error=error, error_status=status)
+
+
+def step_failed_message(request_id: str) -> str:
+    # A public sentence: the exception and its traceback go to the engine log, keyed by the request id.
+    return f"The engine failed while running request {request_id}; the details are in the engine log."
 
 
 def _prompt_logprobs(
@@ -87,6 +93,9 @@ class EngineStepper:
             request = make_request(message, client_id, frames, self.parts)
         except RequestRejected as exc:
             return error_delta(message.request_id, str(exc), 400)
+        except Exception:  # a message no check foresaw: it fails alone, the engine carries on
+            logger.exception("could not accept request %r", message.request_id)
+            return error_delta(message.request_id, "The engine could not read this request.", 400)
         self.owner[request.request_id] = client_id
         if request.sampling.structured is not None:
             self.structured.attach(request)  # compiles off this thread; the scheduler waits for it
@@ -115,11 +124,10 @@ class EngineStepper:
         self.max_step_num_seqs = max(self.max_step_num_seqs, self.last_step_num_seqs)
         self.iteration_tokens_counts[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, out.num_tokens)] += 1
         self.iteration_tokens_sum += out.num_tokens
-        try:
-            result = self.runner.execute(out, self._structured.bitmask if self._structured else None)
-        except Exception as exc:
-            logger.exception("model step failed; failing the %d requests in it", len(out.scheduled))
-            return grammar_failures + self._fail(out.scheduled, f"{type(exc).__name__}: {exc}")
+        result, failed = self._execute_isolating(out)
+        if failed:
+            grammar_failures += self._fail(failed)
+            out = SchedulerOutput([(r, n) for r, n in out.scheduled if not r.is_finished], out.num_preempted)
         grammar_errors = {}
         if self._structured is not None:
             # The runner decided which rows sample; advance feeds only the requests in result.sampled.
@@ -163,27 +171,70 @@ class EngineStepper:
     def _fail_grammars(
         self, out: SchedulerOutput, errors: dict[str, str], finished: list[Request]
     ) -> list[tuple[bytes, RequestDelta]]:
-        """A token its grammar rejected (never expected: the mask forbids it) ends the request with an error.
-        A complete grammar needs nothing here: its mask then allows only EOS, which stops the request."""
+        """A token its grammar rejected ends the request with an error. The mask forbids such tokens, so
+        this happens when the request's other settings (allowed_token_ids, logit_bias, ...) forbid every
+        token the grammar allows: a contradiction in the request itself, hence 400. A complete grammar
+        needs nothing here: its mask then allows only EOS, which stops the request."""
         deltas = []
         for request, _ in out.scheduled:
             error = errors.get(request.request_id)
             if error is None:
                 continue
+            logger.warning("request %s: %s", request.request_id, error[:2000])
             if request in finished:
                 finished.remove(request)
             self.scheduler.finish_with_error(request)
-            deltas.append((request.client_id, error_delta(request.request_id, error, 500)))
+            message = (
+                "No token satisfies both the structured-output constraint and the request's other "
+                "sampling settings (allowed_token_ids, logit_bias, bad words, min_tokens)."
+            )
+            deltas.append((request.client_id, error_delta(request.request_id, message, 400)))
             self._forget(request)
         return deltas
 
-    def _fail(self, scheduled: list[tuple[Request, int]], error: str) -> list[tuple[bytes, RequestDelta]]:
+    def _execute_isolating(self, out: SchedulerOutput) -> tuple[StepResult, list[Request]]:
+        """(result, requests whose step failed). When the batch fails, each request runs again alone, so
+        one request's bad input or an engine bug it triggers costs that request only: the others get their
+        token from the retry. Rerunning a row is safe: nothing is committed before update_after_step, and
+        the KV-cache writes of the failed attempt are rewritten with the same values."""
+        bitmask = self._structured.bitmask if self._structured else None
+        try:
+            return self.runner.execute(out, bitmask), []
+        except Exception:
+            logger.exception(
+                "model step over %d requests failed (%s)",
+                len(out.scheduled),
+                ", ".join(r.request_id for r, _ in out.scheduled[:8]),
+            )
+        if len(out.scheduled) == 1:
+            return StepResult({}, {}, {}), [out.scheduled[0][0]]
+        merged = StepResult({}, {}, {})
+        failed = []
+        for entry in out.scheduled:
+            try:
+                alone = self.runner.execute(SchedulerOutput([entry]), bitmask)
+            except Exception:
+                logger.exception("request %s fails the model step on its own", entry[0].request_id)
+                failed.append(entry[0])
+                continue
+            merged.sampled.update(alone.sampled)
+            merged.logprobs.update(alone.logprobs)
+            merged.prompt_logprobs.update(alone.prompt_logprobs)
+        return merged, failed
+
+    def _fail(self, requests: Iterable[Request]) -> list[tuple[bytes, RequestDelta]]:
         deltas = []
-        for request, _ in scheduled:
+        for request in requests:
             self.scheduler.finish_with_error(request)
-            deltas.append((request.client_id, error_delta(request.request_id, error, 500)))
+            message = step_failed_message(request.request_id)
+            deltas.append((request.client_id, error_delta(request.request_id, message, 500)))
             self._forget(request)
         return deltas
+
+    def fail_all(self) -> list[tuple[bytes, RequestDelta]]:
+        """Last resort after an engine bug outside the model step (the scheduler, say): every request
+        ends with an error and frees its blocks, and the engine keeps serving new ones."""
+        return self._fail(list(self.scheduler.requests.values()))
 
     def _forget(self, request: Request) -> None:
         self.owner.pop(request.request_id, None)

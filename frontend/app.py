@@ -18,13 +18,14 @@ from starlette.responses import Response
 from frontend import openapi
 from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient, EngineUnavailable
-from frontend.errors import APIError, engine_unavailable, internal_error
+from frontend.errors import NO_ENGINE_MESSAGE, APIError, engine_unavailable, internal_error
 from frontend.limits import InputLimits
 from frontend.metrics import setup_metrics, start_request_metrics
 from frontend.middleware import (
     REQUEST_ID_KEY,
     ApiKeyMiddleware,
     DisconnectMiddleware,
+    InFlightMiddleware,
     RequestIdMiddleware,
 )
 from frontend.routes import extra_routes, openai_routes, sagemaker_routes, system_routes
@@ -69,7 +70,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     request_id = request.scope.get(REQUEST_ID_KEY, "?")
     if isinstance(exc, EngineUnavailable):
-        response = await _api_error(request, engine_unavailable(str(exc)))
+        logger.warning("request %s: %s", request_id, exc)
+        response = await _api_error(request, engine_unavailable(NO_ENGINE_MESSAGE))
     else:
         logger.exception("request %s failed", request_id)
         err = internal_error(request_id)
@@ -119,6 +121,7 @@ def build_app(config: FrontendConfig) -> Starlette:
     middleware = [
         Middleware(RequestIdMiddleware, log_requests=not config.disable_log_requests),
         Middleware(DisconnectMiddleware),
+        Middleware(InFlightMiddleware, state=state),
     ]
     if config.allowed_origins:
         middleware.append(
@@ -130,16 +133,17 @@ def build_app(config: FrontendConfig) -> Starlette:
                 allow_credentials=cors_credentials(config),
             )
         )
+    routes = [
+        *openai_routes.routes,
+        *extra_routes.routes,
+        *system_routes.routes,
+        *sagemaker_routes.routes_for(config),
+        *openapi.routes,
+    ]
     if config.api_key:
-        middleware.append(Middleware(ApiKeyMiddleware, api_key=config.api_key))
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=config.api_key, routes=routes))
     app = Starlette(
-        routes=[
-            *openai_routes.routes,
-            *extra_routes.routes,
-            *system_routes.routes,
-            *sagemaker_routes.routes_for(config),
-            *openapi.routes,
-        ],
+        routes=routes,
         middleware=middleware,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,

@@ -5,7 +5,6 @@ marked down; their requests end with an explicit error or, with no token yet, ar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -13,13 +12,16 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from frontend.delta_mailbox import DeltaMailbox
+from frontend.errors import ENGINE_LOST_MESSAGE
 from protocol.framing import FrameError, decode, encode
+from protocol.log_limit import RateLimitedWarning
 from protocol.messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -54,7 +56,8 @@ _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | getattr(zmq, "EVENT_HANDSHAKE_FAILED_
 class EngineLost:
     """Put on a request's queue when its engine dies or goes silent."""
 
-    reason: str
+    reason: str  # for the log
+    public: str = ENGINE_LOST_MESSAGE  # for the client
 
 
 @dataclass
@@ -67,7 +70,7 @@ class EngineConnection:
     refused: str | None = None
     last_heard: float = 0.0
     stats: SchedulerStats | None = None
-    pending: dict[str, asyncio.Queue[RequestDelta | EngineLost]] = field(default_factory=dict)
+    pending: dict[str, DeltaMailbox[EngineLost]] = field(default_factory=dict)
     recv_task: asyncio.Task[None] | None = None
     monitor_task: asyncio.Task[None] | None = None
     num_served: int = 0
@@ -141,6 +144,7 @@ class EngineClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._affinity: OrderedDict[tuple[int, ...], int] = OrderedDict()
         self.num_bad_messages = 0
+        self._bad_message_warning = RateLimitedWarning(logger)  # a garbling peer must not flood the log
         self.num_retries = 0
         self.metrics: RequestMetricsSink | None = None  # set by the app; records every finished request
 
@@ -202,10 +206,22 @@ class EngineClient:
         conn.socket = None
 
     def _send(self, conn: EngineConnection, message: object, buffers: list[bytes] | None = None) -> None:
+        """Best effort, for control messages (HELLO, heartbeats, aborts): a lost one is sent again or
+        made moot by the engine's own timeouts."""
+        self._send_frames(conn, encode(message, buffers or []))
+
+    def _send_frames(self, conn: EngineConnection, frames: list[bytes | memoryview]) -> bool:
+        """False when the frames did not leave (no socket, no connected peer, a full queue)."""
         if conn.socket is None:
-            return
-        with contextlib.suppress(zmq.Again, zmq.ZMQError):
-            conn.socket.send_multipart(encode(message, buffers or []), flags=zmq.NOBLOCK)
+            return False
+        try:
+            # An asyncio socket tries a NOBLOCK send at once and reports the outcome on a finished
+            # future, not by raising: zmq.Again (no connected peer, a full queue) is found there.
+            sent = cast("asyncio.Future[object]", conn.socket.send_multipart(frames, flags=zmq.NOBLOCK))
+            error = sent.exception() if sent.done() else None
+        except zmq.ZMQError as exc:
+            error = exc
+        return error is None
 
     # -- receiving ------------------------------------------------------------------------------------
     async def _recv_loop(self, conn: EngineConnection, sock: zmq.asyncio.Socket) -> None:
@@ -218,7 +234,9 @@ class EngineClient:
                 message, _extra = decode(frames)
             except FrameError as exc:
                 self.num_bad_messages += 1
-                logger.warning("dropped an undecodable message from engine %s: %s", conn.address, exc)
+                self._bad_message_warning.warn(
+                    "dropped an undecodable message from engine %s: %.300s", conn.address, exc
+                )
                 continue
             conn.last_heard = time.monotonic()
             self._dispatch(conn, message)
@@ -342,18 +360,23 @@ class EngineClient:
     async def _generate(
         self, request: AddRequest, buffers: list[bytes] | None, timing: RequestTiming
     ) -> AsyncGenerator[RequestDelta, None]:
+        # Encoded before any routing state exists: a request the wire cannot carry leaks nothing.
+        frames = encode(request, buffers or [])
         tried: set[int] = set()
         conn = self.pick_engine(request.prompt_token_ids)
         got_tokens = False
         while True:
             timing.engine = conn.ready.engine_id if conn.ready else conn.address
-            queue: asyncio.Queue[RequestDelta | EngineLost] = asyncio.Queue()
+            queue: DeltaMailbox[EngineLost] = DeltaMailbox()
             conn.pending[request.request_id] = queue
             conn.num_served += 1
             tried.add(conn.index)
-            self._send(conn, request, buffers)
             lost: EngineLost | None = None
             finished = False
+            if not self._send_frames(conn, frames):
+                # Fail (or move) it now rather than wait for the heartbeat timeout to notice.
+                logger.warning("could not send request %s to engine %s", request.request_id, conn.address)
+                queue.put_nowait(EngineLost("the request could not be sent to the engine"))
             try:
                 while True:
                     item = await queue.get()
@@ -362,7 +385,8 @@ class EngineClient:
                         break
                     if _refused_for_now(item) and not got_tokens:
                         # Full queue or draining: another engine may well take it.
-                        lost, finished = EngineLost(item.error or "the engine refused the request"), True
+                        refusal = item.error or "the engine refused the request"
+                        lost, finished = EngineLost(refusal, public=refusal), True
                         break
                     got_tokens = got_tokens or bool(item.new_token_ids)
                     finished = item.finish_reason is not None
@@ -376,16 +400,17 @@ class EngineClient:
                 conn.pending.pop(request.request_id, None)
                 if not finished:
                     self._send(conn, Abort([request.request_id]))
-            reason = lost.reason if lost is not None else "the engine was lost"
+            if lost is None:
+                lost = EngineLost("the engine was lost")
             if got_tokens:
                 timing.finish_reason = "error"
-                yield _lost_delta(request.request_id, reason)
+                yield _lost_delta(request.request_id, lost)
                 return
             try:
                 conn = self.pick_engine(request.prompt_token_ids, exclude=tried)
             except EngineUnavailable:
                 timing.finish_reason = "error"
-                yield _lost_delta(request.request_id, reason)
+                yield _lost_delta(request.request_id, lost)
                 return
             self.num_retries += 1
             logger.warning("retrying request %s on engine %s", request.request_id, conn.address)
@@ -401,5 +426,7 @@ def _refused_for_now(delta: RequestDelta) -> bool:
     return delta.finish_reason == FinishReason.ERROR and delta.error_status == 503
 
 
-def _lost_delta(request_id: str, reason: str) -> RequestDelta:
-    return RequestDelta(request_id, [], finish_reason=FinishReason.ERROR, error=reason, error_status=503)
+def _lost_delta(request_id: str, lost: EngineLost) -> RequestDelta:
+    # The reason names engines and their failures: the log gets it, the client a public sentence.
+    logger.warning("request %s ended: %s", request_id, lost.reason)
+    return RequestDelta(request_id, [], finish_reason=FinishReason.ERROR, error=lost.public, error_status=503)

@@ -80,6 +80,18 @@ def overloaded(retry_after: int) -> APIError:
     )
 
 
+def choice_error(message: str, status: int | None) -> APIError:
+    """A choice that ended with an error: a 4xx is the client's mistake (invalid_request_error), only a
+    5xx is the server's. Messages reaching here are public already (the engine client and run_choices
+    log the details)."""
+    status = status or 500
+    return APIError(message, status=status, type=SERVER_ERROR if status >= 500 else INVALID_REQUEST)
+
+
+ENGINE_LOST_MESSAGE = "The engine serving this request failed or became unreachable. Retry the request."
+NO_ENGINE_MESSAGE = "No engine is available to serve this request right now. Retry later."
+
+
 def engine_unavailable(message: str) -> APIError:
     return APIError(message, status=503, type=SERVER_ERROR, code="engine_unavailable")
 

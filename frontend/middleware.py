@@ -1,5 +1,5 @@
 """Pure-ASGI middleware: request ids and request logging, cancelling handlers whose client went away,
-and API-key checks on the model routes."""
+and API-key checks on every route but the open operational ones."""
 
 from __future__ import annotations
 
@@ -9,15 +9,26 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Sequence
+from typing import Protocol
 
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontend.errors import unauthorized
 from frontend.sse import json_bytes
 
 REQUEST_ID_KEY = "tandem.request_id"
+
+
+class InFlightCounter(Protocol):
+    num_requests_in_flight: int
+
+
 request_logger = logging.getLogger("tandem.requests")
-_PROTECTED_PREFIXES = ("/v1", "/inference", "/tokenize", "/detokenize")
+# The only routes served without the API key: probes, scrapers and load balancers cannot send one
+# (/ping is SageMaker's probe), and the API's own description (vLLM leaves it open too).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/load", "/ping", "/openapi.json", "/docs"})
 
 
 class RequestIdMiddleware:
@@ -120,19 +131,45 @@ class DisconnectMiddleware:
                 await watcher
 
 
-class ApiKeyMiddleware:
-    """Bearer-token check with a constant-time compare on every model route."""
+class InFlightMiddleware:
+    """Counts the POST requests being handled (generation, embeddings, tokenization), for `/load`'s
+    server_load: a load balancer's view of this API process. A streaming response counts until its
+    last chunk is sent or its client goes."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, state: InFlightCounter) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope.get("method") == "OPTIONS"
-            or not scope["path"].startswith(_PROTECTED_PREFIXES)
-        ):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        self.state.num_requests_in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.num_requests_in_flight -= 1
+
+
+class ApiKeyMiddleware:
+    """Bearer-token check with a constant-time compare on every request except the open operational routes.
+
+    What is open is decided by the route the router would pick (same matcher, same root-path handling),
+    never by the path's spelling: a prefix from --root-path, `//`, `..`, percent-encoding, a trailing slash,
+    HEAD or OPTIONS all either match an open route exactly or need the key. Unknown paths need it too, so a
+    client without the key learns nothing about which routes exist."""
+
+    def __init__(self, app: ASGIApp, api_key: str, routes: Sequence[BaseRoute] = ()) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.open_routes = [r for r in routes if isinstance(r, Route) and r.path in OPEN_PATHS]
+
+    def _is_open(self, scope: Scope) -> bool:
+        # Match.PARTIAL is a known path with the wrong method (405): that needs the key like anything else.
+        return any(route.matches(scope)[0] == Match.FULL for route in self.open_routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._is_open(scope):
             await self.app(scope, receive, send)
             return
         given = b""
@@ -152,6 +189,7 @@ class ApiKeyMiddleware:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer"),
                 ],
             }
         )

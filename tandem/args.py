@@ -94,7 +94,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--max-waiting-requests",
         type=int,
         default=None,
-        help="Past this many waiting requests, new ones get 503.",
+        help="Past this many waiting requests, new ones get 503 (default: the number of KV-cache blocks, at least 1024).",
     )
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads for the engine.")
     g.add_argument(

@@ -9,6 +9,7 @@ import msgspec
 
 from frontend.errors import APIError, invalid_request
 from frontend.schemas.checks import check_chat_request, check_completion_request
+from frontend.schemas.int_ranges import check_int_ranges
 from frontend.schemas.requests import (
     ChatCompletionRequest,
     ChatMessage,
@@ -66,11 +67,13 @@ def _validation_error(err: msgspec.ValidationError) -> APIError:
 
 def _decode(decoder: msgspec.json.Decoder, body: bytes) -> Any:
     try:
-        return decoder.decode(body)
+        req = decoder.decode(body)
     except msgspec.ValidationError as err:  # subclass of DecodeError: must come first
         raise _validation_error(err) from None
     except msgspec.DecodeError as err:
         raise invalid_request(f"Invalid JSON body: {err}") from None
+    check_int_ranges(req)
+    return req
 
 
 def decode_chat_request(body: bytes) -> ChatCompletionRequest:

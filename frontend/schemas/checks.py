@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -13,6 +14,7 @@ MAX_N = 128  # a sane cap: each choice is a separate sequence in the engine
 MAX_LOGPROBS = 20  # OpenAI's and vLLM's default cap on top logprobs (--max-logprobs)
 TRUNCATION_SIDES = ("left", "right")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,19}")
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 RESPONSE_FORMAT_TYPES = frozenset({"text", "json_object", "json_schema"})
 UNSUPPORTED_PART_TYPES = {
@@ -103,12 +105,10 @@ def _check_logprob_count(value: int | None, param: str) -> None:
 
 def _check_logit_bias(logit_bias: dict[str, float] | None) -> None:
     for key, bias in (logit_bias or {}).items():
-        try:
-            token_id = int(key)
-        except ValueError:
-            raise invalid_request(
-                f"`logit_bias` keys must be token ids, got {key!r}.", "logit_bias"
-            ) from None
+        # Strictly ASCII digits: int() would also take " 1", "1_0" and other scripts' digits ("١").
+        if _TOKEN_ID_KEY.fullmatch(key) is None:
+            raise invalid_request(f"`logit_bias` keys must be token ids, got {key[:40]!r}.", "logit_bias")
+        token_id = int(key)
         if token_id < 0:
             raise invalid_request(f"`logit_bias` has a negative token id {token_id}.", "logit_bias")
         if not -100.0 <= bias <= 100.0:

@@ -14,7 +14,7 @@ import msgspec
 from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError, invalid_request
+from frontend.errors import APIError, choice_error, invalid_request
 from frontend.offload import run_off_loop
 from frontend.schemas import ChatCompletionRequest, ChatMessage
 from frontend.schemas.checks import check_chat_request
@@ -103,7 +103,7 @@ async def create_batch_chat_completion(
     events = await first_or_error(run_choices(client, jobs))
     async for _job, delta in events:
         if delta.error:
-            raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            raise choice_error(delta.error, delta.error_status)
     body: dict[str, Any] = {
         "id": response_id,
         "object": "chat.completion",

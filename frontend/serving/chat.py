@@ -10,7 +10,7 @@ from typing import Any
 from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError, invalid_request
+from frontend.errors import APIError, choice_error, invalid_request
 from frontend.offload import run_off_loop
 from frontend.schemas import ChatCompletionRequest
 from frontend.serving.chat_template import (
@@ -175,7 +175,7 @@ async def _collect_chat(
 ) -> dict[str, Any]:
     async for _job, delta in events:
         if delta.error:
-            raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            raise choice_error(delta.error, delta.error_status)
     first = jobs[0].output
     # vLLM's extension fields are present as null when not asked for, where vLLM puts them.
     return {
@@ -246,7 +246,7 @@ async def _stream_chat(
             )
     async for job, delta in events:
         if delta.error:
-            yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            yield choice_error(delta.error, delta.error_status)
             return
         usage.add(job.index, delta)
         finish_reason = delta.finish_reason

@@ -12,7 +12,7 @@ import msgspec
 from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError
+from frontend.errors import APIError, choice_error
 from frontend.offload import run_off_loop
 from frontend.sampling_params import check_prompt_token_ids
 from frontend.schemas import CompletionRequest
@@ -181,7 +181,7 @@ async def _collect(
 ) -> dict[str, Any]:
     async for _job, delta in events:
         if delta.error:
-            raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            raise choice_error(delta.error, delta.error_status)
     return {
         "id": response_id,
         "object": "text_completion",
@@ -210,7 +210,7 @@ async def _stream(
     offsets = {job.index: 0 for job in jobs}  # text offset of each choice's next token
     async for job, delta in events:
         if delta.error:
-            yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            yield choice_error(delta.error, delta.error_status)
             return
         usage.add(job.index, delta)
         text = delta.text

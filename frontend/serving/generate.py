@@ -14,7 +14,7 @@ import msgspec
 from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError, invalid_request
+from frontend.errors import APIError, choice_error, invalid_request
 from frontend.offload import run_off_loop
 from frontend.sampling_params import check_prompt_token_ids
 from frontend.schemas import CompletionRequest, StreamOptions
@@ -126,7 +126,7 @@ async def _collect(
 ) -> dict[str, Any]:
     async for _job, delta in events:
         if delta.error:
-            raise APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            raise choice_error(delta.error, delta.error_status)
     output = jobs[0].output
     return {
         "request_id": response_id,
@@ -154,7 +154,7 @@ async def _stream(
     usage = StreamUsage(jobs)
     async for _job, delta in events:
         if delta.error:
-            yield APIError(delta.error, status=delta.error_status or 500, type="server_error")
+            yield choice_error(delta.error, delta.error_status)
             return
         usage.add(0, delta)
         if not delta.token_ids and delta.finish_reason is None:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from frontend.engine_client import EngineClient
+from frontend.engine_client import EngineClient, EngineUnavailable
+from frontend.errors import NO_ENGINE_MESSAGE, APIError
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
 from protocol.messages import AddRequest, EmbedSpan, SamplingParams
 
 # Engine requests of one API request in flight at once; the rest wait in the API process, costing nothing
 # in the engines until they are admitted.
 ADMIT_WINDOW = 256
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,6 +121,20 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     return msgspec.structs.replace(params, seed=seed)
 
 
+def _public_error(exc: Exception, request_id: str) -> tuple[str, int]:
+    """(message, status) a client may see; an internal failure is logged with its request id instead."""
+    if isinstance(exc, APIError):
+        return exc.message, exc.status
+    if isinstance(exc, EngineUnavailable):
+        logger.warning("request %s: %s", request_id, exc)
+        return NO_ENGINE_MESSAGE, 503
+    logger.error("request %s failed", request_id, exc_info=exc)
+    return (
+        f"Internal server error while handling request {request_id}. The details are in the server log.",
+        500,
+    )
+
+
 async def run_choices(
     client: EngineClient, jobs: list[ChoiceJob], *, admit_window: int = ADMIT_WINDOW
 ) -> AsyncGenerator[tuple[ChoiceJob, ChoiceDelta], None]:
@@ -139,9 +157,8 @@ async def run_choices(
                         break  # a stop string ended it early: closing the stream aborts the engine request
             finally:
                 await stream.aclose()
-        except Exception as exc:  # routed to the consumer as this choice's error
-            job.output.error = f"{type(exc).__name__}: {exc}"
-            job.output.error_status = getattr(exc, "status", 503)
+        except Exception as exc:  # routed to the consumer as this choice's error, in public words
+            job.output.error, job.output.error_status = _public_error(exc, job.add.request_id)
             queue.put_nowait(
                 (job, ChoiceDelta("", [], error=job.output.error, error_status=job.output.error_status))
             )

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from starlette.responses import Response, StreamingResponse
 
-from frontend.errors import APIError
+from frontend.errors import APIError, choice_error
 from frontend.serving.generation import ChoiceJob, usage_dict
 from frontend.serving.output import ChoiceDelta
 from frontend.sse import SSE_DONE, json_bytes, sse_data, sse_error
@@ -66,11 +66,7 @@ async def first_or_error(
     _, delta = first
     if delta.error:
         await events.aclose()
-        raise APIError(
-            delta.error,
-            status=delta.error_status or 500,
-            type="server_error" if (delta.error_status or 500) >= 500 else "invalid_request_error",
-        )
+        raise choice_error(delta.error, delta.error_status)
     return _chain(first, events)
 
 

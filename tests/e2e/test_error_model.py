@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,6 +58,24 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str, str | None]] = [
     (CHAT, chat_body(logit_bias={"abc": 1}), 400, INVALID, "logit_bias"),
     (CHAT, chat_body(logit_bias={"5": 101}), 400, INVALID, "logit_bias"),
     (CHAT, chat_body(logit_bias={"10000000": 1}), 400, INVALID, "logit_bias"),
+    (CHAT, chat_body(logit_bias={" 1": 1}), 400, INVALID, "logit_bias"),
+    (CHAT, chat_body(logit_bias={"1_0": 1}), 400, INVALID, "logit_bias"),
+    (CHAT, chat_body(logit_bias={"\u0661": 1}), 400, INVALID, "logit_bias"),  # ARABIC-INDIC DIGIT ONE
+    (CHAT, chat_body(logit_bias={"1" * 40: 1}), 400, INVALID, "logit_bias"),
+    # Integers past 64 bits: once a 503 that left a routing entry behind (issue 13, defect 7).
+    (CHAT, chat_body(priority=2**64), 400, INVALID, "priority"),
+    (CHAT, chat_body(top_k=2**64), 400, INVALID, "top_k"),
+    (CHAT, chat_body(seed=2**64), 400, INVALID, "seed"),
+    (CHAT, chat_body(seed=-(2**70)), 400, INVALID, "seed"),
+    (CHAT, chat_body(max_tokens=2**64), 400, INVALID, "max_tokens"),
+    (CHAT, chat_body(min_tokens=2**64), 400, INVALID, "min_tokens"),
+    (CHAT, chat_body(n=2**64), 400, INVALID, "n"),
+    (CHAT, chat_body(stop_token_ids=[1, 2**64]), 400, INVALID, "stop_token_ids[1]"),
+    (CHAT, chat_body(allowed_token_ids=[2**64]), 400, INVALID, "allowed_token_ids[0]"),
+    (COMPLETIONS, completion_body(prompt=[1, 2**64]), 400, INVALID, "prompt[1]"),
+    (COMPLETIONS, completion_body(priority=-(2**64)), 400, INVALID, "priority"),
+    # The engine's own refusal (no token satisfies both constraints) is the client's: 400, not server_error.
+    (CHAT, chat_body(allowed_token_ids=[0], guided_regex="[0-9]+"), 400, INVALID, None),
     (CHAT, chat_body(stop=""), 400, INVALID, "stop"),
     (CHAT, chat_body(stop_token_ids=[-1]), 400, INVALID, "stop_token_ids"),
     (CHAT, chat_body(stop_token_ids=[10_000_000]), 400, INVALID, "stop_token_ids"),
@@ -180,3 +201,52 @@ def test_a_500_hides_the_traceback_and_logs_the_request_id(caplog: pytest.LogCap
     assert "secret" not in resp.text and "Traceback" not in resp.text
     assert "req-500-abc" in body["error"]["message"]
     assert any("req-500-abc" in r.getMessage() for r in caplog.records)
+
+
+def _load(base_url: str) -> tuple[int, int]:
+    """(server_load, outstanding requests summed over engines) from /load."""
+    load = httpx.get(base_url + "/load", timeout=60).json()
+    return load["server_load"], sum(engine["outstanding"] for engine in load["engines"])
+
+
+def test_load_counts_requests_in_flight_and_returns_to_zero(default_server: ServerProcess) -> None:
+    url = default_server.base_url
+    for body in (chat_body(priority=2**64), chat_body(top_k=2**64), chat_body(seed=2**64)):
+        assert httpx.post(url + CHAT, json=body, timeout=60).status_code == 400
+    assert _load(url) == (0, 0)  # refused requests leave no routing entry behind
+    body = chat_body(stream=True, max_tokens=500, ignore_eos=True)
+    with httpx.stream("POST", url + CHAT, json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        while not next(lines).startswith("data: {"):
+            pass
+        assert _load(url) == (1, 1)
+    # The client went away mid-stream: the handler is cancelled and the engine request aborted.
+    deadline = time.monotonic() + 20
+    while _load(url) != (0, 0):
+        assert time.monotonic() < deadline, _load(url)
+        time.sleep(0.1)
+
+
+def test_a_client_that_never_reads_its_stream_stalls_no_one(default_server: ServerProcess) -> None:
+    url = default_server.base_url
+    body = json.dumps(chat_body(stream=True, max_tokens=400, ignore_eos=True)).encode()
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.socket() as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills after a few chunks
+        slow.connect(("127.0.0.1", default_server.port))
+        slow.sendall(head + body)  # ...and is never read
+        deadline = time.monotonic() + 60
+        while _load(url) != (1, 1):
+            assert time.monotonic() < deadline, _load(url)
+            time.sleep(0.1)
+        for _ in range(3):  # meanwhile others are served as usual
+            resp = httpx.post(url + CHAT, json=chat_body(max_tokens=8), timeout=120)
+            assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] <= 8
+        assert _load(url)[0] == 1
+    deadline = time.monotonic() + 30
+    while _load(url) != (0, 0):  # the reader is gone: its request is aborted
+        assert time.monotonic() < deadline, _load(url)
+        time.sleep(0.1)

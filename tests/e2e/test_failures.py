@@ -220,6 +220,8 @@ def test_engine_killed_mid_stream_every_client_ends_cleanly_and_restart_takes_tr
     assert errored and completed
     for r in errored:
         assert r.error["code"] is not None or r.error["type"] == "server_error"
+        # A public sentence: no engine address, exception name or engine-side detail (issue 13, defect 12).
+        assert "tcp://" not in r.error["message"] and "Error" not in r.error["message"], r.error
         assert r.ended_at - killed_at < 5.0, "an explicit error within 5 s"
     assert not topo.engine_view(0)["alive"]
     # New work goes to the survivor meanwhile.

@@ -4,6 +4,7 @@ process with an API key and CORS, and an engine that refuses to listen off loopb
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from tests.server_process import REPO, ServerProcess, free_port
 
 API_KEY = "s3cret-token"
 ORIGIN = "http://ui.example"
+ROOT_PATH = "/api"
 
 
 def _tandem(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
@@ -67,6 +69,9 @@ def secured(keys: tuple[Path, Path]) -> Iterator[tuple[str, ServerProcess, Serve
             API_KEY,
             "--allowed-origins",
             ORIGIN,
+            # Behind a proxy prefix: the key check must not depend on it (it once switched the check off).
+            "--root-path",
+            ROOT_PATH,
         ],
         port=api_port,
     )
@@ -95,6 +100,65 @@ def test_api_key_is_required_on_model_routes(secured) -> None:  # noqa: ANN001
     # Operational routes stay open for probes and scrapers.
     assert httpx.get(f"{api.base_url}/health").status_code == 200
     assert httpx.get(f"{api.base_url}/metrics").status_code == 200
+
+
+def _raw_request(port: int, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """(status, lower-cased head) for a path sent byte for byte: HTTP clients normalize `..` and `//`."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", "Content-Length: 0"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    return int(head.split(" ", 2)[1]), head.lower()
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/models"),
+        ("GET", f"{ROOT_PATH}/v1/models"),
+        ("GET", "//v1/models"),
+        ("GET", "/v1//models"),
+        ("GET", f"{ROOT_PATH}/../v1/models"),
+        ("GET", "/health/../v1/models"),
+        ("GET", "/v1/%6Dodels"),
+        ("GET", "/%761/models"),
+        ("GET", "/v1/models/"),
+        ("GET", "/V1/MODELS"),
+        ("HEAD", "/v1/models"),
+        ("OPTIONS", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", f"{ROOT_PATH}/v1/completions"),
+        ("POST", "/tokenize"),
+        ("POST", f"{ROOT_PATH}/detokenize"),
+        ("POST", "/inference/v1/generate"),
+        ("POST", "/v1/embeddings"),
+        ("POST", "/health"),  # an open path, but not an open route: wrong method
+        ("GET", "/health/"),
+        ("GET", "/no/such/route"),
+    ],
+)
+def test_every_spelling_of_a_closed_route_needs_the_key(secured, method: str, path: str) -> None:  # noqa: ANN001
+    _, _, api = secured
+    status, head = _raw_request(api.port, method, path)
+    assert status == 401, head
+    assert "www-authenticate: bearer" in head
+    status, _ = _raw_request(api.port, method, path, {"Authorization": "Bearer wrong"})
+    assert status == 401
+
+
+def test_open_routes_and_the_key_work_under_the_root_path(secured) -> None:  # noqa: ANN001
+    _, _, api = secured
+    for method, path in [("GET", "/health"), ("HEAD", "/health"), ("GET", "/version"), ("GET", "/load")]:
+        assert _raw_request(api.port, method, path)[0] == 200, path
+    assert _raw_request(api.port, "GET", "/metrics")[0] == 200
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    assert _raw_request(api.port, "GET", "/v1/models", key)[0] == 200
+    assert _raw_request(api.port, "GET", "/v1/%6Dodels", key)[0] == 200
+    assert _raw_request(api.port, "GET", "/no/such/route", key)[0] == 404
 
 
 def test_cors_allows_only_the_configured_origin(secured) -> None:  # noqa: ANN001

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import queue
 import socket
@@ -14,6 +15,7 @@ import zmq
 from engine.io import EngineIO
 from protocol.curve import load_allowed_client_keys, load_client_keys, load_server_keys
 from protocol.framing import decode, encode
+from protocol.log_limit import RateLimitedWarning
 from protocol.messages import PROTOCOL_VERSION, Heartbeat, Hello, Ready
 from tandem.keys import generate_keys
 from tests.server_process import free_port
@@ -156,3 +158,36 @@ def test_systemd_is_told_when_the_socket_is_bound(tmp_path, monkeypatch: pytest.
             assert listener.recv(64) == b"READY=1"
         finally:
             io.close()
+
+
+def test_a_flood_of_garbage_logs_one_line_not_one_per_message(
+    ctx: zmq.Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    io = EngineIO(address)
+    io.start()
+    try:
+        sock = _dealer(ctx, address)
+        with caplog.at_level(logging.WARNING, logger="engine.io"):
+            for _ in range(200):
+                sock.send_multipart([b"?", b"garbage"])
+            reply = _echo_until_reply(io, sock)  # everything before it was handled
+            assert isinstance(reply, Ready)
+        assert io.num_bad_messages == 200
+        dropped = [r for r in caplog.records if "undecodable" in r.getMessage()]
+        assert len(dropped) <= 1  # rate limited (one line per 10 s); 0 if an earlier test just logged
+    finally:
+        io.close()
+
+
+def test_rate_limited_warning_reports_what_it_held_back(caplog: pytest.LogCaptureFixture) -> None:
+    limited = RateLimitedWarning(logging.getLogger("test.limit"), interval_s=0.3)
+    with caplog.at_level(logging.WARNING, logger="test.limit"):
+        logged = [limited.warn("bad message %d", i) for i in range(50)]
+        time.sleep(0.35)
+        logged.append(limited.warn("bad message %d", 50))
+    assert logged == [True] + [False] * 49 + [True]
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad message 0",
+        "bad message 50 (49 more like it since the last report)",
+    ]

@@ -217,3 +217,45 @@ async def test_health_is_false_with_no_live_engine(two_engines) -> None:  # noqa
     await _until(lambda: not client.is_healthy)
     with pytest.raises(Exception, match="no engine"):
         client.pick_engine([1])
+
+
+async def test_a_request_that_cannot_be_sent_fails_at_once_with_a_retryable_503(two_engines) -> None:  # noqa: ANN001
+    client, a, b = two_engines
+    client.dead_after_s = 30.0  # a heartbeat timeout would take this long: the failure must not wait for it
+    for conn in client.engines:
+        # Fault injection: a DEALER with no connected peer, as in the moment between an engine's death
+        # and the client noticing. A non-blocking send on it raises zmq.Again, which was swallowed.
+        old = conn.socket
+        conn.socket = client.ctx.socket(zmq.DEALER)
+        assert old is not None
+        old.close(0)
+    t0 = time.monotonic()
+    deltas = [delta async for delta in client.generate(_add("unsent"))]
+    assert time.monotonic() - t0 < 5.0
+    assert len(deltas) == 1
+    assert deltas[0].finish_reason == FinishReason.ERROR and deltas[0].error_status == 503
+    assert client.num_retries == 1  # the second engine was tried too
+    assert all(not conn.pending for conn in client.engines)
+    assert a.adds == [] and b.adds == []
+
+
+async def test_a_slow_reader_gets_merged_deltas_not_an_unbounded_queue(two_engines) -> None:  # noqa: ANN001
+    client, a, b = two_engines
+    stream = client.generate(_add("slow"))
+    first = asyncio.ensure_future(anext(stream))
+    await _until(lambda: len(a.adds) + len(b.adds) == 1)
+    engine = a if a.adds else b
+    peer = engine.adds[0][0]
+    engine.deltas(peer, RequestDelta("slow", [0], num_prompt_tokens=3))
+    assert (await first).new_token_ids == [0]
+    # The reader stops reading while the engine produces 200 more steps, the last one final.
+    for i in range(1, 201):
+        engine.deltas(
+            peer, RequestDelta("slow", [i], finish_reason=FinishReason.LENGTH if i == 200 else None)
+        )
+    conn = next(c for c in client.engines if c.address == engine.address)
+    await _until(lambda: conn.pending["slow"].num_tokens == 200)
+    assert len(conn.pending["slow"]) == 1  # one merged delta waits, not 200
+    rest = [delta async for delta in stream]
+    assert [t for d in rest for t in d.new_token_ids] == list(range(1, 201))
+    assert rest[-1].finish_reason == FinishReason.LENGTH
