@@ -152,7 +152,17 @@ def test_every_spelling_of_a_closed_route_needs_the_key(secured, method: str, pa
 
 def test_open_routes_and_the_key_work_under_the_root_path(secured) -> None:  # noqa: ANN001
     _, _, api = secured
-    for method, path in [("GET", "/health"), ("HEAD", "/health"), ("GET", "/version"), ("GET", "/load")]:
+    open_routes = [
+        ("GET", "/health"),
+        ("HEAD", "/health"),
+        ("GET", "/version"),
+        ("GET", "/load"),
+        ("GET", "/ping"),
+        ("POST", "/ping"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+    ]
+    for method, path in open_routes:
         assert _raw_request(api.port, method, path)[0] == 200, path
     assert _raw_request(api.port, "GET", "/metrics")[0] == 200
     key = {"Authorization": f"Bearer {API_KEY}"}
