@@ -156,3 +156,21 @@ def test_queue_time_is_measured_once_at_first_scheduling() -> None:
         scheduler.update_after_step(out, sampled)
     assert scheduler.num_preemptions > 0
     assert set(first_wait) == {r.request_id for r in requests}
+
+
+def test_prefix_cache_lookups_are_counted_once_per_admission() -> None:
+    # 3 usable blocks: r0 (9 prompt tokens) holds them all, so r1 retries its admission every step until
+    # r0 finishes. Counting each retry would inflate both queries and hits (r1 shares r0's first 2 blocks).
+    scheduler = make_scheduler(num_blocks=4)
+    first = make_request(0, 9, max_tokens=3)
+    second = make_request(1, 9, max_tokens=3)
+    second.prompt_token_ids = first.prompt_token_ids[:8] + [77]
+    scheduler.add_request(first)
+    scheduler.add_request(second)
+    steps = run(scheduler)
+    assert len(steps) > 3  # r1 waited (and retried) for several steps
+    assert first.finish_reason is second.finish_reason is FinishReason.LENGTH
+    assert second.num_cached_tokens == 8
+    kv = scheduler.kv_cache
+    assert kv.num_queried_tokens == 9 + 9
+    assert kv.num_hit_tokens == 8

@@ -149,7 +149,7 @@ def simulate(scenario: Scenario, num_blocks: int) -> tuple[Scheduler, list[Reque
     return scheduler, requests
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(scenarios())
 def test_scheduler_invariants_hold_under_random_load(scenario: Scenario) -> None:
     scheduler, requests = simulate(scenario, scenario.num_blocks)
@@ -158,7 +158,10 @@ def test_scheduler_invariants_hold_under_random_load(scenario: Scenario) -> None
     # Preemption and chunking never change what a request generates: compare with a pool that never runs out.
     _, roomy = simulate(scenario, num_blocks=1024)
     for tight_request, roomy_request in zip(requests, roomy, strict=True):
-        if tight_request.finish_reason is FinishReason.ABORT or roomy_request.finish_reason is FinishReason.ABORT:
+        if (
+            tight_request.finish_reason is FinishReason.ABORT
+            or roomy_request.finish_reason is FinishReason.ABORT
+        ):
             continue
         assert tight_request.finish_reason is FinishReason.LENGTH
         assert tight_request.output_token_ids == roomy_request.output_token_ids
