@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: EngineConfig, parts: EngineParts | None = None) -> None:
         self.config = config
+        curve_keys = _curve_keys(config)  # before the model loads, so a missing key file fails fast
         self.parts: EngineParts | EmbeddingParts
         self.stepper: EngineStepper | EmbeddingStepper
         if parts is None and config.task == "embed":
@@ -48,8 +49,7 @@ class EngineCore:
         self.io = EngineIO(
             config.listen,
             heartbeat_interval_s=config.heartbeat_interval_s,
-            curve_allowed_client_keys=_allowed_client_keys(config),
-            **self.parts.curve_keys,
+            **curve_keys,
         )
         self.known_clients: set[bytes] = set()
         self.draining = False
@@ -174,9 +174,15 @@ class EngineCore:
             logger.warning("an API process went silent; aborted its %d requests", num_aborted)
 
 
-def _allowed_client_keys(config: EngineConfig) -> list[bytes] | None:
+def _curve_keys(config: EngineConfig) -> dict[str, Any]:
+    """EngineIO's Curve arguments, all read from the keys folder in this one place."""
     if not config.curve_keys_dir:
-        return None
-    from protocol.curve import load_allowed_client_keys
+        return {}
+    from protocol.curve import load_allowed_client_keys, load_server_keys
 
-    return load_allowed_client_keys(config.curve_keys_dir)
+    public, secret = load_server_keys(config.curve_keys_dir)
+    return {
+        "curve_public_key": public,
+        "curve_secret_key": secret,
+        "curve_allowed_client_keys": load_allowed_client_keys(config.curve_keys_dir),
+    }

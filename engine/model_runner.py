@@ -45,6 +45,7 @@ class ModelRunner:
         max_num_seqs: int = 256,
         max_model_len: int = 2048,
         enforce_eager: bool = False,
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.arch = arch
@@ -55,7 +56,7 @@ class ModelRunner:
         kv_shape = (2, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)  # type: ignore[attr-defined]
         # [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim] per layer
         self.kv_caches = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.sampler = Sampler(arch.vocab_size, device)  # type: ignore[attr-defined]
+        self.sampler = Sampler(arch.vocab_size, device, seed)  # type: ignore[attr-defined]
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager:
             self.graphs = build_decode_graphs(

@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
@@ -71,8 +71,6 @@ class GrammarCompiler:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar")
         self._cache: OrderedDict[bytes, Future[llguidance.LLMatcher]] = OrderedDict()
         self._cache_size = cache_size
-        # Test-only: called on the worker thread before each compile (to simulate a slow grammar).
-        self.before_compile: Callable[[StructuredSpec], None] | None = None
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -97,8 +95,6 @@ class GrammarCompiler:
         return future
 
     def _compile(self, spec: StructuredSpec) -> llguidance.LLMatcher:
-        if self.before_compile is not None:
-            self.before_compile(spec)
         grammar = grammar_for_spec(spec)
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():

@@ -193,7 +193,6 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         listen=listen,
         engine_id=engine_id,
         curve_keys_dir=ns.curve_keys,
-        insecure=ns.insecure,
         num_threads=ns.num_threads,
         chat_template=ns.chat_template,
         generation_config=ns.generation_config,
@@ -215,7 +214,6 @@ def frontend_config(ns: argparse.Namespace, *, engines: list[str], fd: int | Non
         allowed_methods=tuple(ns.allowed_methods),
         allowed_headers=tuple(ns.allowed_headers),
         disable_log_requests=ns.disable_log_requests,
-        enable_prompt_embeds=getattr(ns, "enable_prompt_embeds", False),
         enable_auto_tool_choice=ns.enable_auto_tool_choice,
         tool_call_parser=ns.tool_call_parser,
         shutdown_timeout_s=ns.shutdown_timeout,
@@ -225,6 +223,7 @@ def frontend_config(ns: argparse.Namespace, *, engines: list[str], fd: int | Non
         ssl_certfile=ns.ssl_certfile,
         ssl_keyfile=ns.ssl_keyfile,
         root_path=ns.root_path,
+        metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
     )
 
 
