@@ -24,8 +24,8 @@ serve: $(STAMP)
 	$(BIN)/tandem serve $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check protocol frontend engine tandem tests benchmarks examples
-	$(BIN)/ruff format --check protocol frontend engine tandem tests benchmarks examples
+	$(BIN)/ruff check protocol contract frontend engine tandem tests benchmarks examples
+	$(BIN)/ruff format --check protocol contract frontend engine tandem tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -4,54 +4,24 @@ llguidance's own message, before anything reaches an engine. No tokenizer and no
 from __future__ import annotations
 
 import functools
-import json
-from typing import TYPE_CHECKING
 
 import llguidance
 
+from contract.grammar import GrammarError, grammar_from_text, spec_kind_and_text
 from frontend.errors import invalid_request
 from frontend.schemas import ChatCompletionRequest, CompletionRequest
 from protocol.messages import StructuredSpec
-
-if TYPE_CHECKING:
-    from llguidance._lib import JsonCompileOptions  # a TypedDict that exists only in the stub
-
-# Must equal engine/structured.py's JSON_OPTIONS: the frontend checks the grammar the engine will build.
-JSON_OPTIONS: JsonCompileOptions = {
-    "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
-}
 
 
 @functools.lru_cache(maxsize=512)
 def _grammar_error(kind: str, text: str) -> str | None:
     """llguidance's message for an unusable spec, or None. Cached: clients repeat the same schemas."""
     try:
-        if kind == "json":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
-        elif kind == "regex":
-            grammar = llguidance.LLMatcher.grammar_from_regex(text)
-        elif kind == "choice":
-            grammar = llguidance.grammar_from("choice", text)
-        else:
-            grammar = llguidance.grammar_from("grammar", text)
-    except ValueError as exc:
+        grammar = grammar_from_text(kind, text)  # the grammar the engine will build (contract/grammar.py)
+    except GrammarError as exc:
         return str(exc)
     error = llguidance.LLMatcher.validate_grammar(grammar)
     return error or None
-
-
-def _kind_and_text(spec: StructuredSpec) -> tuple[str, str] | None:
-    if spec.json_schema is not None:
-        return "json", spec.json_schema
-    if spec.regex is not None:
-        return "regex", spec.regex
-    if spec.choice is not None:
-        return "choice", json.dumps(spec.choice)
-    if spec.grammar is not None:
-        return "grammar", spec.grammar
-    return None  # any JSON object: always valid
 
 
 def spec_param(req: ChatCompletionRequest | CompletionRequest) -> str:
@@ -68,9 +38,9 @@ def spec_param(req: ChatCompletionRequest | CompletionRequest) -> str:
 
 def check_structured_spec(spec: StructuredSpec, param: str) -> None:
     """Raises a 400 APIError when llguidance rejects the spec."""
-    kind_text = _kind_and_text(spec)
+    kind_text = spec_kind_and_text(spec)
     if kind_text is None:
-        return
+        return  # any JSON object: always valid
     error = _grammar_error(*kind_text)
     if error is not None:
         raise invalid_request(f"Invalid structured output constraint: {error.strip()}", param)

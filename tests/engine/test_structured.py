@@ -16,10 +16,11 @@ import pytest
 from tokenizers import Tokenizer
 
 import engine.structured
+from contract.grammar import GrammarError, grammar_for_spec
 from engine.config import EngineConfig
 from engine.engine_setup import build_engine_parts
 from engine.stepper import EngineStepper
-from engine.structured import GrammarCompiler, GrammarError, grammar_for_spec
+from engine.structured import GrammarCompiler
 from protocol.messages import AddRequest, FinishReason, RequestDelta, SamplingParams, StructuredSpec
 
 PROMPT = [10, 11, 12, 13, 14, 15]
