@@ -34,7 +34,7 @@ unit: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # An API pod's install: `tandem[api]` alone in a fresh venv (no torch), `tandem api --help`, the torch-free test.
-api-only:
+api-only: $(STAMP)
 	bash .ci/api_only.sh
 
 test: lint typecheck api-only unit
