@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from engine.config import EngineConfig
@@ -55,7 +56,7 @@ class EngineCore:
         self.draining = False
         self.stop_event = threading.Event()
         self._last_housekeeping = 0.0
-        self._handlers = {
+        self._handlers: dict[type[Any], Callable[[bytes, Any, list[Any]], None]] = {
             Hello: self._on_hello,
             AddRequest: self._on_add,
             Abort: self._on_abort,
