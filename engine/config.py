@@ -34,7 +34,6 @@ class EngineConfig:
     heartbeat_interval_s: float = 1.0
     client_timeout_s: float = 10.0
     curve_keys_dir: str | None = None
-    insecure: bool = False
     num_threads: int | None = None
     chat_template: str | None = None  # a Jinja file's path or the template itself; None: the model's own
     # Sampling defaults: "auto" (the model folder's generation_config.json), "vllm" (none) or a folder.

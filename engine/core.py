@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from engine.config import EngineConfig
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: EngineConfig, parts: EngineParts | None = None) -> None:
         self.config = config
+        curve_keys = _curve_keys(config)  # before the model loads, so a missing key file fails fast
         self.parts: EngineParts | EmbeddingParts
         self.stepper: EngineStepper | EmbeddingStepper
         # Admission control is always on: Ready carries the flag's bound or the one from the KV cache.
@@ -53,14 +55,13 @@ class EngineCore:
         self.io = EngineIO(
             config.listen,
             heartbeat_interval_s=config.heartbeat_interval_s,
-            curve_allowed_client_keys=_allowed_client_keys(config),
-            **self.parts.curve_keys,
+            **curve_keys,
         )
         self.known_clients: set[bytes] = set()
         self.draining = False
         self.stop_event = threading.Event()
         self._last_housekeeping = 0.0
-        self._handlers = {
+        self._handlers: dict[type[Any], Callable[[bytes, Any, list[Any]], None]] = {
             Hello: self._on_hello,
             AddRequest: self._on_add,
             Abort: self._on_abort,
@@ -196,9 +197,15 @@ class EngineCore:
             logger.warning("an API process went silent; aborted its %d requests", num_aborted)
 
 
-def _allowed_client_keys(config: EngineConfig) -> list[bytes] | None:
+def _curve_keys(config: EngineConfig) -> dict[str, Any]:
+    """EngineIO's Curve arguments, all read from the keys folder in this one place."""
     if not config.curve_keys_dir:
-        return None
-    from protocol.curve import load_allowed_client_keys
+        return {}
+    from protocol.curve import load_allowed_client_keys, load_server_keys
 
-    return load_allowed_client_keys(config.curve_keys_dir)
+    public, secret = load_server_keys(config.curve_keys_dir)
+    return {
+        "curve_public_key": public,
+        "curve_secret_key": secret,
+        "curve_allowed_client_keys": load_allowed_client_keys(config.curve_keys_dir),
+    }

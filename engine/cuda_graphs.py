@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE  # graph.pool()'s type; a runtime import would be a cycle in torch
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +60,9 @@ class DecodeGraphs:
         )  # [B, max_blocks]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.pool = None
+        self.pool: _POOL_HANDLE | None = (
+            None  # the CUDA graphs' shared memory pool, once the first is captured
+        )
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(

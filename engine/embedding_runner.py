@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +31,10 @@ class EmbeddingParts:
     max_model_len: int
     max_num_batched_tokens: int
     max_num_seqs: int
-    curve_keys: dict[str, bytes] = field(default_factory=dict)
 
 
 def build_embedding_parts(config: EngineConfig) -> EmbeddingParts:
-    from engine.engine_setup import _curve_keys, pick_device, ready_message
+    from engine.engine_setup import pick_device, ready_message
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -72,7 +71,6 @@ def build_embedding_parts(config: EngineConfig) -> EmbeddingParts:
         max_model_len=max_model_len,
         max_num_batched_tokens=max(config.max_num_batched_tokens, max_model_len),
         max_num_seqs=config.max_num_seqs,
-        curve_keys=_curve_keys(config),
     )
 
 

@@ -6,9 +6,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ class EngineParts:
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
     max_model_len: int
-    curve_keys: dict[str, bytes] = field(default_factory=dict)
 
 
 def pick_device(name: str) -> torch.device:
@@ -99,6 +97,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         max_num_seqs=config.max_num_seqs,
         max_model_len=max_model_len,
         enforce_eager=config.enforce_eager,
+        seed=config.seed,
     )
     limits = SchedulerLimits(
         max_num_batched_tokens=config.max_num_batched_tokens,
@@ -133,7 +132,6 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         dtype=loaded.dtype,
         eos_token_ids=frozenset(tok.eos_token_ids),
         max_model_len=max_model_len,
-        curve_keys=_curve_keys(config),
     )
 
 
@@ -251,12 +249,3 @@ def effective_max_waiting_requests(config: EngineConfig, num_kv_blocks: int) -> 
     if config.max_waiting_requests is not None:
         return config.max_waiting_requests
     return max(MIN_DEFAULT_WAITING_REQUESTS, num_kv_blocks)
-
-
-def _curve_keys(config: EngineConfig) -> dict[str, bytes]:
-    if not config.curve_keys_dir:
-        return {}
-    from protocol.curve import load_server_keys
-
-    public, secret = load_server_keys(os.fspath(config.curve_keys_dir))
-    return {"curve_public_key": public, "curve_secret_key": secret}

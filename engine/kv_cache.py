@@ -107,10 +107,17 @@ class KVCacheManager:
             extra = (f"salt:{request.cache_salt}", *extra)
         return hash_block(parent, tokens, extra)
 
-    def find_cached_prefix(self, request: Request) -> list[int]:
-        """Cached block ids for the longest cached prefix, leaving the last prompt token to compute."""
+    def _reads_cache(self, request: Request) -> bool:
         # Prompt logprobs need the logits of every prompt position, so such a request reads no cache.
-        if not self.enable_prefix_caching or request.sampling.prompt_logprobs is not None:
+        return self.enable_prefix_caching and request.sampling.prompt_logprobs is None
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Cached block ids for the longest cached prefix, leaving the last prompt token to compute.
+
+        Counts nothing: an admission that finds no free blocks is retried every step, so the caller
+        reports the lookup with record_prefix_lookup() once the request is actually admitted.
+        """
+        if not self._reads_cache(request):
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._extend_hashes(request, max_blocks)
@@ -120,9 +127,13 @@ class KVCacheManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.num_queried_tokens += request.num_tokens
-        self.num_hit_tokens += len(hits) * self.block_size
         return hits
+
+    def record_prefix_lookup(self, request: Request, num_hit_blocks: int) -> None:
+        """Prefix-cache hit-rate counters: called once per admission of a request into the running set."""
+        if self._reads_cache(request):
+            self.num_queried_tokens += request.num_tokens
+            self.num_hit_tokens += num_hit_blocks * self.block_size
 
     def _extend_hashes(self, request: Request, num_full_blocks: int) -> None:
         while len(request.block_hashes) < num_full_blocks:

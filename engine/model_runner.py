@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,10 @@ from engine.readback import DeviceReadback, tensor_to_device, to_device
 from engine.request import Request
 from engine.sampler import LogprobRow, Sampler, SampleResult, TokenBitmask
 from engine.scheduler import SchedulerOutput
+
+if TYPE_CHECKING:
+    from engine.models.config import ModelArchConfig
+    from engine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +40,8 @@ def kv_cache_bytes_per_block(
 class ModelRunner:
     def __init__(
         self,
-        model: torch.nn.Module,
-        arch: object,
+        model: LlamaForCausalLM,  # every causal LM family derives from it (engine/models/registry.py)
+        arch: ModelArchConfig,
         *,
         num_blocks: int,
         block_size: int,
@@ -45,17 +50,18 @@ class ModelRunner:
         max_num_seqs: int = 256,
         max_model_len: int = 2048,
         enforce_eager: bool = False,
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.arch = arch
         self.block_size = block_size
         self.dtype = dtype
         self.device = device
-        num_layers = arch.num_hidden_layers  # type: ignore[attr-defined]
-        kv_shape = (2, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)  # type: ignore[attr-defined]
+        num_layers = arch.num_hidden_layers
+        kv_shape = (2, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
         # [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim] per layer
         self.kv_caches = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.sampler = Sampler(arch.vocab_size, device)  # type: ignore[attr-defined]
+        self.sampler = Sampler(arch.vocab_size, device, seed)
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager:
             self.graphs = build_decode_graphs(

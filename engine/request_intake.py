@@ -28,9 +28,6 @@ class RequestRejected(ValueError):
 
 MAX_REQUEST_ID_CHARS = 1024
 MAX_CACHE_SALT_CHARS = 1024
-MAX_TOP_LOGPROBS = 20  # the sampler cuts at this many anyway; larger asks are a peer's mistake
-# Token-id lists beyond the vocabulary size can only repeat ids; bad_words beyond this many lists is abuse.
-MAX_BAD_WORDS = 4096
 _EMBED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -59,8 +56,9 @@ def check_sampling(sampling: SamplingParams, vocab_size: int) -> None:
     if not 0 <= sampling.min_tokens <= sampling.max_tokens:
         raise RequestRejected("min_tokens must be in [0, max_tokens]")
     for name, k in (("logprobs", sampling.logprobs), ("prompt_logprobs", sampling.prompt_logprobs)):
-        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
-            raise RequestRejected(f"{name} must be in [0, {MAX_TOP_LOGPROBS}]")
+        # The API process applies --max-logprobs; the sampler can return up to the whole vocabulary.
+        if k is not None and not 0 <= k <= vocab_size:
+            raise RequestRejected(f"{name} must be in [0, {vocab_size}]")
     _check_ids(sampling.stop_token_ids, vocab_size, "stop_token_ids")
     if sampling.logit_bias:
         _check_ids(list(sampling.logit_bias), vocab_size, "logit_bias keys")
@@ -70,13 +68,6 @@ def check_sampling(sampling: SamplingParams, vocab_size: int) -> None:
         if not sampling.allowed_token_ids:
             raise RequestRejected("allowed_token_ids must not be empty")  # nothing could be sampled
         _check_ids(sampling.allowed_token_ids, vocab_size, "allowed_token_ids")
-    if sampling.bad_words_token_ids is not None:
-        if len(sampling.bad_words_token_ids) > MAX_BAD_WORDS:
-            raise RequestRejected(f"bad_words_token_ids holds more than {MAX_BAD_WORDS} words")
-        for word in sampling.bad_words_token_ids:
-            if not word:
-                raise RequestRejected("bad_words_token_ids holds an empty word")
-            _check_ids(word, vocab_size, "bad_words_token_ids")
     spec = sampling.structured
     if spec is not None:
         num_set = sum(v is not None for v in (spec.json_schema, spec.regex, spec.choice, spec.grammar))

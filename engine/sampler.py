@@ -59,10 +59,14 @@ class PendingSample:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
         self.vocab_size = vocab_size
         self.device = device
         self.generators: dict[str, torch.Generator] = {}
+        # Unseeded requests draw from the sampler's own generator (--seed), never torch's global one,
+        # which model loading and anything else in the process may reseed or consume.
+        self.unseeded_generator = torch.Generator(device=device)
+        self.unseeded_generator.manual_seed(seed)
         # request_id -> prompt logprobs gathered so far (index = prompt position; position 0 is None)
         self.prompt_logprobs: dict[str, list[LogprobRow | None]] = {}
         # (request_id, start, table slot, k) queued this step, turned into rows once read back
@@ -199,7 +203,7 @@ class Sampler:
         if unseeded:
             noise[self._tensor(unseeded)] = torch.empty(
                 len(unseeded), probs.shape[1], device=self.device
-            ).exponential_()
+            ).exponential_(generator=self.unseeded_generator)
         for j, i in enumerate(random_rows):
             gen = self._generator(requests[i])
             if gen is not None:

@@ -93,7 +93,7 @@ class Scheduler:
         return min(num_new, budget)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        index = 0
+        index = 0  # running[:index] were looked at this step (scheduled, or nothing left to compute)
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
@@ -101,7 +101,13 @@ class Scheduler:
                 index += 1
                 continue
             while not self.kv_cache.allocate_slots(request, num_new):
-                victim = self._pick_victim()
+                victim_index = self._pick_victim()
+                victim = self.running.pop(victim_index)
+                if victim_index < index:
+                    # The priority policy can evict a request looked at earlier in this step: keep the loop
+                    # index on the same request, and take the victim back out of the batch with its tokens.
+                    index -= 1
+                    budget += self._unschedule(out, victim)
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is request:
@@ -112,12 +118,21 @@ class Scheduler:
                 index += 1
         return budget
 
-    def _pick_victim(self) -> Request:
+    @staticmethod
+    def _unschedule(out: SchedulerOutput, request: Request) -> int:
+        """Remove request from this step's batch (if there); returns the tokens it had been given."""
+        for position, (scheduled, num_tokens) in enumerate(out.scheduled):
+            if scheduled is request:
+                del out.scheduled[position]
+                return num_tokens
+        return 0
+
+    def _pick_victim(self) -> int:
+        """Index in self.running of the request to preempt: the lowest priority (then newest), or the newest."""
         if self.limits.priority_policy:
-            victim = max(self.running, key=lambda r: (r.priority, r.arrival_time))
-            self.running.remove(victim)
-            return victim
-        return self.running.pop()
+            running = self.running
+            return max(range(len(running)), key=lambda i: (running[i].priority, running[i].arrival_time))
+        return len(self.running) - 1
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
@@ -145,6 +160,7 @@ class Scheduler:
             if not self.kv_cache.allocate_slots(request, num_new, cached):
                 break  # wait for blocks to free up; keep FCFS order
             self.waiting.remove(request)
+            self.kv_cache.record_prefix_lookup(request, len(cached))
             if request.queue_time_s is None:
                 request.queue_time_s = time.monotonic() - request.received_at
             request.status = RequestStatus.RUNNING

@@ -7,11 +7,10 @@ so a slow compile only keeps its own request waiting while the batch runs on.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
@@ -19,36 +18,14 @@ import llguidance.numpy as llg_numpy
 import msgspec
 import numpy as np
 
+from contract.grammar import GrammarError, grammar_for_spec
 from engine.request import Request
 from engine.sampler import TokenBitmask
 from protocol.messages import StructuredSpec
 
 logger = logging.getLogger(__name__)
 
-# Compact JSON with single spaces: a small model at temperature 1 otherwise spends its token budget on
-# whitespace (flexible whitespace allows endless newlines). A schema can opt back in with "x-guidance".
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _spec_encoder = msgspec.msgpack.Encoder()
-
-
-class GrammarError(ValueError):
-    """The spec does not compile; the message is the library's."""
-
-
-def grammar_for_spec(spec: StructuredSpec) -> str:
-    """The llguidance grammar (its JSON form) for a spec. Raises GrammarError for unusable text."""
-    try:
-        if spec.json_schema is not None:
-            return llguidance.LLMatcher.grammar_from_json_schema(spec.json_schema, defaults=JSON_OPTIONS)
-        if spec.regex is not None:
-            return llguidance.LLMatcher.grammar_from_regex(spec.regex)
-        if spec.choice is not None:
-            return llguidance.grammar_from("choice", json.dumps(spec.choice))
-        if spec.grammar is not None:
-            return llguidance.grammar_from("grammar", spec.grammar)  # Lark, or GBNF converted to Lark
-    except ValueError as exc:
-        raise GrammarError(str(exc)) from None
-    return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_OPTIONS)
 
 
 def _short_reason(matcher: llguidance.LLMatcher) -> str:
@@ -78,8 +55,6 @@ class GrammarCompiler:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar")
         self._cache: OrderedDict[bytes, Future[llguidance.LLMatcher]] = OrderedDict()
         self._cache_size = cache_size
-        # Test-only: called on the worker thread before each compile (to simulate a slow grammar).
-        self.before_compile: Callable[[StructuredSpec], None] | None = None
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -104,8 +79,6 @@ class GrammarCompiler:
         return future
 
     def _compile(self, spec: StructuredSpec) -> llguidance.LLMatcher:
-        if self.before_compile is not None:
-            self.before_compile(spec)
         grammar = grammar_for_spec(spec)
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():

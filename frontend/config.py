@@ -18,7 +18,6 @@ class FrontendConfig:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     disable_log_requests: bool = False
-    enable_prompt_embeds: bool = False
     max_prompt_embeds_bytes: int = 32 * 1024 * 1024
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
@@ -31,7 +30,10 @@ class FrontendConfig:
     engine_dead_after_s: float = 5.0
     curve_keys_dir: str | None = None
     log_level: str = "info"
-    metrics_dir: str | None = None  # shared folder for multi-process Prometheus metrics
+    # Shared folder for multi-process Prometheus metrics. prometheus_client itself reads the
+    # PROMETHEUS_MULTIPROC_DIR environment variable when a metric is created, so the launcher sets that
+    # variable and this field is built from it (tandem/args.py); the frontend reads only this field.
+    metrics_dir: str | None = None
     ssl_certfile: str | None = None  # HTTPS when set
     ssl_keyfile: str | None = None
     root_path: str = ""  # the prefix a proxy serves the API under

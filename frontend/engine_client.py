@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from contract.finish_reasons import FINISH_REASON_NAMES
 from frontend.delta_mailbox import DeltaMailbox
 from frontend.errors import ENGINE_LOST_MESSAGE
 from protocol.framing import FrameError, decode, encode
@@ -42,12 +43,6 @@ logger = logging.getLogger(__name__)
 _PREFIX_AFFINITY_TOKENS = 64  # requests whose first tokens match prefer the engine that served them
 _AFFINITY_SLACK = 4  # ...unless that engine has this many more outstanding requests than the least loaded
 _HELLO_RETRY_S = 2.0  # how often a down engine is asked for a handshake again
-_FINISH_NAMES = {
-    FinishReason.STOP: "stop",
-    FinishReason.LENGTH: "length",
-    FinishReason.ABORT: "abort",
-    FinishReason.ERROR: "error",
-}
 # Socket events: a peer process that dies closes its connection at once, long before heartbeats miss.
 _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0)
 
@@ -392,7 +387,7 @@ class EngineClient:
                     finished = item.finish_reason is not None
                     timing.observe(item, time.time())
                     if item.finish_reason is not None:
-                        timing.finish_reason = _FINISH_NAMES[FinishReason(item.finish_reason)]
+                        timing.finish_reason = FINISH_REASON_NAMES[FinishReason(item.finish_reason)]
                     yield item
                     if finished:
                         return

@@ -3,12 +3,12 @@
 Engine-side figures (running, waiting, KV usage, prefix cache, preemptions) come from the stats each
 engine sends with its outputs and heartbeats; every API process sees the same figures, so only the
 process answering the scrape reports them (never summed). Request-side figures are recorded as requests
-finish and, with PROMETHEUS_MULTIPROC_DIR set (the launcher does), summed over all API processes.
+finish and, with FrontendConfig.metrics_dir set (from PROMETHEUS_MULTIPROC_DIR, which the launcher
+sets), summed over all API processes.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -21,8 +21,6 @@ from protocol.messages import ITERATION_TOKENS_BUCKETS, Ready, SchedulerStats
 if TYPE_CHECKING:
     from frontend.engine_client import EngineConnection, RequestTiming
     from frontend.state import AppState
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -287,7 +285,7 @@ def _iteration_buckets(counts: list[int]) -> list[tuple[str, float]]:
 def setup_metrics(state: AppState) -> None:
     """The scrape registry; request metrics are attached once the model name is known (start_request_metrics)."""
     registry = CollectorRegistry()
-    multiproc_dir = os.environ.get(MULTIPROC_ENV)
+    multiproc_dir = state.config.metrics_dir
     if multiproc_dir:
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -301,7 +299,7 @@ def start_request_metrics(state: AppState, model_name: str, max_model_len: int =
     registry = state.extras["registry"]
     # In multi-process mode the values live in files that MultiProcessCollector reads back, so the
     # metric objects must not be registered for scraping a second time.
-    target = CollectorRegistry() if os.environ.get(MULTIPROC_ENV) else registry
+    target = CollectorRegistry() if state.config.metrics_dir else registry
     metrics = RequestMetrics(target, model_name, max_model_len)  # type: ignore[arg-type]
     for conn in state.client.engines:
         if conn.ready is not None:

@@ -13,24 +13,13 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 import llguidance
 
+from contract.grammar import GrammarError, grammar_for_spec, grammar_from_text, spec_kind_and_text
 from frontend.errors import invalid_request
 from frontend.schemas import ChatCompletionRequest, CompletionRequest
 from protocol.messages import StructuredSpec
-
-if TYPE_CHECKING:
-    from llguidance._lib import JsonCompileOptions  # a TypedDict that exists only in the stub
-
-# Must equal engine/structured.py's JSON_OPTIONS: the frontend checks the grammar the engine will build.
-JSON_OPTIONS: JsonCompileOptions = {
-    "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
-}
-
 
 # Size caps checked before compiling: past these llguidance either fails mid-generation or takes seconds.
 MAX_CHOICES = 5_000
@@ -119,31 +108,11 @@ _cache_lock = threading.Lock()  # request preparation runs on worker threads
 
 def _compile_error(kind: str, text: str) -> str | None:
     try:
-        if kind == "json":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
-        elif kind == "regex":
-            grammar = llguidance.LLMatcher.grammar_from_regex(text)
-        elif kind == "choice":
-            grammar = llguidance.grammar_from("choice", text)
-        else:
-            grammar = llguidance.grammar_from("grammar", text)
-    except ValueError as exc:
+        grammar = grammar_from_text(kind, text)  # the grammar the engine will build (contract/grammar.py)
+    except GrammarError as exc:
         return str(exc)
     error = llguidance.LLMatcher.validate_grammar(grammar, limits=_LIMITS)
     return error or None
-
-
-def grammar_text(spec: StructuredSpec) -> str:
-    """The llguidance grammar of a (checked) spec, as the engine builds it."""
-    if spec.json_schema is not None:
-        return llguidance.LLMatcher.grammar_from_json_schema(spec.json_schema, defaults=JSON_OPTIONS)
-    if spec.regex is not None:
-        return llguidance.LLMatcher.grammar_from_regex(spec.regex)
-    if spec.choice is not None:
-        return llguidance.grammar_from("choice", json.dumps(spec.choice))
-    if spec.grammar is not None:
-        return llguidance.grammar_from("grammar", spec.grammar)
-    return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_OPTIONS)
 
 
 class GrammarDryRun:
@@ -182,7 +151,7 @@ class GrammarDryRun:
         import numpy as np
 
         tokenizer = self._llg_tokenizer()
-        matcher = llguidance.LLMatcher(tokenizer, grammar_text(spec), log_level=0, limits=_LIMITS)
+        matcher = llguidance.LLMatcher(tokenizer, grammar_for_spec(spec), log_level=0, limits=_LIMITS)
         eos = set(self._args[2])
         mask = llg_numpy.allocate_token_bitmask(1, self._args[1])
         for _ in range(DRY_RUN_STEPS):
@@ -201,18 +170,6 @@ class GrammarDryRun:
         return None
 
 
-def _kind_and_text(spec: StructuredSpec) -> tuple[str, str] | None:
-    if spec.json_schema is not None:
-        return "json", spec.json_schema
-    if spec.regex is not None:
-        return "regex", spec.regex
-    if spec.choice is not None:
-        return "choice", json.dumps(spec.choice)
-    if spec.grammar is not None:
-        return "grammar", spec.grammar
-    return None  # any JSON object: always valid
-
-
 def spec_param(req: ChatCompletionRequest | CompletionRequest) -> str:
     """The request field that carried the constraint, for the error's `param`."""
     if req.response_format is not None and req.response_format.type != "text":
@@ -228,9 +185,9 @@ def spec_param(req: ChatCompletionRequest | CompletionRequest) -> str:
 def check_structured_spec(spec: StructuredSpec, param: str, dry_run: GrammarDryRun | None = None) -> None:
     """Raises a 400 APIError when the spec is too large, llguidance rejects it, or (with `dry_run`)
     matching its first tokens hits one of llguidance's limits."""
-    kind_text = _kind_and_text(spec)
+    kind_text = spec_kind_and_text(spec)
     if kind_text is None:
-        return
+        return  # any JSON object: always valid
     error = _size_error(*kind_text, spec.choice) or _grammar_error(*kind_text)
     if error is None and dry_run is not None:
         error = dry_run.error(spec)

@@ -10,7 +10,9 @@ import enum
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+# 2: SamplingParams.bad_words_token_ids (never set, never read) removed; its slot must not be reused by
+# a peer still speaking version 1.
+PROTOCOL_VERSION = 2
 
 # Upper bounds of vLLM's `vllm:iteration_tokens_total` histogram (tokens scheduled in one engine step).
 # The engine counts steps per bucket and the API process renders them, so both read this one tuple.
@@ -58,7 +60,6 @@ class SamplingParams(Wire):
     logit_bias: dict[int, float] | None = None
     structured: StructuredSpec | None = None
     allowed_token_ids: list[int] | None = None
-    bad_words_token_ids: list[list[int]] | None = None
 
 
 class EmbedSpan(Wire):

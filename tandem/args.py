@@ -238,7 +238,6 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         listen=listen,
         engine_id=engine_id,
         curve_keys_dir=ns.curve_keys,
-        insecure=ns.insecure,
         num_threads=ns.num_threads,
         chat_template=ns.chat_template,
         generation_config=ns.generation_config,
@@ -261,7 +260,6 @@ def frontend_config(ns: argparse.Namespace, *, engines: list[str], fd: int | Non
         allowed_methods=tuple(ns.allowed_methods),
         allowed_headers=tuple(ns.allowed_headers),
         disable_log_requests=ns.disable_log_requests,
-        enable_prompt_embeds=getattr(ns, "enable_prompt_embeds", False),
         enable_auto_tool_choice=ns.enable_auto_tool_choice,
         tool_call_parser=ns.tool_call_parser,
         max_tool_argument_chars=ns.max_tool_argument_chars or None,
@@ -275,6 +273,7 @@ def frontend_config(ns: argparse.Namespace, *, engines: list[str], fd: int | Non
         root_path=ns.root_path,
         max_batch_size=ns.max_batch_size,
         allow_credentials=ns.allow_credentials,
+        metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
     )
 
 

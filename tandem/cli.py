@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import sys
 from urllib.parse import urlparse
@@ -16,6 +17,16 @@ from tandem.args import (
     engine_config,
     frontend_config,
 )
+
+# The extra (pyproject.toml) each command needs, and a module that only that extra installs.
+_EXTRAS = {"engine": ("engine", "torch"), "api": ("api", "starlette")}
+_COMMAND_EXTRAS = {"serve": ("api", "engine"), "engine": ("engine",), "api": ("api",)}
+
+
+def missing_extras(command: str) -> list[str]:
+    """The extras `command` needs that this install lacks (an API pod installs tandem[api] alone)."""
+    needed = (_EXTRAS[side] for side in _COMMAND_EXTRAS.get(command, ()))
+    return [extra for extra, module in needed if importlib.util.find_spec(module) is None]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +105,14 @@ def check_engine_security(address: str, curve_keys: str | None, insecure: bool) 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    missing = missing_extras(ns.command)
+    if missing:
+        extras = ",".join(missing)
+        print(
+            f"tandem {ns.command}: this install lacks tandem[{extras}]: pip install 'tandem[{extras}]'",
+            file=sys.stderr,
+        )
+        return 2
     if ns.command == "serve":
         from tandem.launcher import serve
 

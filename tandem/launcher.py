@@ -115,7 +115,7 @@ def _healthy(url: str) -> bool:
 
 
 def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
-    serve_parser = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    serve_parser = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr,index]
     engine_flags = unparse_group(serve_parser, ENGINE_GROUP, ns)
     api_flags = unparse_group(serve_parser, API_GROUP, ns)
     tls_problem = check_tls_files(ns)

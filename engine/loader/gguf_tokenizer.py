@@ -3,10 +3,12 @@ BPE ("gpt2") here, SentencePiece ("llama") in gguf_sentencepiece.py."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from contract.byte_alphabet import BYTE_TO_UNICODE
 from engine.loader.gguf_sentencepiece import (
     SPM_DEFAULT_ADD_BOS,
     TokenType,
@@ -36,23 +38,7 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table = {b: chr(b) for b in printable}
-    next_free = 256
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(next_free)
-            next_free += 1
-    return table
-
-
-def _byte_level_spelling(token: str, alphabet: dict[int, str], spelled: set[str]) -> str:
+def _byte_level_spelling(token: str, alphabet: Mapping[int, str], spelled: set[str]) -> str:
     # Vocabulary entries are already byte-level spelled; a few files store raw text for some.
     if set(token) <= spelled:
         return token
@@ -74,7 +60,7 @@ def build_gguf_tokenizer(metadata: dict[str, Any]) -> Tokenizer:
 def _build_byte_level_bpe(metadata: dict[str, Any]) -> Tokenizer:
     tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
     token_types: list[int] = list(metadata.get("tokenizer.ggml.token_type") or [])
-    alphabet = _byte_alphabet()
+    alphabet = BYTE_TO_UNICODE
     spelled = set(alphabet.values())
     vocab = {_byte_level_spelling(t, alphabet, spelled): i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]

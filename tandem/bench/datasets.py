@@ -97,9 +97,10 @@ async def server_counter(client: httpx.AsyncClient, base_url: str, model: str) -
     import asyncio
 
     counts = await asyncio.gather(*(count_async(" " + w) for w in WORDS))
-    if any(n is None for n in counts):
+    known = [n for n in counts if n is not None]
+    if len(known) != len(counts):
         return None
-    return TokenCounter("server", {w: int(n) for w, n in zip(WORDS, counts, strict=True)}, _word_count)
+    return TokenCounter("server", dict(zip(WORDS, known, strict=True)), _word_count)
 
 
 def _word_count(text: str) -> int:

@@ -5,6 +5,7 @@ API processes, and clients that disconnect (streaming or not) leave every KV blo
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import re
 import time
@@ -283,4 +284,5 @@ def test_metrics_use_vllm_names_and_version_answers(server: ServerProcess) -> No
         samples = metric_samples(text, name)
         assert samples, f"{name} missing"
         assert all(f'model_name="{DEFAULT_MODEL_NAME}"' in k and 'engine="' in k for k in samples)
-    assert httpx.get(f"{server.base_url}/version", timeout=5).json()["version"]
+    version = httpx.get(f"{server.base_url}/version", timeout=5).json()["version"]
+    assert version == importlib.metadata.version("tandem")  # from the package metadata, not a literal

@@ -29,16 +29,21 @@ def run_engine(
     model_dir: Path,
     token_prompts: list[list[int]],
     on_delta: Callable[[RequestDelta], None] | None = None,
+    arrivals: list[tuple[int, int]] | None = None,
     **config: object,
 ) -> tuple[list[list[int]], EngineStepper]:
+    """Greedy outputs of every prompt. arrivals: (step, priority) per prompt; default all at once, priority 0."""
     parts = build_engine_parts(EngineConfig(model=str(model_dir), **config))  # type: ignore[arg-type]
     stepper = EngineStepper(parts)
-    for i, prompt in enumerate(token_prompts):
-        sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-        assert stepper.add(AddRequest(f"r{i}", prompt, sampling, time.time()), b"test", []) is None
+    arrivals = arrivals or [(0, 0)] * len(token_prompts)
     outputs: dict[str, list[int]] = {f"r{i}": [] for i in range(len(token_prompts))}
-    for _ in range(2000):
-        if not stepper.has_work:
+    for step in range(2000):
+        for i, (prompt, (arrival_step, priority)) in enumerate(zip(token_prompts, arrivals, strict=True)):
+            if arrival_step == step:
+                sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+                request = AddRequest(f"r{i}", prompt, sampling, time.time(), priority=priority)
+                assert stepper.add(request, b"test", []) is None
+        if not stepper.has_work and step > max(s for s, _ in arrivals):
             break
         for _client, delta in stepper.step():
             outputs[delta.request_id].extend(delta.new_token_ids)
@@ -139,3 +144,20 @@ def test_step_stats_count_iteration_tokens(llama_dir: Path, reference: tuple) ->
     assert stats.iteration_tokens_sum == sum(len(p) + MAX_TOKENS - 1 for p in token_prompts)
     assert stats.iteration_tokens_counts[-1] == 0 and stats.iteration_tokens_counts[0] > 0  # 1-token steps
     assert stats.num_waiting_deferred == 0
+
+
+def test_priority_preemption_under_a_tiny_kv_budget_keeps_outputs(llama_dir: Path, reference: tuple) -> None:
+    # Low-priority requests start first and high-priority ones join later, so the preemption victim is
+    # often a request already scheduled in the same step: it must leave that step's batch (it used to
+    # stay there without blocks, and the runner's IndexError failed every request of the step).
+    token_prompts, expected = reference
+    ours, stepper = run_engine(
+        llama_dir,
+        token_prompts,
+        arrivals=[(0, 5), (0, 5), (0, 5), (3, 0), (3, 0)],
+        dtype="float32",
+        num_gpu_blocks_override=13,
+        scheduling_policy="priority",
+    )
+    assert stepper.scheduler.num_preemptions > 0
+    assert ours == expected

@@ -165,10 +165,6 @@ SAMPLING_FIELDS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
         st.dictionaries(ANY_INT, FLOATS, max_size=5),
     ),
     "allowed_token_ids": (st.none() | st.lists(st.integers(0, 511), min_size=1, max_size=4), TOKEN_IDS),
-    "bad_words_token_ids": (
-        st.none() | st.lists(st.lists(st.integers(0, 511), min_size=1, max_size=2), max_size=2),
-        st.lists(TOKEN_IDS, max_size=3),
-    ),
     "structured": (
         st.none() | st.sampled_from([StructuredSpec(regex="[0-9]+"), StructuredSpec(choice=["yes", "no"])]),
         st.builds(

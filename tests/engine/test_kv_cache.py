@@ -18,6 +18,7 @@ def admit(kv: KVCacheManager, request: Request) -> int:
     cached = kv.find_cached_prefix(request)
     num_cached = len(cached) * kv.block_size
     assert kv.allocate_slots(request, request.num_tokens - num_cached, cached)
+    kv.record_prefix_lookup(request, len(cached))
     request.num_computed_tokens = request.num_tokens
     kv.cache_full_blocks(request)
     return num_cached

@@ -74,10 +74,7 @@ HOSTILE: dict[str, tuple[AddRequest, list[bytes]]] = {
     ),
     "empty allowed_token_ids": (AddRequest("x", PROMPT, _greedy(allowed_token_ids=[]), 0.0), []),
     "stop token id past the vocabulary": (AddRequest("x", PROMPT, _greedy(stop_token_ids=[VOCAB]), 0.0), []),
-    "bad word past the vocabulary": (
-        AddRequest("x", PROMPT, _greedy(bad_words_token_ids=[[1], [2**40]]), 0.0),
-        [],
-    ),
+    "logprobs past the vocabulary": (AddRequest("x", PROMPT, _greedy(logprobs=VOCAB + 1), 0.0), []),
     "prompt id past the vocabulary": (AddRequest("x", [1, VOCAB], _greedy(), 0.0), []),
     "infinite temperature": (AddRequest("x", PROMPT, _greedy(temperature=float("inf")), 0.0), []),
     "negative top_k": (AddRequest("x", PROMPT, _greedy(top_k=-5), 0.0), []),

@@ -171,6 +171,23 @@ def test_a_seed_gives_the_same_tokens_alone_and_in_any_batch() -> None:
     assert len(set(alone)) > 1  # really random draws, not a constant
 
 
+def test_unseeded_sampling_uses_the_samplers_own_generator_not_torchs_global_one() -> None:
+    logits = torch.zeros(8, VOCAB)  # uniform: every draw is decided by the noise alone
+
+    def draws(sampler_seed: int, global_seed: int) -> list[int]:
+        torch.manual_seed(global_seed)  # what model loading (dummy weights) or any library may do
+        s = Sampler(VOCAB, torch.device("cpu"), seed=sampler_seed)
+        requests = [make_request(f"r{i}", temperature=1.0) for i in range(8)]
+        tokens = s.sample(logits, requests).token_ids
+        torch.rand(1000)  # other users of the global generator between steps
+        return tokens + s.sample(logits, requests).token_ids
+
+    first = draws(sampler_seed=0, global_seed=1)
+    assert draws(sampler_seed=0, global_seed=2) == first
+    assert draws(sampler_seed=7, global_seed=1) != first  # --seed decides the unseeded draws
+    assert len(set(first)) > 4
+
+
 def test_logprobs_are_the_raw_distribution() -> None:
     logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(2))
     raw = torch.log_softmax(logits, dim=-1)[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.kv_cache import KVCacheManager
-from engine.request import Request
+from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler, SchedulerLimits
 from protocol.messages import FinishReason, SamplingParams
 
@@ -156,3 +156,41 @@ def test_queue_time_is_measured_once_at_first_scheduling() -> None:
         scheduler.update_after_step(out, sampled)
     assert scheduler.num_preemptions > 0
     assert set(first_wait) == {r.request_id for r in requests}
+
+
+def test_prefix_cache_lookups_are_counted_once_per_admission() -> None:
+    # 3 usable blocks: r0 (9 prompt tokens) holds them all, so r1 retries its admission every step until
+    # r0 finishes. Counting each retry would inflate both queries and hits (r1 shares r0's first 2 blocks).
+    scheduler = make_scheduler(num_blocks=4)
+    first = make_request(0, 9, max_tokens=3)
+    second = make_request(1, 9, max_tokens=3)
+    second.prompt_token_ids = first.prompt_token_ids[:8] + [77]
+    scheduler.add_request(first)
+    scheduler.add_request(second)
+    steps = run(scheduler)
+    assert len(steps) > 3  # r1 waited (and retried) for several steps
+    assert first.finish_reason is second.finish_reason is FinishReason.LENGTH
+    assert second.num_cached_tokens == 8
+    kv = scheduler.kv_cache
+    assert kv.num_queried_tokens == 9 + 9
+    assert kv.num_hit_tokens == 8
+
+
+def test_priority_preemption_of_a_request_already_in_this_steps_batch() -> None:
+    # 4 usable blocks of 4 tokens. r0 (low priority) runs first; r1 (high) joins. In step 3 r0's decode
+    # fits its blocks and is scheduled first, then r1 needs a new block: the victim is r0, which must
+    # leave the batch (it no longer owns blocks) and give its token back to the budget.
+    scheduler = make_scheduler(num_blocks=5, budget=16, priority_policy=True)
+    low = make_request(0, 6, max_tokens=20, priority=5)
+    high = make_request(1, 8, max_tokens=20, priority=0)
+    scheduler.add_request(low)
+    out = scheduler.schedule()
+    scheduler.update_after_step(out, {"r0": 9})
+    scheduler.add_request(high)
+    out = scheduler.schedule()
+    assert [(r.request_id, n) for r, n in out.scheduled] == [("r0", 1), ("r1", 8)]
+    scheduler.update_after_step(out, {"r0": 9, "r1": 9})
+    out = scheduler.schedule()
+    assert [(r.request_id, n) for r, n in out.scheduled] == [("r1", 1)]
+    assert out.num_preempted == 1 and low.status is RequestStatus.PREEMPTED and not low.block_ids
+    assert len(high.block_ids) == 3

@@ -11,8 +11,8 @@ import jsonschema
 import llguidance
 import pytest
 
+from contract.grammar import JSON_OPTIONS
 from frontend.serving.tool_schema import arguments_schema, bound_strings, required_schema
-from frontend.structured_check import JSON_OPTIONS
 
 LOCATION_TOOL = {
     "name": "find_place",
