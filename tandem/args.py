@@ -69,7 +69,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="Reuse KV blocks of shared prompt prefixes.",
     )
     g.add_argument(
-        "--kv-cache-memory", type=_size, default=None, help="KV-cache bytes on CPU (e.g. 2G); default 2 GiB."
+        "--kv-cache-memory",
+        type=_size,
+        default=None,
+        help="KV-cache bytes on CPU (e.g. 2G); default: 32768 tokens (or one max-model-len), at most 2 GiB.",
     )
     g.add_argument(
         "--gpu-memory-utilization",
