@@ -43,3 +43,5 @@ class EngineConfig:
     chat_template: str | None = None  # a Jinja file's path or the template itself; None: the model's own
     # Sampling defaults: "auto" (the model folder's generation_config.json), "vllm" (none) or a folder.
     generation_config: str = "auto"
+    # CPU + bfloat16 only: int8 weight copies for steps of a few rows (engine/layers/int8_linear.py).
+    cpu_int8_weights: bool = False

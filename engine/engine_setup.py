@@ -61,6 +61,18 @@ def _num_kv_blocks(
     return max(min(wanted_blocks, int(DEFAULT_KV_CACHE_MEMORY // bytes_per_block)), 2)
 
 
+def _use_int8_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        logger.warning(
+            "--cpu-int8-weights applies to bfloat16 models on CPU only; ignored (%s on %s)", dtype, device
+        )
+        return
+    from engine.layers.int8_linear import use_int8_for_small_batches
+
+    num = use_int8_for_small_batches(model)
+    logger.info("int8 weight copies for %d linear layers, used by steps of at most 4 rows", num)
+
+
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     from engine.loader import load_model  # heavy import, kept out of module import time
 
@@ -74,6 +86,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         config.model, load_format=config.load_format, dtype=config.dtype, device=str(device), seed=config.seed
     )
     arch = loaded.arch
+    if config.cpu_int8_weights:
+        _use_int8_weights(loaded.model, loaded.dtype, device)
     per_block = kv_cache_bytes_per_block(
         arch.num_hidden_layers, config.block_size, arch.num_key_value_heads, arch.head_dim, loaded.dtype
     )

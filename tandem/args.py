@@ -101,6 +101,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads for the engine.")
     g.add_argument(
+        "--cpu-int8-weights",
+        action="store_true",
+        help="CPU, bfloat16: int8 weight copies for decode steps of at most 4 rows (faster, lossy; "
+        "see docs/benchmarking.md).",
+    )
+    g.add_argument(
         "--enable-prompt-embeds", action="store_true", help="Accept prompt embeddings in requests."
     )
     g.add_argument("--served-model-name", nargs="+", default=None, help="Name(s) the model is served under.")
@@ -200,6 +206,7 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         num_threads=ns.num_threads,
         chat_template=ns.chat_template,
         generation_config=ns.generation_config,
+        cpu_int8_weights=ns.cpu_int8_weights,
     )
 
 
