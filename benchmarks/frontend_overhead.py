@@ -159,7 +159,8 @@ def serving(step_ms: float, log_path: str | None) -> Iterator[int]:
     """A stub engine process and one API process in front of it; yields the API port."""
     import httpx
 
-    address = f"ipc://{tempfile.mkdtemp(prefix='tandem-overhead-')}/engine.sock"
+    folder = tempfile.TemporaryDirectory(prefix="tandem-overhead-")
+    address = f"ipc://{folder.name}/engine.sock"
     port = free_port()
     engine_argv = [sys.executable, __file__, "--run-stub-engine", address, "--step-ms", str(step_ms)]
     engine_argv += ["--stub-log", log_path] if log_path else []
@@ -188,6 +189,7 @@ def serving(step_ms: float, log_path: str | None) -> Iterator[int]:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        folder.cleanup()
 
 
 def main() -> None:
@@ -205,10 +207,11 @@ def main() -> None:
         return
     with serving(0.0, None) as port:
         asyncio.run(measure_throughput(port, args))
-    log_path = os.path.join(tempfile.mkdtemp(prefix="tandem-overhead-"), "steps.txt")
-    with serving(args.step_ms, log_path) as port:
-        start, arrivals = asyncio.run(measure_latency(port, args))
-    produced = [t for t in map(float, Path(log_path).read_text().split()) if t >= start]
+    with tempfile.TemporaryDirectory(prefix="tandem-overhead-") as logs:
+        log_path = os.path.join(logs, "steps.txt")
+        with serving(args.step_ms, log_path) as port:
+            start, arrivals = asyncio.run(measure_latency(port, args))
+        produced = [t for t in map(float, Path(log_path).read_text().split()) if t >= start]
     if len(produced) != len(arrivals):
         print(f"warning: {len(produced)} tokens produced, {len(arrivals)} text chunks received")
     added = sorted((a - t) * 1000 for t, a in zip(produced, arrivals, strict=False))
