@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes of KV cache on CPU unless --kv-cache-memory says otherwise
+# ...or less: by default the CPU cache holds this many tokens (or one max_model_len, if longer) when that
+# takes fewer bytes. For a small model 2 GiB is ~90k tokens, far more than CPU decoding serves at once,
+# and all of it stays resident (llama-server's usual -c 32768 is the same number of tokens).
+DEFAULT_KV_CACHE_TOKENS = 32768
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     enable_prefix_caching: bool = True
-    kv_cache_memory: int | None = None  # bytes; CPU default DEFAULT_KV_CACHE_MEMORY
+    kv_cache_memory: int | None = None  # bytes; CPU default: see DEFAULT_KV_CACHE_TOKENS
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     scheduling_policy: str = "fcfs"  # or "priority"
@@ -39,3 +43,5 @@ class EngineConfig:
     # Sampling defaults: "auto" (the model folder's generation_config.json), "vllm" (none) or a folder.
     generation_config: str = "auto"
     max_logprobs: int = 20  # vLLM's default; -1 lets requests ask for the whole vocabulary
+    # CPU + bfloat16 only: int8 weight copies for steps of a few rows (engine/layers/int8_linear.py).
+    cpu_int8_weights: bool = False

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from engine.config import DEFAULT_KV_CACHE_MEMORY, DEFAULT_KV_CACHE_TOKENS, EngineConfig
 from engine.kv_cache import KVCacheManager
 from engine.loader.tokenizer_info import TokenizerInfo, load_chat_template
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
@@ -41,14 +41,34 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _num_kv_blocks(config: EngineConfig, bytes_per_block: int, device: torch.device) -> int:
+def _num_kv_blocks(
+    config: EngineConfig, bytes_per_block: int, device: torch.device, model_max_len: int
+) -> int:
     if config.num_gpu_blocks_override is not None:
         return config.num_gpu_blocks_override
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = free - total * (1.0 - config.gpu_memory_utilization)
         return max(int(budget // bytes_per_block), 2)
-    return max(int((config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY) // bytes_per_block), 2)
+    if config.kv_cache_memory:
+        return max(int(config.kv_cache_memory // bytes_per_block), 2)
+    # Default: enough blocks for DEFAULT_KV_CACHE_TOKENS (or one full context, plus the null block),
+    # never more bytes than DEFAULT_KV_CACHE_MEMORY.
+    wanted_tokens = max(DEFAULT_KV_CACHE_TOKENS, (config.max_model_len or model_max_len) + config.block_size)
+    wanted_blocks = -(-wanted_tokens // config.block_size)
+    return max(min(wanted_blocks, int(DEFAULT_KV_CACHE_MEMORY // bytes_per_block)), 2)
+
+
+def _use_int8_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        logger.warning(
+            "--cpu-int8-weights applies to bfloat16 models on CPU only; ignored (%s on %s)", dtype, device
+        )
+        return
+    from engine.layers.int8_linear import use_int8_for_small_batches
+
+    num = use_int8_for_small_batches(model)
+    logger.info("int8 weight copies for %d linear layers, used by steps of at most 4 rows", num)
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
@@ -64,10 +84,12 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         config.model, load_format=config.load_format, dtype=config.dtype, device=str(device), seed=config.seed
     )
     arch = loaded.arch
+    if config.cpu_int8_weights:
+        _use_int8_weights(loaded.model, loaded.dtype, device)
     per_block = kv_cache_bytes_per_block(
         arch.num_hidden_layers, config.block_size, arch.num_key_value_heads, arch.head_dim, loaded.dtype
     )
-    num_blocks = _num_kv_blocks(config, per_block, device)
+    num_blocks = _num_kv_blocks(config, per_block, device, arch.max_position_embeddings)
     capacity = (num_blocks - 1) * config.block_size
     max_model_len = min(config.max_model_len or arch.max_position_embeddings, capacity)
     if config.max_model_len and config.max_model_len > capacity:

@@ -6,9 +6,11 @@ import logging
 import sys
 
 from engine.config import EngineConfig
+from engine.cpu_threads import configure_openmp
 
 
 def run_engine(config: EngineConfig) -> int:
+    configure_openmp()  # before engine.core imports torch
     from engine.core import EngineCore
 
     logging.basicConfig(

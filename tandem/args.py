@@ -69,7 +69,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="Reuse KV blocks of shared prompt prefixes.",
     )
     g.add_argument(
-        "--kv-cache-memory", type=_size, default=None, help="KV-cache bytes on CPU (e.g. 2G); default 2 GiB."
+        "--kv-cache-memory",
+        type=_size,
+        default=None,
+        help="KV-cache bytes on CPU (e.g. 2G); default: 32768 tokens (or one max-model-len), at most 2 GiB.",
     )
     g.add_argument(
         "--gpu-memory-utilization",
@@ -97,6 +100,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="Past this many waiting requests, new ones get 503 (default: the number of KV-cache blocks, at least 1024).",
     )
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads for the engine.")
+    g.add_argument(
+        "--cpu-int8-weights",
+        action="store_true",
+        help="CPU, bfloat16: int8 weight copies for decode steps of at most 4 rows (faster, lossy; "
+        "see docs/benchmarking.md).",
+    )
     g.add_argument(
         "--enable-prompt-embeds", action="store_true", help="Accept prompt embeddings in requests."
     )
@@ -242,6 +251,7 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         chat_template=ns.chat_template,
         generation_config=ns.generation_config,
         max_logprobs=ns.max_logprobs,
+        cpu_int8_weights=ns.cpu_int8_weights,
     )
 
 
