@@ -3,6 +3,7 @@ schema), so the description cannot drift from what the server decodes."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -97,11 +98,19 @@ def build_openapi(routes: list[Any]) -> dict[str, Any]:
     for route in routes:
         if not isinstance(route, Route) or route.path in ("/openapi.json", "/docs"):
             continue
+        # Starlette's `{name:convertor}` is OpenAPI's `{name}`; every such segment is a path parameter.
+        path = re.sub(r"\{(\w+)(:\w+)?\}", r"{\1}", route.path)
+        path_params = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in route.param_convertors
+        ]
         for method in sorted((route.methods or set()) - {"HEAD"}):
             operation: dict[str, Any] = {
                 "operationId": f"{method.lower()}_{route.name}",
                 "responses": {"200": {"description": "Success"}, **_error_responses()},
             }
+            if path_params:
+                operation["parameters"] = path_params
             if method == "POST" and route.path in bodies:
                 operation["summary"] = bodies[route.path][0]
                 operation["requestBody"] = {
@@ -110,7 +119,7 @@ def build_openapi(routes: list[Any]) -> dict[str, Any]:
                 }
             else:
                 operation["summary"] = (route.endpoint.__doc__ or route.name).strip().splitlines()[0]
-            paths.setdefault(route.path, {})[method.lower()] = operation
+            paths.setdefault(path, {})[method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "Tandem", "version": TANDEM_VERSION, "description": "OpenAI-compatible LLM server"},

@@ -35,3 +35,16 @@ def check_response(status: int, text: str, what: str) -> None:
         body: Any = json.loads(text)
         assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, text
         assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+def bound_generation(body: Any) -> None:
+    """A body that would generate with no `max_tokens` (absent or null) gets `max_tokens: 2`: chat and
+    generate then run to the end of the context, minutes on this CPU, which is valid and not what the
+    fuzzers test. Hostile values of the field itself are left as they are."""
+    if not isinstance(body, dict):
+        return
+    if ("messages" in body or "prompt" in body) and body.get("max_tokens") is None:
+        body["max_tokens"] = 2
+    params = body.get("sampling_params")
+    if "token_ids" in body and isinstance(params, dict) and params.get("max_tokens") is None:
+        params["max_tokens"] = 2

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from frontend.openapi import request_bodies
-from tests.fuzz.conftest import FUZZ_EXAMPLES, check_response, greedy_answer
+from tests.fuzz.conftest import FUZZ_EXAMPLES, bound_generation, check_response, greedy_answer
 from tests.server_process import ServerProcess
 
 HI = [{"role": "user", "content": "hi"}]
@@ -72,6 +72,7 @@ def _mutate(path: str, changes: list[tuple[str, Any]], drop: list[str]) -> dict[
             if not isinstance(target, dict):
                 continue
         target[name] = value
+    bound_generation(body)
     return body
 
 
