@@ -157,7 +157,7 @@ async def measure_latency(port: int, args: argparse.Namespace) -> tuple[float, l
 @contextlib.contextmanager
 def serving(step_ms: float, log_path: str | None) -> Iterator[int]:
     """A stub engine process and one API process in front of it; yields the API port."""
-    import httpx
+    from benchmarks.compare_peers import wait_healthy
 
     folder = tempfile.TemporaryDirectory(prefix="tandem-overhead-")
     address = f"ipc://{folder.name}/engine.sock"
@@ -171,14 +171,7 @@ def serving(step_ms: float, log_path: str | None) -> Iterator[int]:
         subprocess.Popen(api_argv, cwd=ROOT, start_new_session=True),
     ]
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_healthy(port, procs[1], timeout_s=300)
         yield port
     finally:
         for proc in procs:

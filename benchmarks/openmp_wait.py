@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,19 +23,13 @@ def child(batch: int, threads: list[int], iters: int) -> None:
     sys.path.insert(0, ROOT)
     import torch
 
-    from benchmarks.cpu_decode_step import tandem_step
+    from benchmarks.cpu_decode_step import tandem_step, time_steps
 
     step, _ = tandem_step("bfloat16", batch, 128)
     out = []
     for n in threads:
         torch.set_num_threads(n)
-        step()
-        samples = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            step()
-            samples.append((time.perf_counter() - start) * 1000)
-        out.append(f"{statistics.median(samples):.1f}")
+        out.append(f"{time_steps(step, iters):.1f}")
     print(" ".join(out))
 
 
