@@ -41,11 +41,14 @@ def _greedy(max_tokens: int = 6, **fields: object) -> SamplingParams:
 
 def _run(stepper: EngineStepper) -> dict[str, list[RequestDelta]]:
     deltas: dict[str, list[RequestDelta]] = {}
-    for _ in range(500):
-        if not stepper.has_work:
-            break
+    # Bounded by time, not steps: a request waiting for its grammar (compiled on a worker thread) makes
+    # empty steps, as many as the compile takes on a loaded machine.
+    deadline = time.monotonic() + 120
+    while stepper.has_work and time.monotonic() < deadline:
         for _client, delta in stepper.step():
             deltas.setdefault(delta.request_id, []).append(delta)
+        if not stepper.last_step_had_work:
+            time.sleep(0.001)  # as the engine loop does when nothing fits
     assert not stepper.has_work and not stepper.owner
     kv = stepper.scheduler.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks - 1, "blocks leaked"
