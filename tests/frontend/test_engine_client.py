@@ -4,6 +4,7 @@ engines that die or go silent, retries, re-handshakes and request metrics."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 
@@ -117,6 +118,11 @@ async def _until(predicate, timeout_s: float = 10.0) -> None:  # noqa: ANN001
 
 @pytest.fixture
 async def two_engines() -> AsyncIterator[tuple[EngineClient, FakeEngine, FakeEngine]]:
+    # Earlier tests in this process (real models, hypothesis) leave a large heap: a full garbage
+    # collection of it stalled the event loop long enough to mark both live fake engines down in full
+    # suite runs. Freezing it keeps those objects out of the collections made during these tests.
+    gc.collect()
+    gc.freeze()
     ctx = zmq.asyncio.Context()
     a = FakeEngine(ctx, f"tcp://127.0.0.1:{free_port()}", "engine-a")
     b = FakeEngine(ctx, f"tcp://127.0.0.1:{free_port()}", "engine-b")
@@ -131,6 +137,7 @@ async def two_engines() -> AsyncIterator[tuple[EngineClient, FakeEngine, FakeEng
     a.stop()
     b.stop()
     ctx.destroy(linger=0)
+    gc.unfreeze()
 
 
 async def test_requests_go_to_the_least_loaded_engine(two_engines) -> None:  # noqa: ANN001
