@@ -62,9 +62,31 @@ def check_calls(response: httpx.Response, *, only: str | None = None) -> list[di
 
 
 def test_required_tool_choice_always_calls_a_tool(default_server: ServerProcess) -> None:
-    response = chat(default_server, tool_choice="required", n=NUM_SAMPLES, max_tokens=100)
+    # One call per choice (parallel_tool_calls false): the grammar bounds it well under max_tokens.
+    response = chat(
+        default_server, tool_choice="required", parallel_tool_calls=False, n=NUM_SAMPLES, max_tokens=100
+    )
     assert len(response.json()["choices"]) == NUM_SAMPLES
-    assert len(check_calls(response)) >= NUM_SAMPLES
+    assert len(check_calls(response)) == NUM_SAMPLES
+
+
+def test_required_parallel_calls_validate_even_when_cut_off(default_server: ServerProcess) -> None:
+    # Parallel calls are an array with no upper bound: at temperature 1 a sample can keep adding calls
+    # until max_tokens (vLLM alike). Every choice still names tools, every complete call validates, and a
+    # choice cut off ("length") has only its last call partial.
+    response = chat(default_server, tool_choice="required", n=NUM_SAMPLES, max_tokens=100)
+    choices = response.json()["choices"]
+    assert len(choices) == NUM_SAMPLES
+    for choice in choices:
+        message = choice["message"]
+        assert choice["finish_reason"] in ("tool_calls", "length") and message["content"] is None, choice
+        calls = message["tool_calls"]
+        assert calls, choice
+        complete = calls if choice["finish_reason"] == "tool_calls" else calls[:-1]
+        for call in calls:
+            assert call["function"]["name"] in PARAMS
+        for call in complete:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMS[call["function"]["name"]])
 
 
 def test_named_tool_choice_always_calls_that_tool(default_server: ServerProcess) -> None:
