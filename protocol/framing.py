@@ -14,9 +14,12 @@ from protocol.messages import (
     EngineDead,
     Heartbeat,
     Hello,
+    LoadLora,
+    LoraResult,
     Outputs,
     Ready,
     Refused,
+    UnloadLora,
 )
 
 
@@ -29,6 +32,9 @@ class Tag(bytes, enum.Enum):
     OUTPUTS = b"O"
     HEARTBEAT = b"B"
     ENGINE_DEAD = b"D"
+    LOAD_LORA = b"L"
+    UNLOAD_LORA = b"U"
+    LORA_RESULT = b"Q"
 
 
 MESSAGE_TYPES: dict[Tag, type] = {
@@ -40,6 +46,9 @@ MESSAGE_TYPES: dict[Tag, type] = {
     Tag.OUTPUTS: Outputs,
     Tag.HEARTBEAT: Heartbeat,
     Tag.ENGINE_DEAD: EngineDead,
+    Tag.LOAD_LORA: LoadLora,
+    Tag.UNLOAD_LORA: UnloadLora,
+    Tag.LORA_RESULT: LoraResult,
 }
 TAG_OF: dict[type, Tag] = {cls: tag for tag, cls in MESSAGE_TYPES.items()}
 

@@ -111,6 +111,43 @@ class Ready(Wire):
     enable_prefix_caching: bool = True  # for vllm:cache_config_info
     # --max-logprobs: the most logprobs / prompt_logprobs a request may ask for (-1: the whole vocabulary).
     max_logprobs: int = 20
+    enable_lora: bool = False  # --enable-lora: the engine accepts LoadLora / UnloadLora and lora_name
+    max_lora_rank: int = 0
+    lora_adapters: list[LoraAdapter] = []  # adapters loaded at start-up (--lora-modules) and since
+
+
+class LoraAdapter(Wire):
+    """A LoRA adapter an engine holds; requests select it by naming it as their `model`."""
+
+    name: str
+    path: str  # PEFT folder (adapter_config.json + adapter_model.safetensors) on the engine's host
+    base_model_name: str | None = None  # the served name it extends; None: the engine's first served name
+    rank: int = 0  # filled in by the engine once loaded
+
+
+class LoadLora(Wire):
+    """API process -> engine: load an adapter at run time (POST /v1/load_lora_adapter)."""
+
+    op_id: str
+    adapter: LoraAdapter
+
+
+class UnloadLora(Wire):
+    """API process -> engine: drop an adapter (POST /v1/unload_lora_adapter)."""
+
+    op_id: str
+    name: str
+
+
+class LoraResult(Wire):
+    """Engine -> every connected API process after a LoadLora / UnloadLora: the outcome for the asker
+    (matched by op_id) and the engine's full adapter list, so every API process learns the change."""
+
+    op_id: str
+    engine_id: str
+    adapters: list[LoraAdapter]
+    error: str | None = None  # None: done
+    error_status: int = 400  # HTTP status for the asker when error is set (400 bad adapter, 404 unknown)
 
 
 class AddRequest(Wire):
@@ -122,6 +159,7 @@ class AddRequest(Wire):
     embeds: list[EmbedSpan] = []
     cache_salt: str | None = None
     embed_task: bool = False  # pooled embedding instead of generation
+    lora_name: str | None = None  # run under this loaded adapter (None: the base model)
 
 
 class Abort(Wire):
