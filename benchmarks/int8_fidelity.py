@@ -1,5 +1,6 @@
-"""Fidelity of the CPU bf16 and bf16 + int8-decode paths against float32, on the default model and a
-fixed prompt set: top-1 agreement and mean |dlogprob| per position (teacher forcing).
+"""Fidelity of the CPU low-precision paths (bf16, bf16 + int8 decode weights, float16, each also with a
+float32 LM head) against float32, on the default model and a fixed prompt set: top-1 agreement and mean
+|dlogprob| per position (teacher forcing).
 
 For each prompt, every position's next-token distribution is computed by the float32 model (the
 reference, transformers-exact) and by the candidate; reported per candidate: the share of positions
@@ -71,14 +72,31 @@ def main() -> None:
     tokenizer = Tokenizer.from_str(reference.ready.tokenizer_json)
     prompts = [tokenizer.encode(p).ids for p in PROMPTS]
     ref = [prompt_logprobs(reference, ids) for ids in prompts]
+    lm_head_f32 = reference.runner.model.lm_head.weight.detach().clone()  # type: ignore[attr-defined]
     del reference
-    bf16 = parts("bfloat16")
-    candidates = {"bfloat16": [prompt_logprobs(bf16, ids) for ids in prompts]}
-    use_int8_for_small_batches(bf16.runner.model, max_int8_rows=1 << 30)  # type: ignore[attr-defined]
-    candidates["bfloat16 + int8 weights"] = [prompt_logprobs(bf16, ids) for ids in prompts]
+
+    def with_f32_head(candidate: object) -> list[torch.Tensor]:
+        # The LM head is where near-ties are decided: does computing only it in float32 help?
+        model = candidate.runner.model  # type: ignore[attr-defined]
+        original = model.lm_head.forward
+        model.lm_head.forward = lambda h: torch.nn.functional.linear(h.float(), lm_head_f32)
+        try:
+            return [prompt_logprobs(candidate, ids) for ids in prompts]
+        finally:
+            model.lm_head.forward = original
+
+    candidates: dict[str, list[torch.Tensor]] = {}
+    for dtype in ("bfloat16", "float16"):
+        low = parts(dtype)
+        candidates[dtype] = [prompt_logprobs(low, ids) for ids in prompts]
+        candidates[f"{dtype} + float32 LM head"] = with_f32_head(low)
+        if dtype == "bfloat16":
+            use_int8_for_small_batches(low.runner.model, max_int8_rows=1 << 30)  # type: ignore[attr-defined]
+            candidates["bfloat16 + int8 weights"] = [prompt_logprobs(low, ids) for ids in prompts]
+        del low
     num_positions = sum(len(ids) for ids in prompts)
     print(f"{len(prompts)} prompts, {num_positions} positions; reference: float32")
-    print(f"{'candidate':<26} {'top-1 agreement':>16} {'mean |dlogprob|':>16} {'max |dlogprob|':>15}")
+    print(f"{'candidate':<30} {'top-1 agreement':>16} {'mean |dlogprob|':>16} {'max |dlogprob|':>15}")
     for name, outs in candidates.items():
         agree, deltas = 0, []
         for r, c in zip(ref, outs, strict=True):
@@ -86,7 +104,7 @@ def main() -> None:
             agree += int((c.argmax(-1) == top).sum())
             deltas.append((c.gather(-1, top[:, None]) - r.gather(-1, top[:, None])).abs().squeeze(-1))
         d = torch.cat(deltas)
-        print(f"{name:<26} {agree / num_positions:>15.2%} {d.mean().item():>16.4f} {d.max().item():>15.4f}")
+        print(f"{name:<30} {agree / num_positions:>15.2%} {d.mean().item():>16.4f} {d.max().item():>15.4f}")
 
 
 if __name__ == "__main__":
