@@ -147,8 +147,8 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         return 2
     run_dir = tempfile.mkdtemp(prefix="tandem-")
     # One engine list over all models, in the file's order: the first model is the default one.
-    plan = [(spec, f"ipc://{run_dir}/engine-{i}.sock") for spec in specs for i in range(spec.num_engines)]
-    engines = [address for _spec, address in plan]
+    plan = [spec for spec in specs for _ in range(spec.num_engines)]
+    engines = [f"ipc://{run_dir}/engine-{i}.sock" for i in range(len(plan))]
     # Request metrics of all API processes are summed from per-process files in this folder.
     metrics_dir = os.path.join(run_dir, "metrics")
     os.mkdir(metrics_dir)
@@ -162,7 +162,7 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    for i, (spec, address) in enumerate(plan):
+    for i, (spec, address) in enumerate(zip(plan, engines, strict=True)):
         model = [spec.model] if spec.model else []
         argv = _child_argv(
             "engine", *model, "--listen", address, "--engine-id", f"engine-{i}", *spec.engine_argv
