@@ -109,7 +109,7 @@ class EngineClient:
         self.engines = [EngineConnection(addr, i) for i, addr in enumerate(addresses)]
         self._ready_event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._affinity: OrderedDict[tuple[object, ...], int] = OrderedDict()
+        self._affinity: OrderedDict[tuple[int, ...], int] = OrderedDict()
         self.num_bad_messages = 0
         self._bad_message_warning = RateLimitedWarning(logger)  # a garbling peer must not flood the log
         self.num_retries = 0
@@ -319,9 +319,10 @@ class EngineClient:
         if not live:
             raise EngineUnavailable("no engine is available")
         least = min(live, key=lambda c: c.load)
-        prefix = prompt_token_ids[:_PREFIX_AFFINITY_TOKENS]
-        if len(prefix) == _PREFIX_AFFINITY_TOKENS:
-            key = (group, *prefix)  # per model: one model's prompts say nothing about another's cache
+        key = tuple(prompt_token_ids[:_PREFIX_AFFINITY_TOKENS])
+        if len(key) == _PREFIX_AFFINITY_TOKENS:
+            # One table for all models: an entry pointing at another model's engine is not among `live`,
+            # so it is ignored and overwritten (keying by model too cost ~1 us per request).
             preferred = self._affinity.get(key)
             for conn in live:
                 if conn.index == preferred and conn.load <= least.load + _AFFINITY_SLACK:

@@ -42,6 +42,7 @@ async def load(request: Request) -> Response:
     engines = [
         {
             "address": c.address,
+            "model": c.group,  # the model it serves (its first announced name); None before its handshake
             "alive": c.alive,
             "outstanding": len(c.pending),
             "num_running": c.stats.num_running if c.stats else None,
