@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 import pytest
 import zmq.asyncio
 
-from frontend.engine_client import EngineClient, EngineUnavailable
+from frontend.engine_client import EngineClient, EngineConnection, EngineUnavailable
 from frontend.errors import APIError
 from frontend.model_registry import ModelRegistry
-from protocol.messages import FinishReason, LoadLora, LoraAdapter, RequestDelta, UnloadLora
+from protocol.messages import FinishReason, LoadLora, LoraAdapter, Ready, RequestDelta, UnloadLora
 from tests.engine.conftest import build_tiny_tokenizer_json
 from tests.frontend.test_engine_client import FakeEngine, _add, _until
 from tests.server_process import free_port
@@ -153,3 +153,21 @@ async def test_adapter_operations_that_get_no_answer_end_with_503(two_models: Tw
     (result,) = await asyncio.wait_for(task, 15)
     assert result.error_status == 503
     assert client._lora_ops == {}
+
+
+def _conn(index: int, names: list[str]) -> EngineConnection:
+    conn = EngineConnection(f"ipc:///nowhere-{index}", index, alive=True, group=names[0])
+    conn.ready = Ready(f"e{index}", names, 64, 512, 8, 16, TOKENIZER, None, None, None, [2], False)
+    return conn
+
+
+def test_the_default_is_the_first_engines_model_and_an_override_renames_only_it() -> None:
+    engines = [_conn(0, ["alpha"]), _conn(1, ["beta"])]
+    registry = ModelRegistry(name_overrides=("renamed",))
+    registry.update(engines[1], engines)  # engine 1 answers first: its model is the default for now
+    assert registry.resolve(None).served_model_names == ["renamed"]
+    registry.update(engines[0], engines)  # engine 0 answers: its model becomes the default
+    assert [c.served_model_names for c in registry.models_in_order()] == [["renamed"], ["beta"]]
+    assert registry.resolve("renamed").group == "alpha" and registry.resolve("beta").group == "beta"
+    with pytest.raises(APIError):
+        registry.resolve("alpha")
