@@ -206,16 +206,18 @@ def test_serve_model_config_starts_each_model_with_its_options(tmp_path: Path) -
         f"- model: {first}\n  served_model_name: tiny-a\n"
         f"- model: {second}\n  served_model_name: [tiny-b, tiny-b-alias]\n  data_parallel_size: 2\n"
         "  max_model_len: 128\n"
+        "- task: embed\n  served_model_name: minilm\n"  # no model: the default embedding model
     )
     server = serve(["--model-config", str(config), *TINY_FLAGS])
     try:
         wait_for_engines(server.base_url, lambda e: e["alive"])
-        assert len(httpx.get(f"{server.base_url}/load").json()["engines"]) == 3
+        assert len(httpx.get(f"{server.base_url}/load").json()["engines"]) == 4
         cards = httpx.get(f"{server.base_url}/v1/models").json()["data"]
         assert [(c["id"], c["max_model_len"]) for c in cards] == [
             ("tiny-a", 256),
             ("tiny-b", 128),
             ("tiny-b-alias", 128),
+            ("minilm", 256),
         ]
         for model in ("tiny-a", "tiny-b-alias"):
             body = {"model": model, "prompt": PROMPT, "max_tokens": 4, "ignore_eos": True}
@@ -224,6 +226,16 @@ def test_serve_model_config_starts_each_model_with_its_options(tmp_path: Path) -
             assert resp.json()["model"] == model
         health = httpx.get(f"{server.base_url}/health").json()
         assert health["models"]["tiny-b"] == {"healthy": True, "num_engines": 2, "num_engines_alive": 2}
+        # An embedding model and generation models behind one API tier: each endpoint checks the
+        # requested model's task.
+        embed = {"model": "minilm", "input": ["one", "two"]}
+        resp = httpx.post(f"{server.base_url}/v1/embeddings", json=embed, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert [len(d["embedding"]) for d in resp.json()["data"]] == [384, 384]
+        wrong = httpx.post(f"{server.base_url}/v1/embeddings", json={**embed, "model": "tiny-a"}, timeout=60)
+        assert wrong.status_code == 400 and "'tiny-a' is served for text generation" in wrong.text
+        wrong = httpx.post(f"{server.base_url}/v1/completions", json={"model": "minilm", "prompt": "x"})
+        assert wrong.status_code == 400 and "'minilm' is served for embeddings" in wrong.text
     finally:
         server.stop()
 
