@@ -8,6 +8,7 @@ Needs the engine side of LoRA (engine/lora/, the --enable-lora flags) from the l
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,18 @@ def greedy(model: torch.nn.Module, prompt_ids: list[int]) -> list[int]:
         for _ in range(NUM_TOKENS):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(prompt_ids) :]
+
+
+def wait_for_adapters(url: str, predicate, timeout_s: float = 10.0) -> None:  # noqa: ANN001
+    """Until 8 /v1/models answers in a row (fresh connections: both API processes) satisfy `predicate`.
+    The API process that was asked knows at once; the other learns it from the engine's broadcast,
+    which may land a moment after the first one answered."""
+    deadline = time.monotonic() + timeout_s
+    num_ok = 0
+    while num_ok < 8:
+        ids = [c["id"] for c in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]]
+        num_ok = num_ok + 1 if predicate(ids) else 0
+        assert time.monotonic() < deadline, f"adapters never settled: {ids}"
 
 
 @dataclass
@@ -104,6 +117,7 @@ def test_runtime_load_reaches_every_api_process_and_unload_removes_it(lora_serve
     load = {"lora_name": "chat", "lora_path": str(lora_server.folders["chat"])}
     resp = httpx.post(f"{url}/v1/load_lora_adapter", json=load, timeout=120)
     assert (resp.status_code, resp.text) == (200, "Success: LoRA adapter 'chat' added successfully.")
+    wait_for_adapters(url, lambda ids: "chat" in ids)
     for _ in range(6):  # fresh connections: both API processes answer some of these
         out = lora_server.complete("chat")
         assert out.status_code == 200, out.text
@@ -113,6 +127,7 @@ def test_runtime_load_reaches_every_api_process_and_unload_removes_it(lora_serve
     assert bad.status_code in (400, 404) and bad.json()["error"]["message"]
     resp = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "chat"}, timeout=120)
     assert (resp.status_code, resp.text) == (200, "Success: LoRA adapter 'chat' removed successfully.")
+    wait_for_adapters(url, lambda ids: "chat" not in ids)
     for _ in range(6):
         gone = lora_server.complete("chat")
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"

@@ -133,6 +133,13 @@ async def test_an_adapter_another_api_process_loads_is_served_here_too(lora_engi
     try:
         load = {"lora_name": "chat", "lora_path": "/adapters/chat"}
         assert (await a.post("/v1/load_lora_adapter", json=load, headers=KEY)).status_code == 200
+        # b learns it from the engine's broadcast, which may land a moment after a's answer.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cards = (await b.get("/v1/models", headers=KEY)).json()["data"]
+            if "chat" in [c["id"] for c in cards]:
+                break
+            await asyncio.sleep(0.05)
         resp = await _complete(lora_engine, b, "chat")
         assert resp.status_code == 200 and lora_engine.adds[-1][1].lora_name == "chat"
     finally:
