@@ -28,8 +28,8 @@ from frontend.middleware import (
     InFlightMiddleware,
     RequestIdMiddleware,
 )
-from frontend.routes import extra_routes, openai_routes, sagemaker_routes, system_routes
-from frontend.serving.model_context import ModelContext
+from frontend.model_registry import ModelRegistry
+from frontend.routes import extra_routes, lora_routes, openai_routes, sagemaker_routes, system_routes
 from frontend.serving.streaming import json_response
 from frontend.state import AppState
 from protocol.messages import Ready
@@ -101,17 +101,17 @@ def build_app(config: FrontendConfig) -> Starlette:
         dead_after_s=config.engine_dead_after_s,
         curve_keys=_client_curve_keys(config),
     )
-    state = AppState(config=config, client=client)
+    models = ModelRegistry(InputLimits.from_config(config), config.served_model_names)
+    state = AppState(config=config, client=client, models=models)
     setup_metrics(state)
+    # Every handshake and adapter change (from any engine, at any time) updates the model table.
+    client.on_engine_change = lambda conn: models.update(conn, client.engines)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        ready = await _wait_for_engine(client, config.engine_ready_timeout_s, state.stop_requested)
-        state.ctx = ModelContext.from_ready(ready, config.served_model_names, InputLimits.from_config(config))
-        start_request_metrics(state, state.ctx.model_name, ready.max_model_len)
-        logger.info(
-            "serving %s (max_model_len %d)", ", ".join(state.ctx.served_model_names), ready.max_model_len
-        )
+        await _wait_for_engine(client, config.engine_ready_timeout_s, state.stop_requested)
+        default = state.model
+        start_request_metrics(state, default.model_name, default.max_model_len)
         try:
             yield
         finally:
@@ -136,6 +136,7 @@ def build_app(config: FrontendConfig) -> Starlette:
     routes = [
         *openai_routes.routes,
         *extra_routes.routes,
+        *lora_routes.routes,
         *system_routes.routes,
         *sagemaker_routes.routes_for(config),
         *openapi.routes,

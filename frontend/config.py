@@ -40,3 +40,4 @@ class FrontendConfig:
     # Engine requests one API request may fan out into (completion prompts x n, batch conversations).
     max_batch_size: int = 1024
     allow_credentials: bool = False  # CORS credentials, only ever with an explicit origin list
+    lora_timeout_s: float = 120.0  # how long /v1/load_lora_adapter waits for the engines' answers

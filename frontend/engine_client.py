@@ -10,9 +10,9 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import cast
 
 import zmq
 import zmq.asyncio
@@ -21,6 +21,7 @@ from zmq.utils.monitor import parse_monitor_message
 from contract.finish_reasons import FINISH_REASON_NAMES
 from frontend.delta_mailbox import DeltaMailbox
 from frontend.errors import ENGINE_LOST_MESSAGE
+from frontend.request_timing import RequestMetricsSink, RequestTiming
 from protocol.framing import FrameError, decode, encode
 from protocol.log_limit import RateLimitedWarning
 from protocol.messages import (
@@ -31,11 +32,15 @@ from protocol.messages import (
     FinishReason,
     Heartbeat,
     Hello,
+    LoadLora,
+    LoraAdapter,
+    LoraResult,
     Outputs,
     Ready,
     Refused,
     RequestDelta,
     SchedulerStats,
+    UnloadLora,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,6 +75,9 @@ class EngineConnection:
     monitor_task: asyncio.Task[None] | None = None
     num_served: int = 0
     last_hello: float = 0.0
+    # The model this engine serves: its announced first served name (engines of one model share it).
+    group: str | None = None
+    adapters: dict[str, LoraAdapter] = field(default_factory=dict)  # LoRA adapters it holds, by name
 
     @property
     def load(self) -> int:
@@ -79,42 +87,6 @@ class EngineConnection:
 
 class EngineUnavailable(Exception):
     """No live engine can take the request."""
-
-
-@dataclass
-class RequestTiming:
-    """What the metrics need to know about one finished engine request."""
-
-    arrival_time: float  # wall clock (time.time()), as sent in AddRequest
-    engine: str = ""
-    num_prompt_tokens: int = 0
-    num_generation_tokens: int = 0
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    inter_token_s: list[float] = field(default_factory=list)
-    finish_reason: str = "abort"
-    queue_time_s: float | None = None  # measured by the engine
-    max_tokens: int = 0  # the request's parameters, for vllm:request_params_*
-    n: int = 1
-    num_preemptions: int = 0  # reported by the engine with the last token
-
-    def observe(self, delta: RequestDelta, now: float) -> None:
-        self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
-        self.num_preemptions = max(self.num_preemptions, delta.num_preemptions)
-        if delta.queue_time_s is not None:
-            self.queue_time_s = delta.queue_time_s
-        if not delta.new_token_ids:
-            return
-        if self.last_token_at is None:
-            self.first_token_at = now
-        else:
-            self.inter_token_s.append(now - self.last_token_at)
-        self.last_token_at = now
-        self.num_generation_tokens += len(delta.new_token_ids)
-
-
-class RequestMetricsSink(Protocol):
-    def record_request(self, timing: RequestTiming, finished_at: float) -> None: ...
 
 
 class EngineClient:
@@ -142,6 +114,9 @@ class EngineClient:
         self._bad_message_warning = RateLimitedWarning(logger)  # a garbling peer must not flood the log
         self.num_retries = 0
         self.metrics: RequestMetricsSink | None = None  # set by the app; records every finished request
+        # Called after an engine's handshake or adapter list changed (the app rebuilds its model table).
+        self.on_engine_change: Callable[[EngineConnection], None] | None = None
+        self._lora_ops: dict[str, asyncio.Future[LoraResult]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self, timeout_s: float = 600.0) -> Ready:
@@ -270,13 +245,30 @@ class EngineClient:
             if not conn.alive:
                 logger.info("engine %s is up (%s)", conn.address, message.engine_id)
             conn.ready, conn.alive, conn.refused = message, True, None
+            conn.group = message.served_model_names[0] if message.served_model_names else conn.address
+            conn.adapters = {a.name: a for a in message.lora_adapters}
+            self._notify(conn)
             self._ready_event.set()
+        elif isinstance(message, LoraResult):
+            # Sent to every API process: the asker resolves its operation, everyone takes the new list.
+            conn.adapters = {a.name: a for a in message.adapters}
+            waiter = self._lora_ops.pop(message.op_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message)
+            self._notify(conn)
         elif isinstance(message, Refused):
             conn.refused = message.reason
             logger.error("engine %s refused this API process: %s", conn.address, message.reason)
         elif isinstance(message, EngineDead):
             logger.error("engine %s reported a fatal error: %s", conn.address, message.message)
             self._mark_dead(conn, f"engine failed: {message.message}")
+
+    def _notify(self, conn: EngineConnection) -> None:
+        if self.on_engine_change is not None:
+            try:
+                self.on_engine_change(conn)
+            except Exception:  # a bad handshake must not stop this engine's receive loop
+                logger.exception("could not take in engine %s's model information", conn.address)
 
     # -- liveness -------------------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
@@ -300,18 +292,37 @@ class EngineClient:
         for _request_id, queue in list(conn.pending.items()):
             queue.put_nowait(EngineLost(reason))
         conn.pending.clear()
+        self._fail_lora_ops(conn, reason)
         # A fresh socket drops anything queued for the dead peer, so a restarted engine never runs stale work.
         self._close_socket(conn)
         self._open(conn)
 
     # -- requests -------------------------------------------------------------------------------------
-    def pick_engine(self, prompt_token_ids: list[int], exclude: set[int] | None = None) -> EngineConnection:
-        live = [c for c in self.engines if c.alive and (not exclude or c.index not in exclude)]
+    def pick_engine(
+        self,
+        prompt_token_ids: list[int],
+        exclude: set[int] | None = None,
+        *,
+        group: str | None = None,
+        lora_name: str | None = None,
+    ) -> EngineConnection:
+        """The live engine for a request: of the model `group` (None: any) and holding the adapter
+        `lora_name` (None: base model), least loaded, preferring the one that saw the same prefix."""
+        live = [
+            c
+            for c in self.engines
+            if c.alive
+            and (group is None or c.group == group)
+            and (not exclude or c.index not in exclude)
+            and (lora_name is None or lora_name in c.adapters)
+        ]
         if not live:
             raise EngineUnavailable("no engine is available")
         least = min(live, key=lambda c: c.load)
         key = tuple(prompt_token_ids[:_PREFIX_AFFINITY_TOKENS])
         if len(key) == _PREFIX_AFFINITY_TOKENS:
+            # One table for all models: an entry pointing at another model's engine is not among `live`,
+            # so it is ignored and overwritten (keying by model too cost ~1 us per request).
             preferred = self._affinity.get(key)
             for conn in live:
                 if conn.index == preferred and conn.load <= least.load + _AFFINITY_SLACK:
@@ -329,19 +340,23 @@ class EngineClient:
         *,
         outcome: Callable[[], str | None] | None = None,
         n: int = 1,
+        group: str | None = None,
+        model_name: str = "",
     ) -> AsyncGenerator[RequestDelta, None]:
         """Deltas for one request until it finishes. Closing the iterator early aborts it on the engine.
 
         `outcome` tells the metrics why a request the caller closed early ended (a stop string: "stop");
-        `n` is the API request's number of choices, of which this engine request is one.
+        `n` is the API request's number of choices, of which this engine request is one. `group` is the
+        model whose engines may run it (None: any engine), `model_name` its metrics label.
         """
         timing = RequestTiming(
             request.arrival_time,
+            model_name=model_name,
             num_prompt_tokens=len(request.prompt_token_ids),
             max_tokens=request.sampling.max_tokens,
             n=n,
         )
-        deltas = self._generate(request, buffers, timing)
+        deltas = self._generate(request, buffers, timing, group)
         try:
             async for delta in deltas:
                 yield delta
@@ -353,12 +368,13 @@ class EngineClient:
                 self.metrics.record_request(timing, time.time())
 
     async def _generate(
-        self, request: AddRequest, buffers: list[bytes] | None, timing: RequestTiming
+        self, request: AddRequest, buffers: list[bytes] | None, timing: RequestTiming, group: str | None
     ) -> AsyncGenerator[RequestDelta, None]:
         # Encoded before any routing state exists: a request the wire cannot carry leaks nothing.
         frames = encode(request, buffers or [])
         tried: set[int] = set()
-        conn = self.pick_engine(request.prompt_token_ids)
+        lora_name = request.lora_name
+        conn = self.pick_engine(request.prompt_token_ids, group=group, lora_name=lora_name)
         got_tokens = False
         while True:
             timing.engine = conn.ready.engine_id if conn.ready else conn.address
@@ -402,7 +418,9 @@ class EngineClient:
                 yield _lost_delta(request.request_id, lost)
                 return
             try:
-                conn = self.pick_engine(request.prompt_token_ids, exclude=tried)
+                conn = self.pick_engine(
+                    request.prompt_token_ids, exclude=tried, group=group, lora_name=lora_name
+                )
             except EngineUnavailable:
                 timing.finish_reason = "error"
                 yield _lost_delta(request.request_id, lost)
@@ -410,11 +428,57 @@ class EngineClient:
             self.num_retries += 1
             logger.warning("retrying request %s on engine %s", request.request_id, conn.address)
 
+    # -- LoRA adapters --------------------------------------------------------------------------------
+    async def lora_op(
+        self, conns: Sequence[EngineConnection], message: LoadLora | UnloadLora, timeout_s: float
+    ) -> list[LoraResult]:
+        """Sends a LoadLora / UnloadLora to each engine (each under its own op id) and waits for every
+        LoraResult. An engine that is lost or does not answer in time gives a result with status 503."""
+        waiters: list[tuple[EngineConnection, str, asyncio.Future[LoraResult]]] = []
+        loop = asyncio.get_running_loop()
+        for conn in conns:
+            op_id = f"{message.op_id}-{conn.index}"
+            waiter: asyncio.Future[LoraResult] = loop.create_future()
+            self._lora_ops[op_id] = waiter
+            waiters.append((conn, op_id, waiter))
+            if isinstance(message, LoadLora):
+                sent = self._send_frames(conn, encode(LoadLora(op_id, message.adapter)))
+            else:
+                sent = self._send_frames(conn, encode(UnloadLora(op_id, message.name)))
+            if not sent:
+                self._lora_ops.pop(op_id, None)
+                waiter.set_result(_lora_failure(op_id, conn, "the request could not be sent to the engine"))
+        await asyncio.wait([w for _, _, w in waiters], timeout=timeout_s)
+        results = []
+        for conn, op_id, waiter in waiters:
+            self._lora_ops.pop(op_id, None)
+            if waiter.done():
+                results.append(waiter.result())
+            else:
+                waiter.cancel()
+                reason = f"the engine did not answer within {timeout_s:.0f} s"
+                results.append(_lora_failure(op_id, conn, reason))
+        return results
+
+    def _fail_lora_ops(self, conn: EngineConnection, reason: str) -> None:
+        suffix = f"-{conn.index}"
+        for op_id in [op for op in self._lora_ops if op.endswith(suffix)]:
+            waiter = self._lora_ops.pop(op_id)
+            if not waiter.done():
+                waiter.set_result(_lora_failure(op_id, conn, reason))
+
     def abort(self, request_ids: list[str]) -> None:
         for conn in self.engines:
             ids = [r for r in request_ids if r in conn.pending]
             if ids:
                 self._send(conn, Abort(ids))
+
+
+def _lora_failure(op_id: str, conn: EngineConnection, reason: str) -> LoraResult:
+    logger.warning("adapter operation %s on engine %s failed: %s", op_id, conn.address, reason)
+    engine_id = conn.ready.engine_id if conn.ready else conn.address
+    error = "An engine of this model did not complete the operation; try again."
+    return LoraResult(op_id, engine_id, list(conn.adapters.values()), error=error, error_status=503)
 
 
 def _refused_for_now(delta: RequestDelta) -> bool:

@@ -144,20 +144,20 @@ class RequestMetrics:
         ]
         self._engines_seen: set[str] = set()
 
-    def ensure_series(self, engine: str) -> None:
+    def ensure_series(self, engine: str, model_name: str | None = None) -> None:
         """Creates every series of an engine at zero, so dashboards and alerts see 0 before the first
         request instead of "no data" (in multi-process mode the zeros are written to the shared files)."""
         if engine in self._engines_seen:
             return
         self._engines_seen.add(engine)
-        labels = (self.model_name, engine)
+        labels = (model_name or self.model_name, engine)
         for metric in self._labelled:
             metric.labels(*labels)
         for reason in FINISHED_REASONS:
             self.request_success.labels(*labels, reason)
 
     def record_request(self, timing: RequestTiming, finished_at: float) -> None:
-        labels = (self.model_name, timing.engine)
+        labels = (timing.model_name or self.model_name, timing.engine)
         self.prompt_tokens.labels(*labels).inc(timing.num_prompt_tokens)
         self.generation_tokens.labels(*labels).inc(timing.num_generation_tokens)
         self.request_success.labels(*labels, timing.finish_reason).inc()
@@ -185,6 +185,14 @@ class RequestMetrics:
 def engine_label(conn: EngineConnection) -> str:
     """The `engine` label of a connection's series: its id once it has answered, else its address."""
     return conn.ready.engine_id if conn.ready else conn.address
+
+
+def model_label(state: AppState, conn: EngineConnection) -> str:
+    """The `model_name` label of an engine's series: the name its model is served under."""
+    ctx = state.models.models.get(conn.group) if conn.group is not None else None
+    if ctx is None:
+        ctx = state.ctx
+    return ctx.model_name if ctx is not None else ""
 
 
 class EngineStatsCollector:
@@ -227,9 +235,8 @@ class EngineStatsCollector:
             "tandem:max_step_num_seqs", "Largest number of sequences in one engine step.", labels=labels
         )
         alive = GaugeMetricFamily("tandem:engine_alive", "1 while the engine is live.", labels=labels)
-        model = self.state.ctx.model_name if self.state.ctx else ""
         for conn in self.state.client.engines:
-            lv = [model, engine_label(conn)]
+            lv = [model_label(self.state, conn), engine_label(conn)]
             alive.add_metric(lv, 1.0 if conn.alive else 0.0)
             if conn.ready is not None:
                 cache_info.add_metric(_cache_info_values(conn.ready), 1.0)
@@ -303,7 +310,7 @@ def start_request_metrics(state: AppState, model_name: str, max_model_len: int =
     metrics = RequestMetrics(target, model_name, max_model_len)  # type: ignore[arg-type]
     for conn in state.client.engines:
         if conn.ready is not None:
-            metrics.ensure_series(conn.ready.engine_id)
+            metrics.ensure_series(conn.ready.engine_id, model_label(state, conn))
     state.extras["request_metrics"] = metrics
     state.client.metrics = metrics
     return metrics
@@ -319,5 +326,5 @@ def render_metrics(state: AppState) -> tuple[bytes, str]:
     if metrics is not None:  # engines that answered since the last scrape get their zero series
         for conn in state.client.engines:
             if conn.ready is not None:
-                metrics.ensure_series(conn.ready.engine_id)
+                metrics.ensure_series(conn.ready.engine_id, model_label(state, conn))
     return generate_latest(registry), CONTENT_TYPE_LATEST  # type: ignore[arg-type]

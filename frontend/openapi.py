@@ -33,6 +33,7 @@ class ErrorResponse(msgspec.Struct):
 def request_bodies() -> dict[str, tuple[str, Any]]:
     """Every POST route -> (summary, the struct its body decodes into). A POST route missing here fails
     tests/e2e/test_openapi.py, so new routes get described."""
+    from frontend.routes.lora_routes import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
     from frontend.schemas import ChatCompletionRequest, CompletionRequest
     from frontend.serving.batch_chat import batch_chat_decoder
     from frontend.serving.embeddings import embedding_decoder
@@ -55,6 +56,9 @@ def request_bodies() -> dict[str, tuple[str, Any]]:
             "Chat, completion or embedding, chosen by the body's fields (SageMaker, vLLM)",
             (ChatCompletionRequest, CompletionRequest, embedding_decoder.type),
         ),
+        # Only with an engine started with --enable-lora; answer in plain text on success (as vLLM).
+        "/v1/load_lora_adapter": ("Load a LoRA adapter (vLLM, --enable-lora)", LoadLoraAdapterRequest),
+        "/v1/unload_lora_adapter": ("Unload a LoRA adapter (vLLM, --enable-lora)", UnloadLoraAdapterRequest),
     }
 
 

@@ -1,4 +1,4 @@
-"""What every route handler needs, held on the Starlette app: the engine client and the model context."""
+"""What every route handler needs, held on the Starlette app: the engine client and the served models."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient
+from frontend.model_registry import ModelRegistry
 from frontend.serving.model_context import ModelContext
 
 
@@ -14,7 +15,7 @@ from frontend.serving.model_context import ModelContext
 class AppState:
     config: FrontendConfig
     client: EngineClient
-    ctx: ModelContext | None = None
+    models: ModelRegistry = field(default_factory=ModelRegistry)
     num_requests_in_flight: int = 0
     accepting: bool = True
     extras: dict[str, object] = field(default_factory=dict)
@@ -22,9 +23,14 @@ class AppState:
     stop_requested: threading.Event = field(default_factory=threading.Event)
 
     @property
-    def model(self) -> ModelContext:
-        if self.ctx is None:
-            from frontend.errors import engine_unavailable
+    def ctx(self) -> ModelContext | None:
+        """The default model's context (requests that name no model); None before any handshake."""
+        return self.models.default
 
-            raise engine_unavailable("The server is still starting: no engine has completed its handshake.")
-        return self.ctx
+    @property
+    def model(self) -> ModelContext:
+        return self.models.resolve(None)
+
+    def context_for(self, name: str | None) -> ModelContext:
+        """The context of the request's `model` (a served name or a LoRA adapter): 404 when unknown."""
+        return self.models.resolve(name)

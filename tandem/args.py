@@ -202,6 +202,13 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
         help="Most engine requests one API request may fan out into (completion prompts x n, batch chat "
         "conversations); larger requests get 400.",
     )
+    g.add_argument(
+        "--lora-update-timeout",
+        type=float,
+        default=120.0,
+        help="Seconds /v1/load_lora_adapter and /v1/unload_lora_adapter wait for the engines to answer "
+        "(then 503).",
+    )
 
 
 def _non_negative_int(text: str) -> int:
@@ -283,6 +290,7 @@ def frontend_config(ns: argparse.Namespace, *, engines: list[str], fd: int | Non
         root_path=ns.root_path,
         max_batch_size=ns.max_batch_size,
         allow_credentials=ns.allow_credentials,
+        lora_timeout_s=ns.lora_update_timeout,
         metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
     )
 

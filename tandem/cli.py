@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--data-parallel-size", type=int, default=1, help="Engine cores (one model replica each)."
     )
+    serve.add_argument(
+        "--model-config",
+        default=None,
+        help="Serve several models: a YAML or JSON list of {model, served_model_name, data_parallel_size, "
+        "and any engine option}; one API tier in front of all (see docs/deployment.md).",
+    )
 
     engine = sub.add_parser("engine", help="Run one headless engine core (for systemd).")
     add_model_arg(engine)

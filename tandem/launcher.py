@@ -17,6 +17,7 @@ import time
 import urllib.request
 
 from tandem.args import API_GROUP, ENGINE_GROUP, check_tls_files, unparse_group
+from tandem.model_config import ModelConfigError, ModelSpec, load_model_specs
 
 _POLL_S = 0.5
 _MAX_RESTARTS = 5  # per child; past this the server stops instead of restarting in a loop
@@ -114,13 +115,30 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _model_specs(serve_parser: argparse.ArgumentParser, ns: argparse.Namespace) -> list[ModelSpec]:
+    """The models to start: those of --model-config, or the one model of the command line."""
+    if ns.model_config is None:
+        engine_flags = unparse_group(serve_parser, ENGINE_GROUP, ns)
+        return [ModelSpec(ns.model, ns.data_parallel_size, engine_flags)]
+    if ns.model is not None or ns.served_model_name:
+        raise ModelConfigError(
+            "--model-config lists the models: give each `model` and `served_model_name` in the file, "
+            "not on the command line"
+        )
+    return load_model_specs(ns.model_config, serve_parser, ns)
+
+
 def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     serve_parser = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr,index]
-    engine_flags = unparse_group(serve_parser, ENGINE_GROUP, ns)
     api_flags = unparse_group(serve_parser, API_GROUP, ns)
     tls_problem = check_tls_files(ns)
     if tls_problem is not None:
         print(f"tandem serve: {tls_problem}", file=sys.stderr)
+        return 2
+    try:
+        specs = _model_specs(serve_parser, ns)
+    except ModelConfigError as exc:
+        print(f"tandem serve: {exc}", file=sys.stderr)
         return 2
     try:
         listener = _bind_listener(ns.host, ns.port)
@@ -128,7 +146,9 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         print(f"tandem serve: {exc}", file=sys.stderr)
         return 2
     run_dir = tempfile.mkdtemp(prefix="tandem-")
-    engines = [f"ipc://{run_dir}/engine-{i}.sock" for i in range(ns.data_parallel_size)]
+    # One engine list over all models, in the file's order: the first model is the default one.
+    plan = [spec for spec in specs for _ in range(spec.num_engines)]
+    engines = [f"ipc://{run_dir}/engine-{i}.sock" for i in range(len(plan))]
     # Request metrics of all API processes are summed from per-process files in this folder.
     metrics_dir = os.path.join(run_dir, "metrics")
     os.mkdir(metrics_dir)
@@ -142,11 +162,14 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    model = [ns.model] if ns.model else []
-    for i, address in enumerate(engines):
-        argv = _child_argv("engine", *model, "--listen", address, "--engine-id", f"engine-{i}", *engine_flags)
+    for i, (spec, address) in enumerate(zip(plan, engines, strict=True)):
+        model = [spec.model] if spec.model else []
+        argv = _child_argv(
+            "engine", *model, "--listen", address, "--engine-id", f"engine-{i}", *spec.engine_argv
+        )
         children.start(f"engine-{i}", argv + _security_argv(ns))
     engine_args = [arg for address in engines for arg in ("--engine", address)]
+    # With one model the API process renames it too; several models are named on their engines only.
     names = ["--served-model-name", *ns.served_model_name] if ns.served_model_name else []
     for i in range(ns.api_server_count):
         argv = _child_argv("api", *engine_args, "--fd", str(listener.fileno()), *api_flags, *names)

@@ -32,30 +32,32 @@ async def batch_chat_completions(request: Request) -> Response:
     req = decode_body(batch_chat_decoder, await _body(request))
     tools = ToolSettings.from_config(state.config)
     return await create_batch_chat_completion(
-        state.model, state.client, req, request.scope[REQUEST_ID_KEY], tool_settings=tools
+        state.context_for(req.model), state.client, req, request.scope[REQUEST_ID_KEY], tool_settings=tools
     )
 
 
 async def generate(request: Request) -> Response:
     state = _state(request)
     req = decode_body(generate_decoder, await _body(request))
-    return await create_generate(state.model, state.client, req, request.scope[REQUEST_ID_KEY])
+    ctx = state.context_for(req.model)
+    return await create_generate(ctx, state.client, req, request.scope[REQUEST_ID_KEY])
 
 
 async def tokenize_route(request: Request) -> Response:
     req = decode_body(tokenize_decoder, await _body(request))
-    return json_response(await run_off_loop(tokenize, _state(request).model, req))
+    return json_response(await run_off_loop(tokenize, _state(request).context_for(req.model), req))
 
 
 async def detokenize_route(request: Request) -> Response:
     req = decode_body(detokenize_decoder, await _body(request))
-    return json_response(detokenize(_state(request).model, req))
+    return json_response(detokenize(_state(request).context_for(req.model), req))
 
 
 async def embeddings_from_body(request: Request, body: bytes) -> Response:
     state = _state(request)
     req = decode_body(embedding_decoder, body)
-    return await create_embeddings(state.model, state.client, req, request.scope[REQUEST_ID_KEY])
+    ctx = state.context_for(req.model)
+    return await create_embeddings(ctx, state.client, req, request.scope[REQUEST_ID_KEY])
 
 
 async def embeddings(request: Request) -> Response:

@@ -19,6 +19,7 @@ from frontend.serving.model_context import ModelContext
 from frontend.serving.streaming import json_response
 from frontend.serving.tools import ToolSettings
 from frontend.state import AppState
+from protocol.messages import LoraAdapter
 
 
 def _state(request: Request) -> AppState:
@@ -30,14 +31,15 @@ async def chat_from_body(request: Request, body: bytes) -> Response:
     req = decode_chat_request(body)
     tools = ToolSettings.from_config(state.config)
     return await create_chat_completion(
-        state.model, state.client, req, request.scope[REQUEST_ID_KEY], tool_settings=tools
+        state.context_for(req.model), state.client, req, request.scope[REQUEST_ID_KEY], tool_settings=tools
     )
 
 
 async def completion_from_body(request: Request, body: bytes) -> Response:
     state = _state(request)
     req = decode_completion_request(body)
-    return await create_completion(state.model, state.client, req, request.scope[REQUEST_ID_KEY])
+    ctx = state.context_for(req.model)
+    return await create_completion(ctx, state.client, req, request.scope[REQUEST_ID_KEY])
 
 
 async def chat_completions(request: Request) -> Response:
@@ -62,20 +64,44 @@ def _model_card(ctx: ModelContext, name: str, created: int) -> dict[str, Any]:
     }
 
 
-async def list_models(request: Request) -> Response:
-    ctx = _state(request).model
+def _adapter_card(adapter: LoraAdapter, base: ModelContext, created: int) -> dict[str, Any]:
+    # vLLM's shape for a LoRA adapter: root is the adapter's folder, parent the model it extends.
+    return {
+        "id": adapter.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "tandem",
+        "root": adapter.path,
+        "parent": base.model_name,
+        "max_model_len": None,
+    }
+
+
+def _cards(state: AppState) -> dict[str, dict[str, Any]]:
+    """Every model card by id: each model's served names (the default model first), then adapters."""
+    state.models.resolve(None)  # 503 while no engine has answered yet
     created = int(time.time())
-    data = [_model_card(ctx, name, created) for name in ctx.served_model_names]
-    return json_response({"object": "list", "data": data})
+    cards = {
+        name: _model_card(ctx, name, created)
+        for ctx in state.models.models_in_order()
+        for name in ctx.served_model_names
+    }
+    for name, (adapter, view) in state.models.adapters.items():
+        cards.setdefault(name, _adapter_card(adapter, view, created))
+    return cards
+
+
+async def list_models(request: Request) -> Response:
+    return json_response({"object": "list", "data": list(_cards(_state(request)).values())})
 
 
 async def retrieve_model(request: Request) -> Response:
     """OpenAI's `GET /v1/models/{model}`: one model card, or a 404 in the error envelope."""
-    ctx = _state(request).model
     name = request.path_params["model"]
-    if name not in ctx.served_model_names:
+    card = _cards(_state(request)).get(name)
+    if card is None:
         raise model_not_found(name)
-    return json_response(_model_card(ctx, name, int(time.time())))
+    return json_response(card)
 
 
 routes = [

@@ -48,7 +48,8 @@ async def invocations(request: Request) -> Response:
         fields = msgspec.json.decode(body)
     except msgspec.DecodeError as err:
         raise invalid_request(f"Invalid JSON body: {err}") from None
-    kinds = _KINDS.get(state.model.ready.task, [])
+    model = fields.get("model") if isinstance(fields, dict) else None
+    kinds = _KINDS.get(state.context_for(model if isinstance(model, str) else None).ready.task, [])
     if isinstance(fields, dict):
         for marker, handler, _name in kinds:
             if marker in fields:
@@ -88,7 +89,8 @@ def tokenizer_info(ctx: ModelContext) -> dict[str, Any]:
 
 
 async def tokenizer_info_route(request: Request) -> Response:
-    return json_response(tokenizer_info(_state(request).model))
+    # `?model=` picks one of several served models; without it, the default model.
+    return json_response(tokenizer_info(_state(request).context_for(request.query_params.get("model"))))
 
 
 def routes_for(config: FrontendConfig) -> list[Route]:

@@ -23,10 +23,14 @@ def _state(request: Request) -> AppState:
 
 
 async def health(request: Request) -> Response:
+    """200 while the process accepts requests and at least one model has a live engine, else 503 (as
+    vLLM's /health). The body tells each model's state, so a probe can see one model down while
+    the others serve."""
     state = _state(request)
-    if state.ctx is not None and state.client.is_healthy and state.accepting:
-        return Response(status_code=200)
-    return Response(status_code=503)
+    models = state.models.health(state.client.engines)
+    healthy = state.ctx is not None and state.accepting and any(m["healthy"] for m in models.values())
+    body = {"status": "ok" if healthy else "unavailable", "accepting": state.accepting, "models": models}
+    return json_response(body, 200 if healthy else 503)
 
 
 async def version(_request: Request) -> Response:
@@ -38,6 +42,7 @@ async def load(request: Request) -> Response:
     engines = [
         {
             "address": c.address,
+            "model": c.group,  # the model it serves (its first announced name); None before its handshake
             "alive": c.alive,
             "outstanding": len(c.pending),
             "num_running": c.stats.num_running if c.stats else None,

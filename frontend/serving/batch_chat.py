@@ -98,9 +98,10 @@ async def create_batch_chat_completion(
         output_factory(ctx.tokenizer, conversations[0]),
         priority=req.priority or 0,
         cache_salt=req.cache_salt,
+        lora_name=ctx.lora_name,
     )
     created = int(time.time())
-    events = await first_or_error(run_choices(client, jobs))
+    events = await first_or_error(run_choices(client, jobs, group=ctx.group, model_name=ctx.model_name))
     async for _job, delta in events:
         if delta.error:
             raise choice_error(delta.error, delta.error_status)

@@ -135,9 +135,10 @@ async def create_chat_completion(
         output_factory(ctx.tokenizer, req),
         priority=req.priority or 0,
         cache_salt=req.cache_salt,
+        lora_name=ctx.lora_name,
     )
     created = int(time.time())
-    events = await first_or_error(run_choices(client, jobs))
+    events = await first_or_error(run_choices(client, jobs, group=ctx.group, model_name=ctx.model_name))
     if req.stream:
         return sse_response(_stream_chat(events, jobs, response_id, created, model, req, tool_plan))
     return json_response(await _collect_chat(events, jobs, response_id, created, model, req, tool_plan))

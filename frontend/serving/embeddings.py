@@ -135,8 +135,8 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
     return vector
 
 
-async def _embed_one(client: EngineClient, add: AddRequest) -> RequestDelta:
-    stream = client.generate(add)
+async def _embed_one(client: EngineClient, add: AddRequest, ctx: ModelContext) -> RequestDelta:
+    stream = client.generate(add, group=ctx.group, model_name=ctx.model_name)
     try:
         async for delta in stream:
             if delta.finish_reason is not None:
@@ -168,11 +168,12 @@ async def create_embeddings(
             arrival_time=now,
             priority=req.priority or 0,
             embed_task=True,
+            lora_name=ctx.lora_name,
         )
         for index, token_ids in enumerate(prompts)
     ]
     # All inputs go out at once so the engine batches them into as few steps as its budget allows.
-    deltas = await asyncio.gather(*(_embed_one(client, add) for add in adds))
+    deltas = await asyncio.gather(*(_embed_one(client, add, ctx) for add in adds))
     data = []
     for index, delta in enumerate(deltas):
         if delta.error or delta.embedding is None:

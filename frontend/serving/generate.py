@@ -109,8 +109,9 @@ async def create_generate(
         make_output,
         priority=req.priority or 0,
         cache_salt=req.cache_salt,
+        lora_name=ctx.lora_name,
     )
-    events = await first_or_error(run_choices(client, jobs))
+    events = await first_or_error(run_choices(client, jobs, group=ctx.group, model_name=ctx.model_name))
     if req.stream:
         return sse_response(_stream(events, jobs, response_id, req))
     return json_response(await _collect(events, jobs, response_id))

@@ -48,6 +48,7 @@ def plan_choices(
     *,
     priority: int = 0,
     cache_salt: str | None = None,
+    lora_name: str | None = None,
 ) -> list[ChoiceJob]:
     """One engine request per (prompt, sample), indexed prompt-major as OpenAI does."""
     jobs = []
@@ -66,6 +67,7 @@ def plan_choices(
                 priority=priority,
                 embeds=prompt.embeds,
                 cache_salt=cache_salt,
+                lora_name=lora_name,
             )
             jobs.append(ChoiceJob(index, p, add, prompt.buffers, make_output(prompt, p)))
     return jobs
@@ -136,9 +138,14 @@ def _public_error(exc: Exception, request_id: str) -> tuple[str, int]:
 
 
 async def run_choices(
-    client: EngineClient, jobs: list[ChoiceJob], *, admit_window: int = ADMIT_WINDOW
+    client: EngineClient,
+    jobs: list[ChoiceJob],
+    *,
+    admit_window: int = ADMIT_WINDOW,
+    group: str | None = None,
+    model_name: str = "",
 ) -> AsyncGenerator[tuple[ChoiceJob, ChoiceDelta], None]:
-    """Deltas of all jobs as they arrive. At most `admit_window` of them are in the engines at once (the
+    """Deltas of all jobs as they arrive, each run on an engine of the model `group`. At most `admit_window` of them are in the engines at once (the
     next starts when one finishes), so one large fan-out neither floods the engine queues nor trips
     admission control. Cancelling the consumer aborts every unfinished engine request."""
     queue: asyncio.Queue[tuple[ChoiceJob, ChoiceDelta] | None] = asyncio.Queue()
@@ -148,7 +155,14 @@ async def run_choices(
     async def pump(job: ChoiceJob) -> None:
         try:
             # outcome: a stop string ends a request early, and the metrics should count it as "stop".
-            stream = client.generate(job.add, job.buffers, outcome=lambda: job.output.finish_reason, n=n)
+            stream = client.generate(
+                job.add,
+                job.buffers,
+                outcome=lambda: job.output.finish_reason,
+                n=n,
+                group=group,
+                model_name=model_name,
+            )
             try:
                 async for delta in stream:
                     out = job.output.process(delta)

@@ -24,6 +24,10 @@ class ModelContext:
     served_model_names: list[str]
     limits: InputLimits = field(default_factory=InputLimits)
     grammar_dry_run: GrammarDryRun | None = None  # None: structured specs are only compiled, not tried
+    # The engines that serve this model announce this first name (EngineConnection.group).
+    group: str | None = None
+    # Set on the view of a LoRA adapter: requests run under it on the base model's engines.
+    lora_name: str | None = None
 
     @classmethod
     def from_ready(
@@ -40,7 +44,8 @@ class ModelContext:
             )
         names = list(served_model_names) or list(ready.served_model_names)
         dry_run = GrammarDryRun(ready.tokenizer_json, ready.vocab_size, list(ready.eos_token_ids))
-        return cls(ready, tokenizer, template, names, limits or InputLimits(), dry_run)
+        group = ready.served_model_names[0] if ready.served_model_names else None
+        return cls(ready, tokenizer, template, names, limits or InputLimits(), dry_run, group)
 
     @property
     def model_name(self) -> str:
@@ -54,7 +59,7 @@ class ModelContext:
         """The served name to answer with; 404 for a name this server does not serve."""
         if name is None or name == "":
             return self.model_name
-        if name not in self.served_model_names:
+        if name != self.lora_name and name not in self.served_model_names:
             raise model_not_found(name)
         return name
 

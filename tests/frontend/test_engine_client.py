@@ -8,6 +8,7 @@ import gc
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 import zmq
 import zmq.asyncio
@@ -20,11 +21,15 @@ from protocol.messages import (
     FinishReason,
     Heartbeat,
     Hello,
+    LoadLora,
+    LoraAdapter,
+    LoraResult,
     Outputs,
     Ready,
     RequestDelta,
     SamplingParams,
     SchedulerStats,
+    UnloadLora,
 )
 from tests.server_process import free_port
 
@@ -40,8 +45,25 @@ class FakeEngine:
     """A ROUTER that handshakes, beats, records ADD/ABORT, and sends whatever deltas a test scripts.
     With beat=False it plays a hung engine: the connection stays open but nothing comes back."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, engine_id: str, *, beat: bool = True) -> None:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        address: str,
+        engine_id: str,
+        *,
+        beat: bool = True,
+        served_model_names: tuple[str, ...] = ("m",),
+        tokenizer_json: str = "{}",
+        enable_lora: bool = False,
+    ) -> None:
         self.ctx, self.address, self.engine_id, self.beat = ctx, address, engine_id, beat
+        self.served_model_names, self.tokenizer_json = list(served_model_names), tokenizer_json
+        # LoRA: adapters held, every LoadLora/UnloadLora seen, and the scripted answer to the next ones
+        # (None: do it; a (message, status) pair: refuse with it; "silent": never answer).
+        self.enable_lora = enable_lora
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.lora_ops: list[LoadLora | UnloadLora] = []
+        self.lora_answer: tuple[str, int] | str | None = None
         self.adds: list[tuple[bytes, AddRequest]] = []
         self.aborted: list[str] = []
         self.clients: set[bytes] = set()
@@ -78,13 +100,45 @@ class FakeEngine:
             if not self.beat:
                 continue  # hung: neither beats nor answers
             if isinstance(message, Hello):
-                self.send(
-                    client, Ready(self.engine_id, ["m"], 64, 512, 8, 16, "{}", None, None, None, [2], False)
-                )
+                self.send(client, self.ready())
+            elif isinstance(message, LoadLora | UnloadLora):
+                self.lora_ops.append(message)
+                self._answer_lora(message)
             elif isinstance(message, AddRequest):
                 self.adds.append((client, message))
             elif isinstance(message, Abort):
                 self.aborted.extend(message.request_ids)
+
+    def ready(self) -> Ready:
+        return Ready(
+            self.engine_id,
+            self.served_model_names,
+            64,
+            512,
+            8,
+            16,
+            self.tokenizer_json,
+            None,
+            None,
+            None,
+            [2],
+            False,
+            enable_lora=self.enable_lora,
+            max_lora_rank=8 if self.enable_lora else 0,
+            lora_adapters=list(self.adapters.values()),
+        )
+
+    def _answer_lora(self, message: LoadLora | UnloadLora) -> None:
+        if self.lora_answer == "silent":
+            return
+        error, status = self.lora_answer if isinstance(self.lora_answer, tuple) else (None, 400)
+        if error is None and isinstance(message, LoadLora):
+            self.adapters[message.adapter.name] = msgspec.structs.replace(message.adapter, rank=8)
+        elif error is None and isinstance(message, UnloadLora):
+            self.adapters.pop(message.name, None)
+        result = LoraResult(message.op_id, self.engine_id, list(self.adapters.values()), error, status)
+        for client in self.clients:  # as the real engine: every connected API process learns it
+            self.send(client, result)
 
     async def _beats(self) -> None:
         while True:
@@ -181,8 +235,8 @@ async def test_dead_engine_fails_started_requests_and_retries_fresh_ones(two_eng
     fresh_conn = next(c for c in client.engines if c.address == victim.address)
     fresh = client.generate(_add("fresh"))
     client_pick = client.pick_engine
-    client.pick_engine = lambda ids, exclude=None: (  # type: ignore[method-assign]
-        fresh_conn if not exclude else client_pick(ids, exclude)
+    client.pick_engine = lambda ids, exclude=None, **kw: (  # type: ignore[method-assign]
+        fresh_conn if not exclude else client_pick(ids, exclude, **kw)
     )
     fresh_first = asyncio.ensure_future(anext(fresh))
     await _until(lambda: len(victim.adds) == 2)

@@ -12,7 +12,6 @@ from tokenizers import Tokenizer, models
 from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient, RequestTiming
 from frontend.metrics import render_metrics, setup_metrics, start_request_metrics
-from frontend.serving.model_context import ModelContext
 from frontend.state import AppState
 from protocol.messages import ITERATION_TOKENS_BUCKETS, Ready, SchedulerStats
 
@@ -49,7 +48,8 @@ def state(monkeypatch: pytest.MonkeyPatch) -> Iterator[AppState]:
     setup_metrics(state)
     for i, conn in enumerate(client.engines):
         conn.ready, conn.alive = _ready(f"engine-{i}"), True
-    state.ctx = ModelContext.from_ready(client.engines[0].ready)  # type: ignore[arg-type]
+        conn.group = conn.ready.served_model_names[0]
+        state.models.update(conn, client.engines)
     start_request_metrics(state, "m", 4096)
     yield state
     client.ctx.destroy(linger=0)  # no socket was ever opened
