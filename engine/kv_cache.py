@@ -105,6 +105,9 @@ class KVCacheManager:
         extra = request.embed_key_for(start, end)
         if index == 0 and request.cache_salt:
             extra = (f"salt:{request.cache_salt}", *extra)
+        if index == 0 and request.lora is not None:
+            # KV computed under an adapter's weights is that adapter's alone (the chain carries it on).
+            extra = (request.lora_key, *extra)
         return hash_block(parent, tokens, extra)
 
     def _reads_cache(self, request: Request) -> bool:
