@@ -46,8 +46,9 @@ class TargetModule:
 class LoraWeights:
     """A loaded adapter. `parts[module][p]` is (A [r, in], B [out_p, r] already multiplied by the scale)
     for part p of Tandem's module (q/k/v of qkv_proj, gate/up of gate_up_proj), or None where the
-    adapter leaves that part alone. Each load gets a new uid: slots and prefix-cache keys use it, so a
-    name unloaded and loaded again from other files never meets the old weights."""
+    adapter leaves that part alone. Each registration gets a new uid (kept when evicted weights are
+    read again): slots and prefix-cache keys use it, so a name unloaded and loaded again from other
+    files never meets the old weights or their KV blocks."""
 
     name: str
     path: str
@@ -122,7 +123,9 @@ def _place(hf_module: str, targets: dict[str, TargetModule]) -> tuple[str, int]:
     return module, part
 
 
-def read_peft_adapter(name: str, path: str, targets: dict[str, TargetModule], max_rank: int) -> LoraWeights:
+def read_peft_adapter(
+    name: str, path: str, targets: dict[str, TargetModule], max_rank: int, uid: int | None = None
+) -> LoraWeights:
     """Loads and checks an adapter; `targets` maps Tandem module paths to their shapes."""
     folder = Path(path).expanduser()
     config = _read_config(folder)
@@ -163,4 +166,7 @@ def read_peft_adapter(name: str, path: str, targets: dict[str, TargetModule], ma
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise LoraError(f"{module} part {part}: the adapter holds non-finite weights")
         parts.setdefault(module, [None] * len(target.output_sizes))[part] = (a, b)
-    return LoraWeights(name=name, path=str(path), rank=rank, scale=scale, parts=parts)
+    weights = LoraWeights(name=name, path=str(path), rank=rank, scale=scale, parts=parts)
+    if uid is not None:
+        weights.uid = uid
+    return weights

@@ -47,6 +47,7 @@ class LoraManager:
         self.layers: dict[str, LoraLinear] = wrap_model(model, self.batch)
         self.targets = target_modules(self.layers)
         self.adapters: dict[str, LoraAdapter] = {}  # registered, in load order
+        self._uids: dict[str, int] = {}  # name -> the uid of its registration
         self._cached: OrderedDict[str, LoraWeights] = OrderedDict()  # name -> weights, LRU first
         self._slots: list[LoraWeights | None] = [None] * max_loras
         self._slot_last_used = [0] * max_loras
@@ -63,6 +64,7 @@ class LoraManager:
         weights = read_peft_adapter(adapter.name, adapter.path, self.targets, self.max_rank)
         registered = LoraAdapter(adapter.name, adapter.path, adapter.base_model_name, weights.rank)
         self.adapters[adapter.name] = registered
+        self._uids[adapter.name] = weights.uid
         self._remember(weights)
         logger.info("LoRA adapter %r loaded from %s (rank %d)", adapter.name, adapter.path, weights.rank)
         return registered
@@ -71,6 +73,7 @@ class LoraManager:
         if name not in self.adapters:
             raise LoraError(f"no LoRA adapter named {name!r} is loaded", status=404)
         del self.adapters[name]
+        del self._uids[name]
         self._cached.pop(name, None)
         logger.info("LoRA adapter %r unloaded", name)
 
@@ -81,7 +84,7 @@ class LoraManager:
         weights = self._cached.get(name)
         if weights is None:
             adapter = self.adapters[name]
-            weights = read_peft_adapter(name, adapter.path, self.targets, self.max_rank)
+            weights = read_peft_adapter(name, adapter.path, self.targets, self.max_rank, self._uids[name])
             self._remember(weights)
         self._cached.move_to_end(name)
         return weights
@@ -113,7 +116,7 @@ class LoraManager:
         """The slot holding `weights`, writing them into a free or least recently used slot if needed.
         The scheduler admits at most --max-loras adapters at a time, so a step never needs more slots."""
         for slot, held in enumerate(self._slots):
-            if held is weights:
+            if held is not None and held.uid == weights.uid:
                 self._slot_last_used[slot] = self._num_steps
                 return slot
         slot = min(range(self.max_loras), key=lambda s: (self._slots[s] is not None, self._slot_last_used[s]))
