@@ -105,9 +105,10 @@ class KVCacheManager:
         extra = request.embed_key_for(start, end)
         if index == 0 and request.cache_salt:
             extra = (f"salt:{request.cache_salt}", *extra)
-        if index == 0 and request.lora is not None:
+        lora_key = request.lora_key
+        if index == 0 and lora_key is not None:
             # KV computed under an adapter's weights is that adapter's alone (the chain carries it on).
-            extra = (request.lora_key, *extra)
+            extra = (lora_key, *extra)
         return hash_block(parent, tokens, extra)
 
     def _reads_cache(self, request: Request) -> bool:

@@ -43,11 +43,15 @@ class LoraLinear(nn.Module):
         width = batch.max_loras * batch.max_rank
         self.lora_a: Tensor
         self.lora_b: Tensor
-        factory = {"dtype": weight.dtype, "device": weight.device}
+        dtype, device = weight.dtype, weight.device
         # Rows ordered (part, slot, rank): [P * S * R, in]
-        self.register_buffer("lora_a", torch.zeros(num_parts * width, target.in_features, **factory))
+        self.register_buffer(
+            "lora_a", torch.zeros(num_parts * width, target.in_features, dtype=dtype, device=device)
+        )
         # [P * S * R, out]: block-diagonal, part p's rows only reach part p's output columns
-        self.register_buffer("lora_b", torch.zeros(num_parts * width, sum(self.output_sizes), **factory))
+        self.register_buffer(
+            "lora_b", torch.zeros(num_parts * width, sum(self.output_sizes), dtype=dtype, device=device)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """x [T, in] -> [T, out]"""
