@@ -1,5 +1,5 @@
 """Batched LoRA's cost on CPU: one batch-8 decode step of the default model with 8 requests spread over
-4 distinct adapters, against the same step of the base model, in one process, alternating rounds.
+4 distinct adapters, against the same step of the base model, in one process, interleaved step by step.
 
 Three engines are built from the same GGUF: `plain` (no --enable-lora, so no LoRA layer at all),
 `lora-base` (LoRA on, the 8 requests name no adapter: the wrappers' cost when unused) and `lora-4`
@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -87,12 +89,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--num-adapters", type=int, default=4)
     parser.add_argument("--context", type=int, default=128, help="tokens per sequence before timing")
-    parser.add_argument("--iters", type=int, default=20, help="timed steps per measurement")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps of each engine, interleaved")
     args = parser.parse_args()
     import torch
 
-    from benchmarks.cpu_decode_step import time_steps
     from engine.config import EngineConfig
 
     names = [f"adapter-{i}" for i in range(args.num_adapters)]
@@ -115,15 +115,25 @@ def main() -> None:
         f"{args.num_adapters} adapters of rank {args.rank}, context {args.context}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
     )
+    for step in steps.values():  # warm-up
+        step()
+        step()
+    # Interleaved one step at a time, so load from other processes falls on all three alike; the
+    # minimum is the step's cost with the least interference, the median what a busy machine gives.
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(args.rounds):  # alternate, so machine noise falls on all alike
+    for _ in range(args.steps):
         for name, step in steps.items():
-            samples[name].append(time_steps(step, args.iters))
-        print(f"round {round_index + 1}: " + ", ".join(f"{n} {s[-1]:.1f} ms" for n, s in samples.items()))
-    best = {name: min(values) for name, values in samples.items()}
-    print(", ".join(f"{name} {ms:.1f} ms" for name, ms in best.items()))
-    print(f"lora-base / plain {best['lora-base'] / best['plain']:.2f}")
-    print(f"lora-4 / plain {best['lora-4'] / best['plain']:.2f}  (issue 18: at most 1.3)")
+            start = time.perf_counter()
+            step()
+            samples[name].append((time.perf_counter() - start) * 1000)
+    for name, values in samples.items():
+        print(f"{name:>10}: min {min(values):7.1f} ms, median {statistics.median(values):7.1f} ms")
+    for stat_name, stat in (("min", min), ("median", statistics.median)):
+        plain = stat(samples["plain"])
+        print(
+            f"{stat_name}: lora-base / plain {stat(samples['lora-base']) / plain:.2f}, "
+            f"lora-4 / plain {stat(samples['lora-4']) / plain:.2f}  (issue 18: at most 1.3)"
+        )
 
 
 if __name__ == "__main__":

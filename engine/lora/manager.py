@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.lora.adapter import LoraError, LoraWeights, read_peft_adapter
 from engine.lora.layers import LoraBatch, LoraLinear, target_modules, wrap_model
+from engine.readback import to_device
 from engine.request import Request
 from protocol.messages import LoraAdapter
 
@@ -45,7 +46,11 @@ class LoraManager:
         self.device = device
         self.batch = LoraBatch(max_loras, max_rank)
         self.layers: dict[str, LoraLinear] = wrap_model(model, self.batch)
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} has no projections LoRA can adapt")
         self.targets = target_modules(self.layers)
+        self._dtype = next(iter(self.layers.values())).lora_a.dtype
+        self._slot_range = torch.arange(max_loras, device=device)  # [S]
         self.adapters: dict[str, LoraAdapter] = {}  # registered, in load order
         self._uids: dict[str, int] = {}  # name -> the uid of its registration
         self._cached: OrderedDict[str, LoraWeights] = OrderedDict()  # name -> weights, LRU first
@@ -103,14 +108,13 @@ class LoraManager:
             self.batch.mask = None
             return
         num_slots = self.max_loras
-        # Column num_slots stands for "no adapter" and is dropped: [num_seqs, S]
-        slot_ids = torch.tensor([num_slots if s is None else s for s in row_slots])
-        per_row = torch.nn.functional.one_hot(slot_ids, num_slots + 1)[:, :num_slots]
-        num_new = torch.tensor([n for _, n in scheduled])
-        per_token = per_row.repeat_interleave(num_new, dim=0)  # [T, S]
-        mask = per_token.repeat_interleave(self.max_rank, dim=1)  # [T, S * R]
-        dtype = next(iter(self.layers.values())).lora_a.dtype
-        self.batch.mask = mask.to(device=self.device, dtype=dtype)
+        token_slots: list[int] = []  # slot num_slots stands for "no adapter": it matches no column
+        for slot, (_, num_new) in zip(row_slots, scheduled, strict=True):
+            token_slots += [num_slots if slot is None else slot] * num_new
+        # Only the slot ids travel to the device (queued, like the step's other inputs).
+        slot_ids = to_device(token_slots, torch.int64, self.device)  # [T]
+        per_token = slot_ids.unsqueeze(1) == self._slot_range  # [T, S]; no row is true for num_slots
+        self.batch.mask = per_token.to(self._dtype).repeat_interleave(self.max_rank, dim=1)  # [T, S * R]
 
     def _slot_for(self, weights: LoraWeights) -> int:
         """The slot holding `weights`, writing them into a free or least recently used slot if needed.
