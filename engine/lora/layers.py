@@ -2,9 +2,9 @@
 whose tokens use different adapters (and the base model) runs as one batch.
 
 Every wrapper holds --max-loras slots of zero-padded A and B matrices. One step computes, for all tokens,
-h = x @ A_all^T over every slot (one thin matmul), zeroes the columns of the slots a token does not use
-(a mask built once per step by the runner, shared by all layers), and adds h @ B_all to the base
-output (a second thin matmul). That is three torch ops per projection whatever the mix of adapters:
+h = x @ A_all^T over the slots up to the highest one in use (one thin matmul), zeroes the columns of the
+slots a token does not use (a mask built once per step from the runner's per-token slots, shared by all
+layers), and adds h @ B_all to the base output (a second thin matmul). That is three torch ops per projection whatever the mix of adapters:
 at decode sizes the cost of a matmul is mostly its call, so computing the unused slots' few columns
 costs less than gathering each adapter's tokens apart. A step with no adapter tokens skips it all.
 """
@@ -26,8 +26,25 @@ class LoraBatch:
     def __init__(self, max_loras: int, max_rank: int) -> None:
         self.max_loras = max_loras
         self.max_rank = max_rank
-        # [T, max_loras * max_rank]: 1 in the columns of the slot each token uses; None: no token does.
-        self.mask: Tensor | None = None
+        # [T, n]: 1 where token t uses slot s, for the first n slots (the highest one in use and those
+        # below it); None: no token of the step uses an adapter.
+        self.token_slots: Tensor | None = None
+        self._masks: dict[int, Tensor] = {}
+
+    def set_step(self, token_slots: Tensor | None) -> None:
+        self.token_slots = token_slots
+        self._masks.clear()
+
+    def mask_for(self, num_parts: int) -> Tensor | None:
+        """[T, n * P * R]: the token's slot columns of a P-part projection (rows are slot-major),
+        built once per step for each part count."""
+        if self.token_slots is None:
+            return None
+        mask = self._masks.get(num_parts)
+        if mask is None:
+            mask = self.token_slots.repeat_interleave(num_parts * self.max_rank, dim=1)
+            self._masks[num_parts] = mask
+        return mask
 
 
 class LoraLinear(nn.Module):
@@ -44,11 +61,11 @@ class LoraLinear(nn.Module):
         self.lora_a: Tensor
         self.lora_b: Tensor
         dtype, device = weight.dtype, weight.device
-        # Rows ordered (part, slot, rank): [P * S * R, in]
+        # Rows ordered (slot, part, rank), so the first n slots are the first rows: [S * P * R, in]
         self.register_buffer(
             "lora_a", torch.zeros(num_parts * width, target.in_features, dtype=dtype, device=device)
         )
-        # [P * S * R, out]: block-diagonal, part p's rows only reach part p's output columns
+        # [S * P * R, out]: block-diagonal, part p's rows only reach part p's output columns
         self.register_buffer(
             "lora_b", torch.zeros(num_parts * width, sum(self.output_sizes), dtype=dtype, device=device)
         )
@@ -56,21 +73,21 @@ class LoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [T, in] -> [T, out]"""
         out = self.base(x)
-        mask = self.batch.mask
+        mask = self.batch.mask_for(len(self.output_sizes))
         if mask is None:
             return out
-        num_tokens = x.shape[0]
-        h = torch.mm(x, self.lora_a.t())  # [T, P * S * R]
-        h = h.view(num_tokens, len(self.output_sizes), -1).mul_(mask.unsqueeze(1))
-        return out.addmm_(h.view(num_tokens, -1), self.lora_b)
+        rows = mask.shape[1]  # only the slots up to the highest one in use
+        h = torch.mm(x, self.lora_a[:rows].t()).mul_(mask)  # [T, n * P * R]
+        return out.addmm_(h, self.lora_b[:rows])
 
     @torch.no_grad()
     def set_slot(self, slot: int, pairs: list[tuple[Tensor, Tensor] | None] | None) -> None:
         """Writes one adapter's (A [r, in], scaled B [out_p, r]) per part into a slot (None: zeros)."""
-        width, rank_max = self.batch.max_loras * self.batch.max_rank, self.batch.max_rank
+        rank_max = self.batch.max_rank
+        first = slot * len(self.output_sizes) * rank_max
         col = 0
         for part, size in enumerate(self.output_sizes):
-            rows = slice(part * width + slot * rank_max, part * width + (slot + 1) * rank_max)
+            rows = slice(first + part * rank_max, first + (part + 1) * rank_max)
             self.lora_a[rows] = 0
             self.lora_b[rows] = 0
             pair = pairs[part] if pairs is not None else None

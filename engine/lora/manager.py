@@ -104,8 +104,9 @@ class LoraManager:
         """Puts this step's adapters into slots and sets the per-token slot mask the layers read."""
         self._num_steps += 1
         row_slots = [self._slot_for(r.lora) if r.lora is not None else None for r, _ in scheduled]
-        if all(slot is None for slot in row_slots):
-            self.batch.mask = None
+        used = [slot for slot in row_slots if slot is not None]
+        if not used:
+            self.batch.set_step(None)
             return
         num_slots = self.max_loras
         token_slots: list[int] = []  # slot num_slots stands for "no adapter": it matches no column
@@ -113,8 +114,8 @@ class LoraManager:
             token_slots += [num_slots if slot is None else slot] * num_new
         # Only the slot ids travel to the device (queued, like the step's other inputs).
         slot_ids = to_device(token_slots, torch.int64, self.device)  # [T]
-        per_token = slot_ids.unsqueeze(1) == self._slot_range  # [T, S]; no row is true for num_slots
-        self.batch.mask = per_token.to(self._dtype).repeat_interleave(self.max_rank, dim=1)  # [T, S * R]
+        per_token = slot_ids.unsqueeze(1) == self._slot_range[: max(used) + 1]  # [T, n]
+        self.batch.set_step(per_token.to(self._dtype))
 
     def _slot_for(self, weights: LoraWeights) -> int:
         """The slot holding `weights`, writing them into a free or least recently used slot if needed.
@@ -131,6 +132,3 @@ class LoraManager:
         self._slots[slot] = weights
         self._slot_last_used[slot] = self._num_steps
         return slot
-
-    def clear_step(self) -> None:
-        self.batch.mask = None
