@@ -232,3 +232,20 @@ def test_load_and_unload_between_steps_leave_running_requests_alone(
     lora.load(LoraAdapter("all-proj", str(lora_setup.adapters["all-proj"])))  # back, for later tests
     add(stepper, "again", ids, "all-proj", max_tokens=8, logprobs=VOCAB, prompt_logprobs=VOCAB)
     check_against_reference(lora_setup, "all-proj", ids, run(stepper)["again"])
+
+
+def test_qwen2_with_attention_bias_matches_its_merged_reference(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Another family: Qwen2's q/k/v carry biases, which the LoRA delta must leave to the base layer."""
+    model_dir = tiny_model_dir("qwen2")
+    adapter = make_peft_adapter(base_model(model_dir), tmp_path / "qwen2-lora", seed=4, rank=8)
+    setup = LoraSetup(model_dir, {"q2": adapter}, {"q2": merged_model(model_dir, adapter)})
+    setup.references[None] = base_model(model_dir)
+    stepper = lora_stepper(setup)
+    cases = {"adapter": ("q2", prompt(11, 19)), "base": (None, prompt(12, 14))}
+    for request_id, (lora, ids) in cases.items():
+        add(stepper, request_id, ids, lora, logprobs=VOCAB, prompt_logprobs=VOCAB)
+    deltas = run(stepper)
+    for request_id, (lora, ids) in cases.items():
+        check_against_reference(setup, lora, ids, deltas[request_id])
