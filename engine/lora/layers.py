@@ -18,6 +18,10 @@ from engine.lora.adapter import TargetModule
 
 # Tandem module leaf names that LoRA adapts (q/k/v are parts of qkv_proj, gate/up of gate_up_proj).
 WRAPPED_LEAVES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# On CPU, steps of at most this many tokens run the thin LoRA matmuls on one thread: at decode sizes
+# waking the other OpenMP threads (passive waiting, engine/cpu_threads.py) cost more than they gave
+# (measured on the 2-vCPU Zen 4 VM: 80 vs 103 us for one projection's LoRA at 8 rows).
+MAX_SINGLE_THREAD_ROWS = 64
 
 
 class LoraBatch:
@@ -77,8 +81,16 @@ class LoraLinear(nn.Module):
         if mask is None:
             return out
         rows = mask.shape[1]  # only the slots up to the highest one in use
-        h = torch.mm(x, self.lora_a[:rows].t()).mul_(mask)  # [T, n * P * R]
-        return out.addmm_(h, self.lora_b[:rows])
+        num_threads = torch.get_num_threads()
+        one_thread = x.device.type == "cpu" and x.shape[0] <= MAX_SINGLE_THREAD_ROWS and num_threads > 1
+        if one_thread:
+            torch.set_num_threads(1)
+        try:
+            h = torch.mm(x, self.lora_a[:rows].t()).mul_(mask)  # [T, n * P * R]
+            return out.addmm_(h, self.lora_b[:rows])
+        finally:
+            if one_thread:
+                torch.set_num_threads(num_threads)
 
     @torch.no_grad()
     def set_slot(self, slot: int, pairs: list[tuple[Tensor, Tensor] | None] | None) -> None:
