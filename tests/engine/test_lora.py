@@ -249,3 +249,16 @@ def test_qwen2_with_attention_bias_matches_its_merged_reference(
     deltas = run(stepper)
     for request_id, (lora, ids) in cases.items():
         check_against_reference(setup, lora, ids, deltas[request_id])
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"enable_lora": False}, "--lora-modules needs --enable-lora"),
+        ({"max_loras": 2, "max_cpu_loras": 1}, "--max-cpu-loras >= --max-loras"),
+        ({"max_lora_rank": 4}, "above --max-lora-rank 4"),  # the rank-8 adapter
+    ],
+)
+def test_start_up_refuses_inconsistent_lora_flags(lora_setup: LoraSetup, options: dict, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        lora_stepper(lora_setup, **options)
