@@ -45,3 +45,9 @@ class EngineConfig:
     max_logprobs: int = 20  # vLLM's default; -1 lets requests ask for the whole vocabulary
     # CPU + bfloat16 only: int8 weight copies for steps of a few rows (engine/layers/int8_linear.py).
     cpu_int8_weights: bool = False
+    # LoRA (docs/lora.md): adapters as (name, PEFT folder, base model name or None), loaded at start-up.
+    enable_lora: bool = False
+    lora_modules: tuple[tuple[str, str, str | None], ...] = ()
+    max_loras: int = 1  # adapters in one batch (slots of the LoRA layers), vLLM's default
+    max_lora_rank: int = 16  # vLLM's default
+    max_cpu_loras: int | None = None  # adapters' weights held in memory; None: max_loras

@@ -15,6 +15,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from engine.config import EngineConfig
 from engine.embedding_runner import EmbeddingParts, EmbeddingStepper, build_embedding_parts
 from engine.engine_setup import EngineParts, build_engine_parts
@@ -27,9 +29,12 @@ from protocol.messages import (
     EngineDead,
     Heartbeat,
     Hello,
+    LoadLora,
+    LoraResult,
     Outputs,
     Refused,
     RequestDelta,
+    UnloadLora,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,6 +71,8 @@ class EngineCore:
             AddRequest: self._on_add,
             Abort: self._on_abort,
             Heartbeat: self._on_heartbeat,
+            LoadLora: self._on_load_lora,
+            UnloadLora: self._on_unload_lora,
         }
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -156,6 +163,41 @@ class EngineCore:
             rejection = self.stepper.add(message, client_id, frames)
         if rejection is not None:
             self.io.send(client_id, Outputs(self.config.engine_id, [rejection], self.stepper.stats()))
+
+    # -- LoRA adapters at run time --------------------------------------------------------------------
+    def _on_load_lora(self, client_id: bytes, message: LoadLora, _frames: list[bytes]) -> None:
+        self._lora_op(client_id, message.op_id, lambda lora: lora.load(message.adapter))
+
+    def _on_unload_lora(self, client_id: bytes, message: UnloadLora, _frames: list[bytes]) -> None:
+        self._lora_op(client_id, message.op_id, lambda lora: lora.unload(message.name))
+
+    def _lora_op(self, client_id: bytes, op_id: str, op: Callable[[Any], object]) -> None:
+        """Runs a load/unload between steps and tells every API process the outcome and the new adapter
+        list (the asker matches op_id). A failed load leaves the registry, and running requests, as
+        they were."""
+        from engine.lora.adapter import LoraError
+        from engine.lora.manager import LORA_DISABLED
+
+        lora = getattr(self.parts, "lora", None)  # embedding engines have no LoRA
+        error: str | None = None
+        status = 400
+        if lora is None:
+            error = LORA_DISABLED
+        else:
+            try:
+                op(lora)
+            except LoraError as exc:
+                error, status = str(exc), exc.status
+            except Exception:
+                logger.exception("LoRA operation %r failed", op_id)
+                error, status = "The engine failed to change its adapters; the details are in its log.", 500
+        adapters = list(lora.adapters.values()) if lora is not None else []
+        if lora is not None:
+            # API processes that connect later learn the current list from READY.
+            self.parts.ready = msgspec.structs.replace(self.parts.ready, lora_adapters=adapters)
+        result = LoraResult(op_id, self.config.engine_id, adapters, error=error, error_status=status)
+        for client in self.known_clients | {client_id}:
+            self.io.send(client, result)
 
     # -- one step -------------------------------------------------------------------------------------
     def _step(self) -> None:

@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from engine.loader.tokenizer_info import TokenizerInfo, load_chat_template
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.scheduler import Scheduler, SchedulerLimits
 from protocol.messages import Ready
+
+if TYPE_CHECKING:
+    from engine.lora.manager import LoraManager
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ class EngineParts:
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
     max_model_len: int
+    lora: LoraManager | None = None  # --enable-lora
 
 
 def pick_device(name: str) -> torch.device:
@@ -77,6 +81,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     # Flags that name files are read before the model, so a mistake fails at once.
     chat_template = None if config.chat_template is None else load_chat_template(config.chat_template)
     default_sampling = generation_defaults(config)
+    if config.lora_modules and not config.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = pick_device(config.device)
@@ -86,6 +92,11 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     arch = loaded.arch
     if config.cpu_int8_weights:
         _use_int8_weights(loaded.model, loaded.dtype, device)
+    lora = None
+    if config.enable_lora:
+        from engine.lora.setup import build_lora_manager
+
+        lora = build_lora_manager(loaded.model, config, device)
     per_block = kv_cache_bytes_per_block(
         arch.num_hidden_layers, config.block_size, arch.num_key_value_heads, arch.head_dim, loaded.dtype
     )
@@ -118,15 +129,18 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         device=device,
         max_num_seqs=config.max_num_seqs,
         max_model_len=max_model_len,
-        enforce_eager=config.enforce_eager,
+        # CUDA graphs would freeze the LoRA layers' per-step slot mask: LoRA runs eagerly.
+        enforce_eager=config.enforce_eager or config.enable_lora,
         seed=config.seed,
     )
+    runner.lora = lora
     limits = SchedulerLimits(
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
         max_model_len=max_model_len,
         long_prefill_token_threshold=config.long_prefill_token_threshold,
         priority_policy=config.scheduling_policy == "priority",
+        max_loras=config.max_loras if lora is not None else None,
     )
     scheduler = Scheduler(limits, KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching))
     tok = loaded.tokenizer
@@ -144,6 +158,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         num_kv_blocks=num_blocks,
         enable_prompt_embeds=config.enable_prompt_embeds,
         default_sampling=default_sampling,
+        enable_lora=lora is not None,
+        max_lora_rank=config.max_lora_rank if lora is not None else 0,
+        lora_adapters=list(lora.adapters.values()) if lora is not None else [],
     )
     return EngineParts(
         scheduler=scheduler,
@@ -154,6 +171,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         dtype=loaded.dtype,
         eos_token_ids=frozenset(tok.eos_token_ids),
         max_model_len=max_model_len,
+        lora=lora,
     )
 
 

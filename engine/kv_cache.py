@@ -105,6 +105,10 @@ class KVCacheManager:
         extra = request.embed_key_for(start, end)
         if index == 0 and request.cache_salt:
             extra = (f"salt:{request.cache_salt}", *extra)
+        lora_key = request.lora_key
+        if index == 0 and lora_key is not None:
+            # KV computed under an adapter's weights is that adapter's alone (the chain carries it on).
+            extra = (lora_key, *extra)
         return hash_block(parent, tokens, extra)
 
     def _reads_cache(self, request: Request) -> bool:

@@ -18,6 +18,7 @@ from engine.sampler import LogprobRow, Sampler, SampleResult, TokenBitmask
 from engine.scheduler import SchedulerOutput
 
 if TYPE_CHECKING:
+    from engine.lora.manager import LoraManager
     from engine.models.config import ModelArchConfig
     from engine.models.llama import LlamaForCausalLM
 
@@ -62,6 +63,7 @@ class ModelRunner:
         # [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim] per layer
         self.kv_caches = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.sampler = Sampler(arch.vocab_size, device, seed)
+        self.lora: LoraManager | None = None  # set by engine_setup with --enable-lora
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager:
             self.graphs = build_decode_graphs(
@@ -165,6 +167,8 @@ class ModelRunner:
         The step reads from the device exactly once: sampled ids, logprobs and prompt logprobs together."""
         input_ids, positions, meta = self._build_inputs(out)
         inputs_embeds = self._input_embeds(out, input_ids, meta)
+        if self.lora is not None:
+            self.lora.prepare_step(out.scheduled)  # each token's adapter slot, read by the LoRA layers
         if self.graphs is not None and self.graphs.can_run(meta, has_embeds=inputs_embeds is not None):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:

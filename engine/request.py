@@ -62,6 +62,14 @@ class Request:
     queue_time_s: float | None = None  # received -> first scheduled; kept through preemptions
     # engine.structured.RequestGrammar for constrained requests; typed loosely so the scheduler stays light.
     grammar: Any = None
+    # engine.lora.adapter.LoraWeights of the adapter this request runs under (None: the base model),
+    # held here so an unload lets the request finish with the weights it started with.
+    lora: Any = None
+
+    @property
+    def lora_key(self) -> str | None:
+        """Identifies the adapter's weights: the scheduler counts distinct ones, prefix caching keys by it."""
+        return None if self.lora is None else str(self.lora.cache_key)
 
     @property
     def num_prompt_tokens(self) -> int:

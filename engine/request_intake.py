@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 
 
 class RequestRejected(ValueError):
-    """The request cannot run on this engine; the message is sent back to the client."""
+    """The request cannot run on this engine; the message is sent back to the client with `status`."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 MAX_REQUEST_ID_CHARS = 1024
@@ -139,6 +143,7 @@ def make_request(message: AddRequest, client_id: bytes, frames: list[bytes], par
     if message.embeds and not parts.ready.enable_prompt_embeds:
         raise RequestRejected("prompt embeddings are not enabled on this engine (--enable-prompt-embeds)")
     embeds = _decode_embeds(message, frames, parts) if message.embeds else []
+    lora = _resolve_lora(message.lora_name, parts) if message.lora_name is not None else None
     return Request(
         request_id=message.request_id,
         client_id=client_id,
@@ -150,4 +155,19 @@ def make_request(message: AddRequest, client_id: bytes, frames: list[bytes], par
         prompt_embeds=embeds,
         cache_salt=message.cache_salt,
         embed_task=message.embed_task,
+        lora=lora,
     )
+
+
+def _resolve_lora(name: str, parts: EngineParts) -> object:
+    """The adapter's weights; 404 naming the model when this engine does not hold it (the frontend
+    checks first, but an engine does not trust its peers)."""
+    from engine.lora.adapter import LoraError
+    from engine.lora.manager import model_not_found
+
+    if parts.lora is None:
+        raise RequestRejected(str(model_not_found(name[:256])), 404)
+    try:
+        return parts.lora.resolve(name)
+    except LoraError as exc:
+        raise RequestRejected(str(exc), exc.status) from None

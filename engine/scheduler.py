@@ -39,6 +39,7 @@ class SchedulerLimits:
     max_model_len: int
     long_prefill_token_threshold: int | None = None
     priority_policy: bool = False
+    max_loras: int | None = None  # --max-loras with LoRA on: distinct adapters running at once
 
 
 class Scheduler:
@@ -143,11 +144,23 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _next_waiting(self) -> Request | None:
-        # A request whose grammar is still compiling is skipped; the ones behind it may run.
-        ready = (r for r in self.waiting if not r.is_waiting_for_grammar)
+        # A request whose grammar is still compiling is skipped; the ones behind it may run. So is one
+        # whose adapter would be one more than --max-loras running at once (it waits for a slot).
+        lora_keys = self._running_lora_keys()
+        ready = (r for r in self.waiting if not r.is_waiting_for_grammar and self._lora_fits(r, lora_keys))
         if self.limits.priority_policy:
             return min(ready, key=lambda r: (r.priority, r.arrival_time), default=None)
         return next(ready, None)
+
+    def _running_lora_keys(self) -> set[str | None] | None:
+        if self.limits.max_loras is None:
+            return None
+        return {r.lora_key for r in self.running if r.lora is not None}
+
+    def _lora_fits(self, request: Request, running_keys: set[str | None] | None) -> bool:
+        if running_keys is None or request.lora is None or request.lora_key in running_keys:
+            return True
+        return len(running_keys) < (self.limits.max_loras or 0)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:

@@ -92,7 +92,7 @@ class EngineStepper:
         try:
             request = make_request(message, client_id, frames, self.parts)
         except RequestRejected as exc:
-            return error_delta(message.request_id, str(exc), 400)
+            return error_delta(message.request_id, str(exc), exc.status)
         except Exception:  # a message no check foresaw: it fails alone, the engine carries on
             logger.exception("could not accept request %r", message.request_id)
             return error_delta(message.request_id, "The engine could not read this request.", 400)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 ENGINE_GROUP = "engine options"
@@ -129,6 +130,60 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="Most logprobs / prompt_logprobs a request may ask for; -1 allows the whole vocabulary "
         "(requests send -1 for 'all').",
     )
+    add_lora_args(g)
+
+
+def add_lora_args(g: argparse._ArgumentGroup) -> None:
+    """vLLM's LoRA flags (docs/lora.md)."""
+    g.add_argument(
+        "--enable-lora", action="store_true", help="Serve LoRA adapters (requests name one as their model)."
+    )
+    g.add_argument(
+        "--lora-modules",
+        type=_lora_module_spec,
+        nargs="+",
+        action="extend",
+        default=None,
+        help="LoRA adapters to load at start-up, each 'name=path' or vLLM's JSON form "
+        '\'{"name": ..., "path": ..., "base_model_name": ...}\' (repeatable; needs --enable-lora).',
+    )
+    g.add_argument("--max-loras", type=int, default=1, help="Most distinct LoRA adapters in one batch.")
+    g.add_argument("--max-lora-rank", type=int, default=16, help="Highest LoRA rank an adapter may have.")
+    g.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="LoRA adapters whose weights stay in memory (default: --max-loras); others are re-read "
+        "from their folders when used.",
+    )
+
+
+def parse_lora_module(text: str) -> tuple[str, str, str | None]:
+    """'name=path' or '{"name": ..., "path": ..., "base_model_name": ...}' -> (name, path, base name)."""
+    if text.lstrip().startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON: {exc}") from None
+        name, path, base = spec.get("name"), spec.get("path"), spec.get("base_model_name")
+        if not (isinstance(name, str) and name and isinstance(path, str) and path):
+            raise ValueError('the JSON form needs string "name" and "path" fields')
+        if base is not None and not isinstance(base, str):
+            raise ValueError('"base_model_name" must be a string')
+        return name, path, base
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise ValueError("expected name=path")
+    return name, path, None
+
+
+def _lora_module_spec(text: str) -> str:
+    # Kept as text (checked here) so the launcher can pass the flag on to engine processes unchanged.
+    try:
+        parse_lora_module(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--lora-modules {text!r}: {exc}") from None
+    return text
 
 
 def _logprob_limit(text: str) -> int:
@@ -259,6 +314,11 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         generation_config=ns.generation_config,
         max_logprobs=ns.max_logprobs,
         cpu_int8_weights=ns.cpu_int8_weights,
+        enable_lora=ns.enable_lora,
+        lora_modules=tuple(parse_lora_module(text) for text in ns.lora_modules or ()),
+        max_loras=ns.max_loras,
+        max_lora_rank=ns.max_lora_rank,
+        max_cpu_loras=ns.max_cpu_loras,
     )
 
 
