@@ -52,6 +52,9 @@ class EngineCore:
             self.stepper = EngineStepper(
                 self.parts, max_waiting_requests=self.parts.ready.max_waiting_requests
             )
+        self.tp_workers = getattr(self.parts, "tp_workers", None)
+        if self.tp_workers is not None:
+            self.tp_workers.on_fatal = self._report_death  # a lost rank ends the engine, loudly
         self.io = EngineIO(
             config.listen,
             heartbeat_interval_s=config.heartbeat_interval_s,
@@ -98,7 +101,16 @@ class EngineCore:
             time.sleep(0.2)  # let the outbox flush
             raise
         finally:
+            if self.tp_workers is not None:
+                self.tp_workers.stop()
             self.io.close()
+
+    def _report_death(self, reason: str) -> None:
+        """Called from any thread just before the process exits: API processes fail their requests now
+        instead of waiting for missed heartbeats."""
+        for client in list(self.io.clients):
+            self.io.send(client, EngineDead(self.config.engine_id, reason))
+        time.sleep(0.2)  # let the outbox flush
 
     # -- inputs ---------------------------------------------------------------------------------------
     def _take_inputs(self, block: bool) -> None:

@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,10 @@ from engine.loader.tokenizer_info import TokenizerInfo, load_chat_template
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.scheduler import Scheduler, SchedulerLimits
 from protocol.messages import Ready
+
+if TYPE_CHECKING:
+    from engine.distributed.workers import TensorParallelWorkers
+    from engine.models.config import ModelArchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ class EngineParts:
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
     max_model_len: int
+    tp_workers: TensorParallelWorkers | None = None  # ranks 1..N-1 when --tensor-parallel-size > 1
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,6 +64,16 @@ def _num_kv_blocks(
     return max(min(wanted_blocks, int(DEFAULT_KV_CACHE_MEMORY // bytes_per_block)), 2)
 
 
+def local_num_kv_blocks(
+    config: EngineConfig, arch: ModelArchConfig, num_kv_heads: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """KV blocks that fit this process's memory, with num_kv_heads heads (a tensor-parallel rank's own)."""
+    per_block = kv_cache_bytes_per_block(
+        arch.num_hidden_layers, config.block_size, num_kv_heads, arch.head_dim, dtype
+    )
+    return _num_kv_blocks(config, per_block, device, arch.max_position_embeddings)
+
+
 def _use_int8_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
     if device.type != "cpu" or dtype != torch.bfloat16:
         logger.warning(
@@ -80,16 +95,34 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = pick_device(config.device)
+    workers = tp = None
+    if config.tensor_parallel_size > 1:
+        from engine.distributed.setup import start_tensor_parallel
+
+        workers, tp, device = start_tensor_parallel(config, device)
     loaded = load_model(
-        config.model, load_format=config.load_format, dtype=config.dtype, device=str(device), seed=config.seed
+        config.model,
+        load_format=config.load_format,
+        dtype=config.dtype,
+        device=str(device),
+        seed=config.seed,
+        tp=tp,
     )
     arch = loaded.arch
     if config.cpu_int8_weights:
         _use_int8_weights(loaded.model, loaded.dtype, device)
+    num_kv_heads = loaded.model.model.layers[
+        0
+    ].self_attn.num_kv_heads  # this rank's, under tensor parallelism
     per_block = kv_cache_bytes_per_block(
-        arch.num_hidden_layers, config.block_size, arch.num_key_value_heads, arch.head_dim, loaded.dtype
+        arch.num_hidden_layers, config.block_size, num_kv_heads, arch.head_dim, loaded.dtype
     )
-    num_blocks = _num_kv_blocks(config, per_block, device, arch.max_position_embeddings)
+    num_blocks = local_num_kv_blocks(config, arch, num_kv_heads, loaded.dtype, device)
+    model = loaded.model
+    if workers is not None:
+        from engine.distributed.setup import tensor_parallel_model
+
+        num_blocks, model = tensor_parallel_model(workers, loaded, num_blocks)
     capacity = (num_blocks - 1) * config.block_size
     max_model_len = min(config.max_model_len or arch.max_position_embeddings, capacity)
     if config.max_model_len and config.max_model_len > capacity:
@@ -110,7 +143,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         capacity / max_model_len,
     )
     runner = ModelRunner(
-        loaded.model,
+        model,  # type: ignore[arg-type]  # TensorParallelModel stands in for the model on rank 0
         arch,
         num_blocks=num_blocks,
         block_size=config.block_size,
@@ -120,6 +153,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         max_model_len=max_model_len,
         enforce_eager=config.enforce_eager,
         seed=config.seed,
+        num_kv_heads=num_kv_heads,
     )
     limits = SchedulerLimits(
         max_num_batched_tokens=config.max_num_batched_tokens,
@@ -154,6 +188,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         dtype=loaded.dtype,
         eos_token_ids=frozenset(tok.eos_token_ids),
         max_model_len=max_model_len,
+        tp_workers=workers,
     )
 
 
