@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 
@@ -24,6 +25,10 @@ def run_worker(config: EngineConfig, rank: int, port: int) -> None:
         format=f"%(asctime)s %(levelname)s [{config.engine_id} tp{rank}] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # A terminal's Ctrl-C reaches the whole process group: the engine core drains and then stops its
+    # workers itself, so they must not die first (the engine would take that for a lost rank).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_parent()
     try:
         _serve(config, rank, port)

@@ -68,22 +68,29 @@ class TensorParallelWorkers:
         try:
             yield
         except Exception as exc:
-            self.fatal(f"tensor-parallel {what} failed: {type(exc).__name__}: {exc}")
+            # A peer's death usually shows here first (gloo: connection closed); name the cause if so.
+            cause = self._dead_worker(wait_s=1.0)
+            self.fatal(cause or f"tensor-parallel {what} failed: {type(exc).__name__}: {exc}")
         finally:
             self._collective_since = None
 
-    def _watch(self) -> None:
+    def _dead_worker(self, wait_s: float) -> str | None:
+        """Why the first worker that exited (within wait_s) is gone, or None while all run."""
         sentinels = {p.sentinel: p for p in self._procs}
+        done = multiprocessing.connection.wait(list(sentinels), timeout=wait_s)
+        if not done:
+            return None
+        proc = sentinels[done[0]]  # type: ignore[index]
+        proc.join(timeout=1)
+        return f"tensor-parallel worker {proc.name} (pid {proc.pid}) exited with code {proc.exitcode}"
+
+    def _watch(self) -> None:
         while not self._stopping.is_set():
-            done = multiprocessing.connection.wait(list(sentinels), timeout=_WATCH_INTERVAL_S)
+            dead = self._dead_worker(wait_s=_WATCH_INTERVAL_S)
             if self._stopping.is_set():
                 return
-            if done:
-                proc = sentinels[done[0]]  # type: ignore[index]
-                proc.join(timeout=1)
-                self.fatal(
-                    f"tensor-parallel worker {proc.name} (pid {proc.pid}) exited with code {proc.exitcode}"
-                )
+            if dead is not None:
+                self.fatal(dead)
             since = self._collective_since
             if since is not None and time.monotonic() - since > self.step_timeout_s:
                 self.fatal(f"a tensor-parallel step has not returned for {self.step_timeout_s:.0f} s")
