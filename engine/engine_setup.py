@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -23,6 +23,7 @@ from protocol.messages import Ready
 if TYPE_CHECKING:
     from engine.distributed.workers import TensorParallelWorkers
     from engine.models.config import ModelArchConfig
+    from engine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +112,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     arch = loaded.arch
     if config.cpu_int8_weights:
         _use_int8_weights(loaded.model, loaded.dtype, device)
-    num_kv_heads = loaded.model.model.layers[
-        0
-    ].self_attn.num_kv_heads  # this rank's, under tensor parallelism
+    num_kv_heads = loaded.model.num_kv_heads  # this rank's, under tensor parallelism
     per_block = kv_cache_bytes_per_block(
         arch.num_hidden_layers, config.block_size, num_kv_heads, arch.head_dim, loaded.dtype
     )
@@ -122,7 +121,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if workers is not None:
         from engine.distributed.setup import tensor_parallel_model
 
-        num_blocks, model = tensor_parallel_model(workers, loaded, num_blocks)
+        num_blocks, tp_model = tensor_parallel_model(workers, loaded, num_blocks)
+        # Rank 0's stand-in answers the three calls the runner makes (forward, compute_logits,
+        # embed_input_ids) and drives the workers through them.
+        model = cast("LlamaForCausalLM", tp_model)
     capacity = (num_blocks - 1) * config.block_size
     max_model_len = min(config.max_model_len or arch.max_position_embeddings, capacity)
     if config.max_model_len and config.max_model_len > capacity:
@@ -143,7 +145,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         capacity / max_model_len,
     )
     runner = ModelRunner(
-        model,  # type: ignore[arg-type]  # TensorParallelModel stands in for the model on rank 0
+        model,
         arch,
         num_blocks=num_blocks,
         block_size=config.block_size,

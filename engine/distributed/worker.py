@@ -72,7 +72,7 @@ def _serve(config: EngineConfig, rank: int, port: int) -> None:
         tp=tp,
     )
     model, arch = loaded.model, loaded.arch
-    num_kv_heads = model.model.layers[0].self_attn.num_kv_heads
+    num_kv_heads = model.num_kv_heads
     num_blocks = agree_num_blocks(
         local_num_kv_blocks(config, arch, num_kv_heads, loaded.dtype, device), device
     )

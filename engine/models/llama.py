@@ -147,6 +147,13 @@ class LlamaForCausalLM(nn.Module):
             shard = tp.padded_split(arch.vocab_size)
             self.lm_head = ParallelLMHead(arch.hidden_size, arch.vocab_size, shard, tied)  # type: ignore[arg-type]
 
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this model keeps in its cache: under tensor parallelism, this rank's."""
+        if self.tp is None:
+            return self.arch.num_key_value_heads
+        return head_shard(self.tp, self.arch.num_attention_heads, self.arch.num_key_value_heads).num_kv_heads
+
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         """[T] -> [T, H]"""
         return self.model.embed_tokens(input_ids)

@@ -4,6 +4,8 @@ a single KV head replicated on both ranks, tied and untied LM heads, and vocabul
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,3 +192,40 @@ def test_unsupported_combinations_fail_at_start_up(
     config = engine_config(tp_model_dirs["llama-2kv"], 2)
     with pytest.raises(ValueError, match=message):
         build_engine_parts(EngineConfig(**{**config.__dict__, **extra}))  # refused before any worker starts
+
+
+HUNG_WORKER_SCRIPT = """
+import os, signal, sys, time
+from engine.config import EngineConfig
+from engine.engine_setup import build_engine_parts
+from engine.stepper import EngineStepper
+from protocol.messages import AddRequest, SamplingParams
+
+config = EngineConfig(model=sys.argv[1], device="cpu", dtype="float32", kv_cache_memory=2**22,
+                      tensor_parallel_size=2, tensor_parallel_timeout_s=float(sys.argv[2]))
+parts = build_engine_parts(config)
+stepper = EngineStepper(parts)
+stepper.add(AddRequest("r0", [11, 12, 13], SamplingParams(max_tokens=4), time.time()), b"t", [])
+os.kill(parts.tp_workers.pids[0], signal.SIGSTOP)  # alive but never answering
+print("stepping", flush=True)
+stepper.step()
+print("step returned", flush=True)
+"""
+
+
+def test_hung_worker_ends_the_engine_within_the_timeout(tp_model_dirs: dict[str, Path]) -> None:
+    """A rank that stops answering (SIGSTOP: its process is alive) must not hang rank 0 forever: the step
+    watchdog (or gloo's own timeout) ends the engine process with code 1, which the launcher restarts."""
+    folder = str(tp_model_dirs["llama-2kv"])
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", HUNG_WORKER_SCRIPT, folder, "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "stepping" in proc.stdout and "step returned" not in proc.stdout
+    assert "the engine stops so that it can be restarted" in proc.stderr
+    assert time.monotonic() - started < 60  # start-up and the 2 s timeout; the default would be 300 s
