@@ -1,15 +1,19 @@
-"""What rank 0 tells the other ranks each step, as torch.distributed broadcasts.
+"""What rank 0 tells the other ranks: a command header over a pipe per worker, then the command's
+tensors as torch.distributed broadcasts.
 
-Every command is one fixed int64 header, then its tensors. A step is the header, one int64 payload
-packing input ids, positions and the attention metadata (plus the input embeddings when the step has
-them): two or three broadcasts of a few KB per step, whatever the batch's history. vLLM instead keeps
-each request's state on the workers and sends only what changed; with inputs this small, the flat
-resend is simpler and costs about the same on one host (see docs/architecture.md).
+The header (8 int64s, raw bytes: nothing is pickled) goes over a `multiprocessing` pipe, not a
+collective, so an idle worker waits on it for as long as the engine is idle: a collective would fail
+after the group's timeout. A step is then one int64 payload packing input ids, positions and the
+attention metadata (plus the input embeddings when the step has them): a few KB per step, whatever the
+batch's history. vLLM instead keeps each request's state on the workers and sends only what changed;
+with inputs this small, the flat resend is simpler and costs about the same on one host.
 """
 
 from __future__ import annotations
 
+import struct
 from enum import IntEnum
+from multiprocessing.connection import Connection
 
 import torch
 import torch.distributed as dist
@@ -18,6 +22,7 @@ from torch import Tensor
 from engine.attention import AttentionMetadata
 
 _HEADER_SLOTS = 8
+_HEADER = struct.Struct(f"<{_HEADER_SLOTS}q")
 
 
 class Command(IntEnum):
@@ -28,10 +33,13 @@ class Command(IntEnum):
 
 
 class CommandChannel:
-    def __init__(self, device: torch.device, dtype: torch.dtype, hidden_size: int) -> None:
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype, hidden_size: int, pipes: list[Connection]
+    ) -> None:
         self.device = device
         self.dtype = dtype  # of hidden states and embeddings
         self.hidden_size = hidden_size
+        self.pipes = pipes  # rank 0: one per worker; a worker: the one to rank 0
 
     # -- rank 0 ---------------------------------------------------------------------------------------
     def send_step(
@@ -68,14 +76,14 @@ class CommandChannel:
         self._send_header(Command.STOP)
 
     def _send_header(self, command: Command, *values: int) -> None:
-        header = [int(command), *values] + [0] * (_HEADER_SLOTS - 1 - len(values))
-        dist.broadcast(torch.tensor(header, dtype=torch.int64, device=self.device), src=0)
+        header = _HEADER.pack(int(command), *values, *[0] * (_HEADER_SLOTS - 1 - len(values)))
+        for pipe in self.pipes:
+            pipe.send_bytes(header)
 
     # -- ranks 1..N-1 -----------------------------------------------------------------------------------
     def receive_header(self) -> list[int]:
-        header = torch.empty(_HEADER_SLOTS, dtype=torch.int64, device=self.device)
-        dist.broadcast(header, src=0)
-        return header.tolist()
+        """Blocks until rank 0 sends a command; EOFError once rank 0 is gone."""
+        return list(_HEADER.unpack(self.pipes[0].recv_bytes()))
 
     def receive_step(self, header: list[int]) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor | None]:
         """(input_ids, positions, metadata, inputs_embeds) of a STEP header."""

@@ -5,9 +5,14 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import struct
+from multiprocessing.connection import Connection
 
 import torch
 import torch.distributed as dist
+
+_COUNT = struct.Struct("<q")
+_GROUP_TIMEOUT_S = 600.0
 
 
 def free_port() -> int:
@@ -25,7 +30,9 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 def join_group(rank: int, size: int, port: int, device: torch.device, timeout_s: float) -> None:
-    """NCCL between GPUs, gloo on CPU. The timeout bounds every collective (gloo raises after it)."""
+    """NCCL between GPUs, gloo on CPU. Rank 0's watchdog enforces the step timeout; the group's own
+    timeout (gloo raises after it) only backs it up, and must also cover the rendezvous while workers
+    import torch, hence at least _GROUP_TIMEOUT_S."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
@@ -33,7 +40,7 @@ def join_group(rank: int, size: int, port: int, device: torch.device, timeout_s:
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=datetime.timedelta(seconds=max(timeout_s, _GROUP_TIMEOUT_S)),
     )
 
 
@@ -45,8 +52,16 @@ def threads_per_rank(num_threads: int | None, size: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // size)
 
 
-def agree_num_blocks(num_blocks: int, device: torch.device) -> int:
-    """Every rank proposes what fits its memory; all use the smallest, so block ids mean the same on all."""
-    value = torch.tensor([num_blocks], dtype=torch.int64, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return int(value.item())
+def propose_num_blocks(pipe: Connection, num_blocks: int) -> int:
+    """A worker: send what fits this rank's memory, receive what every rank will use."""
+    pipe.send_bytes(_COUNT.pack(num_blocks))
+    return int(_COUNT.unpack(pipe.recv_bytes())[0])
+
+
+def agree_num_blocks(pipes: list[Connection], num_blocks: int) -> int:
+    """Rank 0: the smallest proposal of all ranks, so block ids mean the same everywhere. Over the pipes,
+    not a collective: ranks finish loading at different times, and a collective would time out."""
+    agreed = min([num_blocks] + [int(_COUNT.unpack(p.recv_bytes())[0]) for p in pipes])
+    for pipe in pipes:
+        pipe.send_bytes(_COUNT.pack(agreed))
+    return agreed

@@ -65,8 +65,8 @@ def tensor_parallel_model(
 ) -> tuple[int, TensorParallelModel]:
     """(KV blocks every rank can hold, rank 0's stand-in model). The workers loaded their shards
     meanwhile and are waiting in the same block agreement."""
-    with workers.collective("start-up"):
-        num_blocks = agree_num_blocks(num_blocks, workers.device)
-    channel = CommandChannel(workers.device, loaded.dtype, loaded.arch.hidden_size)
+    with workers.collective("start-up", timed=False):
+        num_blocks = agree_num_blocks(workers.pipes, num_blocks)
+    channel = CommandChannel(workers.device, loaded.dtype, loaded.arch.hidden_size, workers.pipes)
     workers.channel = channel
     return num_blocks, TensorParallelModel(loaded.model, workers, channel)

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from multiprocessing.connection import Connection
 
 from engine.config import EngineConfig
 from engine.cpu_threads import configure_openmp
@@ -16,9 +17,9 @@ from engine.cpu_threads import configure_openmp
 logger = logging.getLogger(__name__)
 
 
-def run_worker(config: EngineConfig, rank: int, port: int) -> None:
-    """multiprocessing (spawn) target. Exits with rank 0: its death ends the wait below, or the next
-    collective fails."""
+def run_worker(config: EngineConfig, rank: int, port: int, pipe: Connection) -> None:
+    """multiprocessing (spawn) target. Exits with rank 0: its death closes `pipe` (where an idle worker
+    waits) and ends the parent watch (for one still loading)."""
     configure_openmp()  # before torch loads
     logging.basicConfig(
         level=logging.INFO,
@@ -31,7 +32,9 @@ def run_worker(config: EngineConfig, rank: int, port: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_parent()
     try:
-        _serve(config, rank, port)
+        _serve(config, rank, port, pipe)
+    except EOFError:
+        os._exit(0)  # rank 0 is gone
     except Exception:
         logger.exception("tensor-parallel rank %d failed", rank)
         os._exit(1)
@@ -49,11 +52,11 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
 
 
-def _serve(config: EngineConfig, rank: int, port: int) -> None:
+def _serve(config: EngineConfig, rank: int, port: int, pipe: Connection) -> None:
     import torch
 
     from engine.distributed.channel import Command, CommandChannel
-    from engine.distributed.group import agree_num_blocks, join_group, rank_device, threads_per_rank
+    from engine.distributed.group import join_group, propose_num_blocks, rank_device, threads_per_rank
     from engine.distributed.shard import TensorParallel
     from engine.engine_setup import local_num_kv_blocks, pick_device
     from engine.loader import load_model
@@ -73,15 +76,15 @@ def _serve(config: EngineConfig, rank: int, port: int) -> None:
     )
     model, arch = loaded.model, loaded.arch
     num_kv_heads = model.num_kv_heads
-    num_blocks = agree_num_blocks(
-        local_num_kv_blocks(config, arch, num_kv_heads, loaded.dtype, device), device
+    num_blocks = propose_num_blocks(
+        pipe, local_num_kv_blocks(config, arch, num_kv_heads, loaded.dtype, device)
     )
     kv_shape = (2, num_blocks, config.block_size, num_kv_heads, arch.head_dim)
     kv_caches = [
         torch.zeros(kv_shape, dtype=loaded.dtype, device=device) for _ in range(arch.num_hidden_layers)
     ]
     logger.info("rank %d of %d ready: %d KV heads, %d KV blocks", rank, size, num_kv_heads, num_blocks)
-    channel = CommandChannel(device, loaded.dtype, arch.hidden_size)
+    channel = CommandChannel(device, loaded.dtype, arch.hidden_size, [pipe])
     with torch.inference_mode():
         while True:
             header = channel.receive_header()

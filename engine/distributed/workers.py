@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 
 import torch
 
@@ -38,6 +39,7 @@ class TensorParallelWorkers:
         self.on_fatal: Callable[[str], None] | None = None  # set by the engine core: tell the API processes
         self.channel: CommandChannel | None = None  # set once the model's dtype is known
         self._procs: list[multiprocessing.process.BaseProcess] = []
+        self.pipes: list[Connection] = []  # to each worker: command headers (channel.py), block counts
         self._collective_since: float | None = None
         self._stopping = threading.Event()
         self._fatal_lock = threading.Lock()
@@ -47,11 +49,14 @@ class TensorParallelWorkers:
         port = free_port()
         ctx = multiprocessing.get_context("spawn")  # fork would copy torch's threads and CUDA state
         for rank in range(1, self.size):
+            ours, theirs = ctx.Pipe()
             proc = ctx.Process(
-                target=run_worker, args=(self.config, rank, port), name=f"tp-rank-{rank}", daemon=True
+                target=run_worker, args=(self.config, rank, port, theirs), name=f"tp-rank-{rank}", daemon=True
             )
             proc.start()
+            theirs.close()  # the worker's end lives in the worker: its death closes the pipe for us
             self._procs.append(proc)
+            self.pipes.append(ours)
         threading.Thread(target=self._watch, name="tp-watchdog", daemon=True).start()
         join_group(0, self.size, port, self.device, self.step_timeout_s)
         logger.info("tensor parallel: %d ranks (worker pids %s)", self.size, [p.pid for p in self._procs])
@@ -61,10 +66,11 @@ class TensorParallelWorkers:
         return [p.pid for p in self._procs if p.pid is not None]
 
     @contextlib.contextmanager
-    def collective(self, what: str) -> Iterator[None]:
-        """Marks a command the workers take part in: the watchdog times it, and any failure inside it is
-        fatal (the group is in an unknown state; retrying the step would hang or fail again)."""
-        self._collective_since = time.monotonic()
+    def collective(self, what: str, timed: bool = True) -> Iterator[None]:
+        """Marks a command the workers take part in: the watchdog times it (unless not `timed`: start-up
+        waits for the workers' loading), and any failure inside it is fatal (the group is in an unknown
+        state; retrying the step would hang or fail again)."""
+        self._collective_since = time.monotonic() if timed else None
         try:
             yield
         except Exception as exc:
@@ -117,6 +123,8 @@ class TensorParallelWorkers:
         if self.channel is not None and all(p.is_alive() for p in self._procs):
             with contextlib.suppress(Exception):
                 self.channel.send_stop()
+        for pipe in self.pipes:
+            pipe.close()  # a worker still loading, or not yet told to stop, ends on EOF
         for proc in self._procs:
             proc.join(timeout=10)
             if proc.is_alive():

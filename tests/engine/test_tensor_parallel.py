@@ -243,4 +243,3 @@ def test_without_tensor_parallelism_the_model_keeps_plain_layers(tp_model_dirs: 
     assert type(layer.self_attn.qkv_proj) is MergedLinear and type(layer.mlp.gate_up_proj) is MergedLinear
     assert type(layer.self_attn.o_proj) is nn.Linear and type(layer.mlp.down_proj) is nn.Linear
     assert type(model.model.embed_tokens) is VocabEmbedding and type(model.lm_head) is LMHead
-    assert not torch.distributed.is_initialized()
