@@ -8,6 +8,7 @@ non-zero code, so the launcher starts the engine again. Never a silent hang.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing
@@ -58,6 +59,10 @@ class TensorParallelWorkers:
             self._procs.append(proc)
             self.pipes.append(ours)
         threading.Thread(target=self._watch, name="tp-watchdog", daemon=True).start()
+        # Any exit of this process that skips stop() (a start-up error, the offline LLM at interpreter
+        # exit) must still end the workers: they ignore SIGTERM, which multiprocessing's own exit hook
+        # sends before joining them. Registered after multiprocessing's hook, so it runs first.
+        atexit.register(self.stop)
         join_group(0, self.size, port, self.device, self.step_timeout_s)
         logger.info("tensor parallel: %d ranks (worker pids %s)", self.size, [p.pid for p in self._procs])
 
