@@ -25,6 +25,10 @@ def check_tensor_parallel(config: EngineConfig, device: torch.device) -> None:
         raise ValueError("--tensor-parallel-size applies to text generation only, not --task embed")
     if config.cpu_int8_weights:
         raise ValueError("--cpu-int8-weights cannot be combined with --tensor-parallel-size > 1")
+    # LoRA (issue 18, merged separately) wraps rank 0's projections only: the workers' shards would run
+    # without the adapters. getattr: the field comes with that branch.
+    if getattr(config, "enable_lora", False):
+        raise ValueError("--enable-lora cannot be combined with --tensor-parallel-size > 1 yet")
     if device.type == "cuda":
         if not config.enforce_eager:
             # CUDA graphs capture collectives only with NCCL graph support, untested here: refuse rather
