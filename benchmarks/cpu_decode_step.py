@@ -37,8 +37,9 @@ def time_steps(step, iters: int) -> float:  # noqa: ANN001 - a no-argument calla
     return statistics.median(samples)
 
 
-def tandem_step(dtype: str, batch: int, context: int):  # noqa: ANN201
-    """A closure running one decode step of `batch` sequences through Tandem's engine pieces."""
+def tandem_step(dtype: str, batch: int, context: int, **config: object):  # noqa: ANN201
+    """(a closure running one decode step of `batch` sequences through Tandem's engine pieces, the parts);
+    config: more EngineConfig fields (benchmarks/tp_decode_step.py sets tensor_parallel_size)."""
     from engine.config import EngineConfig
     from engine.engine_setup import build_engine_parts
     from engine.request import Request
@@ -47,7 +48,11 @@ def tandem_step(dtype: str, batch: int, context: int):  # noqa: ANN201
 
     parts = build_engine_parts(
         EngineConfig(
-            dtype=dtype, max_num_seqs=batch, kv_cache_memory=512 * 2**20, enable_prefix_caching=False
+            dtype=dtype,
+            max_num_seqs=batch,
+            kv_cache_memory=512 * 2**20,
+            enable_prefix_caching=False,
+            **config,  # type: ignore[arg-type]
         )
     )
     scheduler, runner = parts.scheduler, parts.runner
@@ -64,7 +69,7 @@ def tandem_step(dtype: str, batch: int, context: int):  # noqa: ANN201
         assert len(out.scheduled) == batch and out.num_tokens == batch  # decode only
         scheduler.update_after_step(out, runner.execute(out).sampled)
 
-    return step, parts.ready.model_dtype
+    return step, parts
 
 
 def transformers_step(dtype: torch.dtype, batch: int, context: int):  # noqa: ANN201
@@ -100,8 +105,8 @@ def main() -> None:
     )
     print(f"{'batch':>5} {'tandem ms':>10} {'transformers ms':>16} {'ratio':>6}")
     for batch in args.batch:
-        step, model_dtype = tandem_step(args.dtype, batch, args.context)
-        assert model_dtype == args.dtype
+        step, parts = tandem_step(args.dtype, batch, args.context)
+        assert parts.ready.model_dtype == args.dtype
         # Alternate the two so that machine noise falls on both alike; report the better round of each.
         ours, theirs = [], []
         reference = transformers_step(torch_dtype, batch, args.context)

@@ -45,6 +45,10 @@ class EngineConfig:
     max_logprobs: int = 20  # vLLM's default; -1 lets requests ask for the whole vocabulary
     # CPU + bfloat16 only: int8 weight copies for steps of a few rows (engine/layers/int8_linear.py).
     cpu_int8_weights: bool = False
+    # Ranks of this engine (1: no process group, no workers). Rank 0 is the engine process itself.
+    tensor_parallel_size: int = 1
+    # A tensor-parallel step (or collective) running longer than this means a hung rank: the engine exits.
+    tensor_parallel_timeout_s: float = 300.0
     # LoRA (docs/lora.md): adapters as (name, PEFT folder, base model name or None), loaded at start-up.
     enable_lora: bool = False
     lora_modules: tuple[tuple[str, str, str | None], ...] = ()

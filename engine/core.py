@@ -46,6 +46,8 @@ class EngineCore:
         curve_keys = _curve_keys(config)  # before the model loads, so a missing key file fails fast
         self.parts: EngineParts | EmbeddingParts
         self.stepper: EngineStepper | EmbeddingStepper
+        if config.task == "embed" and config.tensor_parallel_size > 1:
+            raise ValueError("--tensor-parallel-size applies to text generation only, not --task embed")
         # Admission control is always on: Ready carries the flag's bound or the one from the KV cache.
         if parts is None and config.task == "embed":
             self.parts = build_embedding_parts(config)
@@ -57,6 +59,9 @@ class EngineCore:
             self.stepper = EngineStepper(
                 self.parts, max_waiting_requests=self.parts.ready.max_waiting_requests
             )
+        self.tp_workers = getattr(self.parts, "tp_workers", None)
+        if self.tp_workers is not None:
+            self.tp_workers.on_fatal = self._report_death  # a lost rank ends the engine, loudly
         self.io = EngineIO(
             config.listen,
             heartbeat_interval_s=config.heartbeat_interval_s,
@@ -105,7 +110,16 @@ class EngineCore:
             time.sleep(0.2)  # let the outbox flush
             raise
         finally:
+            if self.tp_workers is not None:
+                self.tp_workers.stop()
             self.io.close()
+
+    def _report_death(self, reason: str) -> None:
+        """Called from any thread just before the process exits: API processes fail their requests now
+        instead of waiting for missed heartbeats."""
+        for client in list(self.io.clients):
+            self.io.send(client, EngineDead(self.config.engine_id, reason))
+        time.sleep(0.2)  # let the outbox flush
 
     # -- inputs ---------------------------------------------------------------------------------------
     def _take_inputs(self, block: bool) -> None:

@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -21,7 +21,10 @@ from engine.scheduler import Scheduler, SchedulerLimits
 from protocol.messages import Ready
 
 if TYPE_CHECKING:
+    from engine.distributed.workers import TensorParallelWorkers
     from engine.lora.manager import LoraManager
+    from engine.models.config import ModelArchConfig
+    from engine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class EngineParts:
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
     max_model_len: int
+    tp_workers: TensorParallelWorkers | None = None  # ranks 1..N-1 when --tensor-parallel-size > 1
     lora: LoraManager | None = None  # --enable-lora
 
 
@@ -63,6 +67,16 @@ def _num_kv_blocks(
     return max(min(wanted_blocks, int(DEFAULT_KV_CACHE_MEMORY // bytes_per_block)), 2)
 
 
+def local_num_kv_blocks(
+    config: EngineConfig, arch: ModelArchConfig, num_kv_heads: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """KV blocks that fit this process's memory, with num_kv_heads heads (a tensor-parallel rank's own)."""
+    per_block = kv_cache_bytes_per_block(
+        arch.num_hidden_layers, config.block_size, num_kv_heads, arch.head_dim, dtype
+    )
+    return _num_kv_blocks(config, per_block, device, arch.max_position_embeddings)
+
+
 def _use_int8_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
     if device.type != "cpu" or dtype != torch.bfloat16:
         logger.warning(
@@ -86,21 +100,40 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = pick_device(config.device)
+    workers = tp = None
+    if config.tensor_parallel_size > 1:
+        from engine.distributed.setup import start_tensor_parallel
+
+        workers, tp, device = start_tensor_parallel(config, device)
     loaded = load_model(
-        config.model, load_format=config.load_format, dtype=config.dtype, device=str(device), seed=config.seed
+        config.model,
+        load_format=config.load_format,
+        dtype=config.dtype,
+        device=str(device),
+        seed=config.seed,
+        tp=tp,
     )
     arch = loaded.arch
     if config.cpu_int8_weights:
         _use_int8_weights(loaded.model, loaded.dtype, device)
+    num_kv_heads = loaded.model.num_kv_heads  # this rank's, under tensor parallelism
     lora = None
     if config.enable_lora:
         from engine.lora.setup import build_lora_manager
 
         lora = build_lora_manager(loaded.model, config, device)
     per_block = kv_cache_bytes_per_block(
-        arch.num_hidden_layers, config.block_size, arch.num_key_value_heads, arch.head_dim, loaded.dtype
+        arch.num_hidden_layers, config.block_size, num_kv_heads, arch.head_dim, loaded.dtype
     )
-    num_blocks = _num_kv_blocks(config, per_block, device, arch.max_position_embeddings)
+    num_blocks = local_num_kv_blocks(config, arch, num_kv_heads, loaded.dtype, device)
+    model = loaded.model
+    if workers is not None:
+        from engine.distributed.setup import tensor_parallel_model
+
+        num_blocks, tp_model = tensor_parallel_model(workers, loaded, num_blocks)
+        # Rank 0's stand-in answers the three calls the runner makes (forward, compute_logits,
+        # embed_input_ids) and drives the workers through them.
+        model = cast("LlamaForCausalLM", tp_model)
     capacity = (num_blocks - 1) * config.block_size
     max_model_len = min(config.max_model_len or arch.max_position_embeddings, capacity)
     if config.max_model_len and config.max_model_len > capacity:
@@ -121,7 +154,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         capacity / max_model_len,
     )
     runner = ModelRunner(
-        loaded.model,
+        model,
         arch,
         num_blocks=num_blocks,
         block_size=config.block_size,
@@ -132,6 +165,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         # CUDA graphs would freeze the LoRA layers' per-step slot mask: LoRA runs eagerly.
         enforce_eager=config.enforce_eager or config.enable_lora,
         seed=config.seed,
+        num_kv_heads=num_kv_heads,
     )
     runner.lora = lora
     limits = SchedulerLimits(
@@ -171,6 +205,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         dtype=loaded.dtype,
         eos_token_ids=frozenset(tok.eos_token_ids),
         max_model_len=max_model_len,
+        tp_workers=workers,
         lora=lora,
     )
 

@@ -52,6 +52,7 @@ class ModelRunner:
         max_model_len: int = 2048,
         enforce_eager: bool = False,
         seed: int = 0,
+        num_kv_heads: int | None = None,  # this rank's KV heads under tensor parallelism; None: the model's
     ) -> None:
         self.model = model
         self.arch = arch
@@ -59,7 +60,7 @@ class ModelRunner:
         self.dtype = dtype
         self.device = device
         num_layers = arch.num_hidden_layers
-        kv_shape = (2, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
+        kv_shape = (2, num_blocks, block_size, num_kv_heads or arch.num_key_value_heads, arch.head_dim)
         # [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim] per layer
         self.kv_caches = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.sampler = Sampler(arch.vocab_size, device, seed)

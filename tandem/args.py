@@ -102,6 +102,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads for the engine.")
     g.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=_positive_int,
+        default=1,
+        help="Ranks each engine shards the model over (GPUs on CUDA, processes on CPU): the engine starts "
+        "N-1 worker processes. On CPU each rank gets cores / N threads unless --num-threads says otherwise.",
+    )
+    g.add_argument(
         "--cpu-int8-weights",
         action="store_true",
         help="CPU, bfloat16: int8 weight copies for decode steps of at most 4 rows (faster, lossy; "
@@ -184,6 +192,13 @@ def _lora_module_spec(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--lora-modules {text!r}: {exc}") from None
     return text
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _logprob_limit(text: str) -> int:
@@ -314,6 +329,7 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         generation_config=ns.generation_config,
         max_logprobs=ns.max_logprobs,
         cpu_int8_weights=ns.cpu_int8_weights,
+        tensor_parallel_size=ns.tensor_parallel_size,
         enable_lora=ns.enable_lora,
         lora_modules=tuple(parse_lora_module(text) for text in ns.lora_modules or ()),
         max_loras=ns.max_loras,

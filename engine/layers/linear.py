@@ -1,9 +1,12 @@
-"""A linear layer whose output stacks several checkpoint projections (q/k/v, gate/up) for one matmul."""
+"""A linear layer whose output stacks several checkpoint projections (q/k/v, gate/up) for one matmul,
+and the tensor-parallel variants that hold one rank's columns or rows of a projection."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from engine.distributed.comm import all_reduce_sum
 
 
 class MergedLinear(nn.Linear):
@@ -28,3 +31,36 @@ class MergedLinear(nn.Linear):
                 f"{name} part {shard_index}: expected {tuple(target[rows].shape)}, got {tuple(loaded.shape)}"
             )
         target[rows].copy_(loaded)
+
+
+class ColumnParallelLinear(MergedLinear):
+    """One rank's output rows of each part: `part_starts[i]` is where this rank's rows of part i begin in
+    the checkpoint tensor, `output_sizes[i]` how many it holds. No collective: the next layer consumes the
+    sharded output (attention heads, the gated activation) and a RowParallelLinear reduces it."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], part_starts: list[int], bias: bool) -> None:
+        super().__init__(in_features, output_sizes, bias)
+        self.part_starts = list(part_starts)
+
+    def load_shard(self, name: str, loaded: Tensor, shard_index: int) -> None:
+        rows = loaded.narrow(0, self.part_starts[shard_index], self.output_sizes[shard_index])
+        super().load_shard(name, rows, shard_index)
+
+
+class RowParallelLinear(nn.Linear):
+    """One rank's input columns [input_start, input_start + in_features); the partial products of all
+    ranks are summed by an all-reduce. Only rank 0 adds the bias, so the sum adds it once."""
+
+    def __init__(self, in_features: int, out_features: int, input_start: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.input_start = input_start
+
+    def shard_checkpoint_tensor(self, name: str, loaded: Tensor) -> Tensor:
+        if name == "bias":
+            return loaded
+        return loaded.narrow(1, self.input_start, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [T, in/N] -> [T, out], summed over ranks."""
+        out = nn.functional.linear(x, self.weight, self.bias if self.input_start == 0 else None)
+        return all_reduce_sum(out)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.distributed.shard import TensorParallel
 from engine.loader.gguf_file import gguf_arch_config, iter_gguf_weights, open_gguf, read_metadata
 from engine.loader.gguf_tokenizer import gguf_tokenizer_info
 from engine.loader.safetensors_files import iter_safetensors_weights
@@ -116,6 +117,19 @@ def _served_name(path: Path, is_gguf: bool) -> str:
     return path.name
 
 
+def read_arch_config(model: str | None) -> ModelArchConfig:
+    """The model's shape without its weights (checks that must pass before any process loads them)."""
+    path = resolve_model_path(model)
+    gguf_path = _gguf_in(path)
+    if gguf_path is not None:
+        reader = open_gguf(gguf_path)
+        return gguf_arch_config(reader, read_metadata(reader))
+    try:
+        return ModelArchConfig.from_hf_config(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} has no readable config.json: {exc}") from exc
+
+
 def load_model(
     model: str | None,
     *,
@@ -123,8 +137,12 @@ def load_model(
     dtype: str = "auto",
     device: str = "cpu",
     seed: int = 0,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
-    """Loads a GGUF file, an HF folder, or (load_format="dummy") random weights of either's shapes."""
+    """Loads a GGUF file, an HF folder, or (load_format="dummy") random weights of either's shapes.
+
+    With `tp`, the model holds one rank's shard: checkpoint tensors are read one at a time and narrowed
+    to that rank's rows or columns before the copy (GGUF ones after dequantizing the whole tensor)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(
             f"load_format {load_format!r} is not supported (supported: {', '.join(LOAD_FORMATS)})"
@@ -159,7 +177,7 @@ def load_model(
     torch_dtype = _choose_dtype(dtype, arch, gguf_path is not None, device)
     torch.manual_seed(seed)  # dummy weights are the seeded default initialization
     with _default_dtype(torch_dtype), torch.device(device):
-        module = model_cls(arch)
+        module = model_cls(arch) if tp is None else model_cls(arch, tp)
     if load_format != "dummy":
         module.load_weights(weights)
     module.eval()

@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 def build_lora_manager(model: nn.Module, config: EngineConfig, device: torch.device) -> LoraManager:
     """Wraps the model's projections and loads every --lora-modules adapter; ValueError ends start-up
     with the reason (a bad adapter named on the command line is a mistake to fix, not to skip)."""
-    # tensor_parallel_size arrives with tensor parallelism; read it loosely so either order of merge works.
-    if getattr(config, "tensor_parallel_size", 1) > 1:
+    # The workers' shards would run without the adapters (engine/distributed/setup.py refuses it first).
+    if config.tensor_parallel_size > 1:
         raise ValueError("LoRA with --tensor-parallel-size > 1 is not supported yet")
     manager = LoraManager(
         model,

@@ -8,10 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from engine.attention import AttentionMetadata
+from engine.distributed.shard import TensorParallel, head_shard
 from engine.layers.activation import GatedMLP
 from engine.layers.attention import Attention
-from engine.layers.embedding import LMHead, VocabEmbedding
-from engine.layers.linear import MergedLinear
+from engine.layers.embedding import LMHead, ParallelLMHead, VocabEmbedding, VocabParallelEmbedding
+from engine.layers.linear import ColumnParallelLinear, MergedLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelArchConfig
@@ -27,15 +28,28 @@ STACKED_PARAMS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArchConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(
+        self, arch: ModelArchConfig, rotary_emb: RotaryEmbedding, tp: TensorParallel | None = None
+    ) -> None:
         super().__init__()
-        self.num_heads = arch.num_attention_heads
-        self.num_kv_heads = arch.num_key_value_heads
-        self.head_dim = arch.head_dim
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(arch.hidden_size, [q_size, kv_size, kv_size], bias=arch.attention_bias)
-        self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=False)
+        self.head_dim = d = arch.head_dim
+        self.qkv_proj: MergedLinear
+        self.o_proj: nn.Linear
+        if tp is None:
+            self.num_heads = arch.num_attention_heads
+            self.num_kv_heads = arch.num_key_value_heads
+            q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+            self.qkv_proj = MergedLinear(arch.hidden_size, [q_size, kv_size, kv_size], arch.attention_bias)
+            self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=False)
+        else:  # this rank's whole KV groups: attention needs no collective, o_proj sums the ranks
+            heads = head_shard(tp, arch.num_attention_heads, arch.num_key_value_heads)
+            self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
+            q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+            starts = [heads.q_lo * d, heads.kv_lo * d, heads.kv_lo * d]
+            self.qkv_proj = ColumnParallelLinear(
+                arch.hidden_size, [q_size, kv_size, kv_size], starts, arch.attention_bias
+            )
+            self.o_proj = RowParallelLinear(q_size, arch.hidden_size, heads.q_lo * d, bias=False)
         self.rotary_emb = rotary_emb  # shared by all layers
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
@@ -58,10 +72,12 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
 
-    def __init__(self, arch: ModelArchConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(
+        self, arch: ModelArchConfig, rotary_emb: RotaryEmbedding, tp: TensorParallel | None = None
+    ) -> None:
         super().__init__()
-        self.self_attn = self.attention_cls(arch, rotary_emb)
-        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
+        self.self_attn = self.attention_cls(arch, rotary_emb, tp)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -85,14 +101,23 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArchConfig, layer_cls: type[LlamaDecoderLayer]) -> None:
+    def __init__(
+        self, arch: ModelArchConfig, layer_cls: type[LlamaDecoderLayer], tp: TensorParallel | None = None
+    ) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size)
+        self.embed_tokens: nn.Embedding
+        if tp is None:
+            self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size)
+        else:
+            lo, hi, rows = tp.padded_split(arch.vocab_size)
+            self.embed_tokens = VocabParallelEmbedding(rows, arch.hidden_size, lo, hi)
         # One cos/sin table for all layers: at 128k positions it is tens of MB.
         self.rotary_emb = RotaryEmbedding(
             arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling
         )
-        self.layers = nn.ModuleList(layer_cls(arch, self.rotary_emb) for _ in range(arch.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            layer_cls(arch, self.rotary_emb, tp) for _ in range(arch.num_hidden_layers)
+        )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(
@@ -109,12 +134,25 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
-    def __init__(self, arch: ModelArchConfig) -> None:
+    def __init__(self, arch: ModelArchConfig, tp: TensorParallel | None = None) -> None:
+        """tp: build this rank's shard of every sharded layer (None: the whole model, plain layers)."""
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch, self.layer_cls)
+        self.tp = tp
+        self.model = LlamaModel(arch, self.layer_cls, tp)
         tied = self.model.embed_tokens if arch.tie_word_embeddings else None
-        self.lm_head = LMHead(arch.hidden_size, arch.vocab_size, tied)
+        if tp is None:
+            self.lm_head = LMHead(arch.hidden_size, arch.vocab_size, tied)
+        else:
+            shard = tp.padded_split(arch.vocab_size)
+            self.lm_head = ParallelLMHead(arch.hidden_size, arch.vocab_size, shard, tied)  # type: ignore[arg-type]
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this model keeps in its cache: under tensor parallelism, this rank's."""
+        if self.tp is None:
+            return self.arch.num_key_value_heads
+        return head_shard(self.tp, self.arch.num_attention_heads, self.arch.num_key_value_heads).num_kv_heads
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         """[T] -> [T, H]"""
@@ -160,6 +198,9 @@ class LlamaForCausalLM(nn.Module):
             param = params.get(name)
             if param is None:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            shard = getattr(modules[module_path], "shard_checkpoint_tensor", None)
+            if shard is not None:  # a tensor-parallel layer: keep this rank's rows or columns only
+                tensor = shard(leaf, tensor)
             if param.shape != tensor.shape:
                 raise ValueError(f"{name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
             param.copy_(tensor)

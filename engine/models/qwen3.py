@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from engine.attention import AttentionMetadata
+from engine.distributed.shard import TensorParallel
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelArchConfig
@@ -12,8 +13,10 @@ from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausa
 
 
 class Qwen3Attention(LlamaAttention):
-    def __init__(self, arch: ModelArchConfig, rotary_emb: RotaryEmbedding) -> None:
-        super().__init__(arch, rotary_emb)
+    def __init__(
+        self, arch: ModelArchConfig, rotary_emb: RotaryEmbedding, tp: TensorParallel | None = None
+    ) -> None:
+        super().__init__(arch, rotary_emb, tp)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
 

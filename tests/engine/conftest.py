@@ -100,11 +100,12 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 4]}))
 
 
-def build_tiny_hf_model(variant: str, seed: int = 0) -> torch.nn.Module:
+def build_tiny_hf_model(variant: str, seed: int = 0, **shape: int) -> torch.nn.Module:
+    """shape: TINY_SHAPE entries to change (e.g. num_key_value_heads=1, vocab_size=511)."""
     import transformers
 
     config_cls_name, extra = TINY_VARIANTS[variant]
-    config = getattr(transformers, config_cls_name)(**TINY_SHAPE, **extra)
+    config = getattr(transformers, config_cls_name)(**{**TINY_SHAPE, **shape}, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Default init leaves norms at 1 and biases at 0; randomize them so their loading is tested.
