@@ -46,6 +46,8 @@ examples: $(STAMP)
 # The long fuzz (both fuzzers, many more examples per endpoint) and the soak; not part of `make test`.
 stress: $(STAMP)
 	TANDEM_FUZZ_EXAMPLES=$${TANDEM_FUZZ_EXAMPLES:-400} $(BIN)/pytest -q tests/fuzz
+	# 20 minutes of mixed traffic against real servers: RSS sampled every 10 s, KV blocks and /load back to start.
+	$(BIN)/python benchmarks/soak.py --duration-s $${TANDEM_SOAK_S:-1200}
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
