@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,6 +128,12 @@ def kv_usage_metric(url: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("vllm:kv_cache_usage_perc")]
 
 
+def _slope(points: list[tuple[float, float]]) -> float:
+    if len(points) < 2:
+        return 0.0
+    return statistics.linear_regression([t for t, _ in points], [m for _, m in points]).slope
+
+
 def rss_summary(series: list[tuple[float, int]], warmup_s: float) -> dict[str, float]:
     mib = [(t, b / 2**20) for t, b in series]
     judged = [(t, m) for t, m in mib if t >= warmup_s] or mib
@@ -134,11 +142,7 @@ def rss_summary(series: list[tuple[float, int]], warmup_s: float) -> dict[str, f
         statistics.median(m for _, m in judged[:third]),
         statistics.median(m for _, m in judged[-third:]),
     )
-    slope = (
-        statistics.linear_regression([t for t, _ in judged], [m for _, m in judged]).slope
-        if len(judged) > 1
-        else 0
-    )
+    slope = _slope(judged)
     return {
         "start": mib[0][1],
         "peak": max(m for _, m in mib),
@@ -147,6 +151,7 @@ def rss_summary(series: list[tuple[float, int]], warmup_s: float) -> dict[str, f
         "last_third": last,
         "growth_pct": 100 * (last - first) / first,
         "slope_mib_per_min": slope * 60,
+        "last_third_slope_mib_per_min": _slope(judged[-third:]) * 60,  # ~0 once the process has plateaued
         "samples": len(mib),
     }
 
@@ -164,17 +169,21 @@ def report(
         print(f"  {failure.kind} {failure.status}: {failure.detail}")
     print(f"\nRSS (MiB), judged after {args.warmup_s:.0f} s of warm-up, every {args.sample_s:.0f} s:")
     print(
-        f"{'process':18} {'start':>7} {'1st/3':>7} {'last/3':>7} {'growth':>7} {'MiB/min':>8} {'peak':>7} {'end':>7}"
+        f"{'process':18} {'start':>7} {'1st/3':>7} {'last/3':>7} {'growth':>7} {'MiB/min':>8} {'last/3':>8} "
+        f"{'peak':>7} {'end':>7}"
     )
     grew = []
     for name, series in run.rss.items():
         s = rss_summary(series, args.warmup_s)
         print(
             f"{name:18} {s['start']:7.1f} {s['first_third']:7.1f} {s['last_third']:7.1f} {s['growth_pct']:6.1f}% "
-            f"{s['slope_mib_per_min']:8.2f} {s['peak']:7.1f} {s['end']:7.1f}"
+            f"{s['slope_mib_per_min']:8.2f} {s['last_third_slope_mib_per_min']:8.2f} {s['peak']:7.1f} {s['end']:7.1f}"
         )
         if s["growth_pct"] > args.max_rss_growth_pct:
             grew.append(name)
+    if args.rss_json is not None:
+        args.rss_json.write_text(json.dumps(run.rss))
+        print(f"RSS series written to {args.rss_json}")
     print(f"\nafter drain: /load {load}")
     print(f"metrics: {kv}")
     verdict = not run.failures and ok_drain and not grew
@@ -233,12 +242,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-embeddings", action="store_true", help="skip the `--task embed` server")
     p.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    p.add_argument("--rss-json", type=Path, default=None, help="write every RSS sample: name -> [[t, bytes]]")
     p.add_argument("--server-arg", action="append", default=[], help="extra `tandem serve` flag (repeat)")
     return p.parse_args()
 
 
 def main() -> int:
     args = parse_args()
+    # A SIGTERM (a timeout, a CI cancel) unwinds through `finally`, so the servers are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     servers: list[Server] = []
     try:
         servers.append(start_server("chat", args.server_arg, args.log_dir))
