@@ -103,6 +103,16 @@ async def load_state(client: httpx.AsyncClient) -> dict:
     return (await client.get("/load")).json()
 
 
+async def baseline_load(client: httpx.AsyncClient, timeout_s: float = 60.0) -> dict:
+    """/load once every engine has reported its stats (right after start-up they are still null)."""
+    deadline = time.monotonic() + timeout_s
+    load = await load_state(client)
+    while any(e["num_free_blocks"] is None for e in load["engines"]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        load = await load_state(client)
+    return load
+
+
 def drained(load: dict, free_at_start: list[int | None]) -> bool:
     engines = load["engines"]
     return load["server_load"] == 0 and all(
@@ -205,7 +215,7 @@ async def soak(args: argparse.Namespace, servers: list[Server]) -> bool:
         if len(servers) > 1:
             embed_client = httpx.AsyncClient(base_url=servers[1].url, timeout=timeout, limits=limits)
             mix.append((embeddings_scenario(embed_client), 2))
-        start_load = await load_state(client)
+        start_load = await baseline_load(client)
         free_at_start = [e["num_free_blocks"] for e in start_load["engines"]]
         print(f"before traffic: /load {start_load}", flush=True)
         run = Run()
