@@ -135,8 +135,9 @@ class StructuredOutputs:
             del self.compiling[request_id]
             exc = grammar.future.exception()
             if exc is not None:
-                message = str(exc) if isinstance(exc, GrammarError) else f"{type(exc).__name__}: {exc}"
-                failed.append((request, f"Invalid structured output constraint: {message}"))
+                failed.append(
+                    (request, f"Invalid structured output constraint: {_public_reason(exc, request_id)}")
+                )
             else:
                 grammar.matcher = grammar.future.result().deep_copy()
         return failed
@@ -170,3 +171,12 @@ class StructuredOutputs:
             for request, ok, (matcher, _) in zip(owners, results, pairs, strict=True)
             if not ok
         }
+
+
+def _public_reason(exc: BaseException, request_id: str) -> str:
+    """llguidance's own reason for a GrammarError; anything else (a bug, memory) may carry internal names
+    or paths, so the client gets a plain sentence and the detail goes to the engine log."""
+    if isinstance(exc, GrammarError):
+        return str(exc)
+    logger.error("grammar compile failed for request %s", request_id, exc_info=exc)
+    return f"the constraint could not be compiled (request {request_id}; details are in the engine log)"

@@ -40,6 +40,7 @@ _LENGTH_KEYS = (
 _LENGTH_VALUE = re.compile(r'"(?:min|max)(?:Length|Items|Properties)"\s*:\s*(\d+)')
 # Parser internals (state dumps, statistics) follow the first line of llguidance's messages.
 _LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+_MARKUP = re.compile(r"<[a-z-]+/>")  # e.g. the "<non-verbose/>" that ends a limit's message
 
 
 def _size_error(kind: str, text: str, choice: list[str] | None) -> str | None:
@@ -197,5 +198,5 @@ def check_structured_spec(spec: StructuredSpec, param: str, dry_run: GrammarDryR
 
 def _public_reason(message: str) -> str:
     """llguidance's reason on one line, without the parser state dump that can follow it."""
-    reason = " ".join(message.split("<state>", 1)[0].split())
+    reason = " ".join(_MARKUP.sub("", message.split("<state>", 1)[0]).split())
     return reason[:500] or "rejected by the grammar compiler"

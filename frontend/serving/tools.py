@@ -17,6 +17,9 @@ from protocol.messages import StructuredSpec
 
 TOOL_CHOICE_MODES = ("none", "auto", "required")
 DEFAULT_MAX_TOOL_ARGUMENT_CHARS = 1000
+# `tool_choice: "required"` compiles to one alternative per tool, and llguidance refuses a grammar row
+# of more than 2,000 items (measured: 2,000 tools compile, 2,001 fail in the dry run with a parser message).
+MAX_REQUIRED_TOOLS = 2_000
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,12 @@ def plan_tool_choice(
             )
         return ToolPlan("auto", names, parser_name=settings.tool_call_parser)
     if choice == "required":
+        if len(functions) > MAX_REQUIRED_TOOLS:
+            raise invalid_request(
+                f'`tool_choice` "required" supports at most {MAX_REQUIRED_TOOLS} tools; this request has '
+                f'{len(functions)}. Send fewer tools, use "auto", or name the function.',
+                "tools",
+            )
         schema = required_schema(
             functions,
             parallel=parallel_tool_calls is not False,

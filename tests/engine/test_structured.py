@@ -143,6 +143,36 @@ def test_invalid_grammar_finishes_with_400(stepper: EngineStepper) -> None:
     assert len(deltas["good"]) == 3
 
 
+def test_unexpected_compile_failure_has_a_public_message(
+    stepper: EngineStepper, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compile that fails with something other than GrammarError (a bug, memory) answers 400 with a plain
+    sentence: no exception class, no internal path; the detail goes to the engine log with the request id."""
+    real_grammar_for_spec = engine.structured.grammar_for_spec
+
+    def broken(spec: StructuredSpec) -> str:
+        # Fault injection: no spec makes the real compiler raise anything but GrammarError today.
+        if spec.regex == "broken[0-9]+":
+            raise RuntimeError("unexpected state in /opt/secret/llguidance/compiler.rs")
+        return real_grammar_for_spec(spec)
+
+    monkeypatch.setattr(engine.structured, "grammar_for_spec", broken)
+    add(stepper, "broken", StructuredSpec(regex="broken[0-9]+"))
+    add(stepper, "fine", None, max_tokens=3)
+    with caplog.at_level("ERROR", logger="engine.structured"):
+        deltas = run_all(stepper)
+    (broken_delta,) = deltas["broken"]
+    assert broken_delta.finish_reason is FinishReason.ERROR and broken_delta.error_status == 400
+    message = broken_delta.error or ""
+    assert message.startswith("Invalid structured output constraint: ") and "request broken" in message
+    assert "RuntimeError" not in message and "/opt/secret" not in message and "Error" not in message
+    assert any(
+        "broken" in r.getMessage() and r.exc_info and "/opt/secret" in str(r.exc_info[1])
+        for r in caplog.records
+    )
+    assert len(deltas["fine"]) == 3
+
+
 def test_slow_compile_does_not_stall_other_requests(
     stepper: EngineStepper, monkeypatch: pytest.MonkeyPatch
 ) -> None:

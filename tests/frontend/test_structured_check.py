@@ -8,6 +8,8 @@ import json
 import pytest
 
 from frontend.errors import APIError
+from frontend.serving.tool_schema import required_schema
+from frontend.serving.tools import MAX_REQUIRED_TOOLS
 from frontend.structured_check import MAX_CHOICES, GrammarDryRun, check_structured_spec
 from protocol.messages import StructuredSpec
 
@@ -27,6 +29,7 @@ def _reason(spec: StructuredSpec, dry_run: GrammarDryRun | None = None) -> str:
         check_structured_spec(spec, "structured_outputs", dry_run)
     assert info.value.status == 400 and info.value.param == "structured_outputs"
     assert "\n" not in info.value.message and "<state>" not in info.value.message
+    assert "<non-verbose/>" not in info.value.message
     return info.value.message
 
 
@@ -59,3 +62,18 @@ def test_the_dry_run_finds_limits_that_only_show_when_tokens_are_matched(dry_run
 def test_ordinary_specs_pass_the_dry_run(dry_run: GrammarDryRun, spec: StructuredSpec) -> None:
     check_structured_spec(spec, "structured_outputs", dry_run)
     assert dry_run.error(spec) is None  # cached now
+
+
+def _tools_spec(num_tools: int) -> StructuredSpec:
+    parameters = {"type": "object", "properties": {"arg": {"type": "string"}}, "required": ["arg"]}
+    functions = {f"tool_{i}": {"name": f"tool_{i}", "parameters": parameters} for i in range(num_tools)}
+    return StructuredSpec(
+        json_schema=json.dumps(required_schema(functions, parallel=True, max_string_chars=1000))
+    )
+
+
+def test_required_tools_cap_is_the_grammar_limit(dry_run: GrammarDryRun) -> None:
+    """The cap on tools for `tool_choice: "required"` (checked before this, in frontend/serving/tools.py) is
+    where llguidance's row limit starts: MAX_REQUIRED_TOOLS tools pass the dry run, one more does not."""
+    check_structured_spec(_tools_spec(MAX_REQUIRED_TOOLS), "tool_choice", dry_run)
+    assert "items" in _reason(_tools_spec(MAX_REQUIRED_TOOLS + 1), dry_run)

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from frontend.errors import APIError
 from frontend.serving.tools import (
+    MAX_REQUIRED_TOOLS,
     ToolPlan,
     ToolSettings,
     ToolStream,
@@ -145,3 +147,17 @@ def test_stream_chunks_carry_one_entry_per_call_index(tool_choice: Any, text: st
         (0, "get_time", "{}"),
         (1, "get_weather", '{"city": "X"}'),
     ]
+
+
+def test_required_with_more_tools_than_the_grammar_allows_is_400() -> None:
+    tools = [{"type": "function", "function": {"name": f"tool_{i}"}} for i in range(MAX_REQUIRED_TOOLS + 1)]
+    with pytest.raises(APIError) as info:
+        plan_tool_choice(tools, "required", parallel_tool_calls=None, settings=HERMES)
+    assert info.value.status == 400 and info.value.param == "tools"
+    assert f"at most {MAX_REQUIRED_TOOLS} tools" in info.value.message
+    planned = plan_tool_choice(tools[:-1], "required", parallel_tool_calls=None, settings=HERMES)
+    assert planned is not None and planned.structured is not None
+    # "auto" and a named function build no alternative per tool: no cap there.
+    assert plan_tool_choice(tools, "auto", parallel_tool_calls=None, settings=HERMES) is not None
+    named = {"type": "function", "function": {"name": "tool_7"}}
+    assert plan_tool_choice(tools, named, parallel_tool_calls=None, settings=HERMES) is not None

@@ -15,7 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from frontend.openapi import request_bodies
-from tests.fuzz.conftest import FUZZ_EXAMPLES, bound_generation, check_response, greedy_answer
+from tests.fuzz.conftest import (
+    FUZZ_EXAMPLES,
+    bound_generation,
+    check_response,
+    check_rss_after_fuzz,
+    greedy_answer,
+    warm_api_rss_mib,
+)
 from tests.server_process import ServerProcess
 
 HI = [{"role": "user", "content": "hi"}]
@@ -81,8 +88,15 @@ def greedy_before(default_server: ServerProcess) -> str:
     return greedy_answer(default_server)
 
 
+@pytest.fixture(scope="module")
+def rss_before(default_server: ServerProcess, greedy_before: str) -> float:
+    return warm_api_rss_mib(default_server)
+
+
 @pytest.mark.parametrize("path", list(BASE_BODIES))
-def test_hostile_bodies_never_get_a_5xx(default_server: ServerProcess, greedy_before: str, path: str) -> None:
+def test_hostile_bodies_never_get_a_5xx(
+    default_server: ServerProcess, greedy_before: str, rss_before: float, path: str
+) -> None:
     fields = _fields(path)
     client = httpx.Client(base_url=default_server.base_url, timeout=120)
 
@@ -108,6 +122,7 @@ def test_hostile_bodies_never_get_a_5xx(default_server: ServerProcess, greedy_be
 
 
 def test_the_server_answers_the_same_greedy_request_afterwards(
-    default_server: ServerProcess, greedy_before: str
+    default_server: ServerProcess, greedy_before: str, rss_before: float
 ) -> None:
     assert greedy_answer(default_server) == greedy_before
+    check_rss_after_fuzz(default_server, rss_before, "body fuzz")
