@@ -17,6 +17,7 @@ import time
 import urllib.request
 
 from tandem.args import API_GROUP, ENGINE_GROUP, check_tls_files, unparse_group
+from tandem.gpu_placement import count_gpus, place_engines
 from tandem.model_config import ModelConfigError, ModelSpec, load_model_specs
 
 _POLL_S = 0.5
@@ -119,13 +120,28 @@ def _model_specs(serve_parser: argparse.ArgumentParser, ns: argparse.Namespace) 
     """The models to start: those of --model-config, or the one model of the command line."""
     if ns.model_config is None:
         engine_flags = unparse_group(serve_parser, ENGINE_GROUP, ns)
-        return [ModelSpec(ns.model, ns.data_parallel_size, engine_flags)]
+        return [ModelSpec(ns.model, ns.data_parallel_size, engine_flags, ns.device, ns.tensor_parallel_size)]
     if ns.model is not None or ns.served_model_name:
         raise ModelConfigError(
             "--model-config lists the models: give each `model` and `served_model_name` in the file, "
             "not on the command line"
         )
     return load_model_specs(ns.model_config, serve_parser, ns)
+
+
+def _gpu_devices(plan: list[ModelSpec]) -> list[str] | None:
+    """Disjoint GPUs for the engines on a GPU host (None: leave their --device alone)."""
+    num_gpus = count_gpus()
+    devices = place_engines([s.device for s in plan], [s.tensor_parallel_size for s in plan], num_gpus)
+    if devices is None and num_gpus and len(plan) > 1:
+        needed = sum(s.tensor_parallel_size for s in plan)
+        print(
+            f"tandem serve: {len(plan)} engines need {needed} GPUs and {num_gpus} are visible; "
+            "engines left on automatic placement share the first GPUs",
+            file=sys.stderr,
+            flush=True,
+        )
+    return devices
 
 
 def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
@@ -162,10 +178,12 @@ def serve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    devices = _gpu_devices(plan)
     for i, (spec, address) in enumerate(zip(plan, engines, strict=True)):
         model = [spec.model] if spec.model else []
+        placed = ["--device", devices[i]] if devices else []  # the last --device given wins
         argv = _child_argv(
-            "engine", *model, "--listen", address, "--engine-id", f"engine-{i}", *spec.engine_argv
+            "engine", *model, "--listen", address, "--engine-id", f"engine-{i}", *spec.engine_argv, *placed
         )
         children.start(f"engine-{i}", argv + _security_argv(ns))
     engine_args = [arg for address in engines for arg in ("--engine", address)]

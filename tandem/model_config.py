@@ -23,6 +23,8 @@ class ModelSpec:
     model: str | None  # None: the default model
     num_engines: int
     engine_argv: list[str]  # the engine options, as flags for `tandem engine`
+    device: str = "auto"  # its --device, for GPU placement (tandem/gpu_placement.py)
+    tensor_parallel_size: int = 1
 
 
 def _engine_dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -89,5 +91,6 @@ def load_model_specs(
             else:
                 known = ", ".join(["model", "data_parallel_size", "engines", *sorted(dests)])
                 raise ModelConfigError(f"{where}: unknown option `{raw_key}` (known: {known})")
-        specs.append(ModelSpec(model, num_engines, unparse_group(parser, ENGINE_GROUP, ns)))
+        argv = unparse_group(parser, ENGINE_GROUP, ns)
+        specs.append(ModelSpec(model, num_engines, argv, str(ns.device), int(ns.tensor_parallel_size)))
     return specs
