@@ -310,6 +310,7 @@ def ready_message(
         max_waiting_requests=effective_max_waiting_requests(config, extra.get("num_kv_blocks", 0)),
         enable_prefix_caching=config.enable_prefix_caching,
         max_logprobs=config.max_logprobs,
+        max_num_seqs=config.max_num_seqs,
         **extra,
     )
 

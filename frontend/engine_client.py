@@ -52,6 +52,11 @@ _HELLO_RETRY_S = 2.0  # how often a down engine is asked for a handshake again
 _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0)
 
 
+# What the engine answers when its waiting queue is full (engine/stepper.py), said here too when this
+# process can tell before sending.
+QUEUE_FULL = "the engine's waiting queue is full"
+
+
 @dataclass(frozen=True)
 class EngineLost:
     """Put on a request's queue when its engine dies or goes silent."""
@@ -375,6 +380,13 @@ class EngineClient:
         tried: set[int] = set()
         lora_name = request.lora_name
         conn = self.pick_engine(request.prompt_token_ids, group=group, lora_name=lora_name)
+        if _surely_full(conn):
+            # The least loaded engine is full by this process's own count alone: answer now instead of
+            # after the engine's step in progress (tens of seconds under overload, benchmarks/RESULTS.md).
+            timing.engine = conn.ready.engine_id if conn.ready else conn.address
+            timing.finish_reason = "error"
+            yield _lost_delta(request.request_id, EngineLost("every engine's queue is full", QUEUE_FULL))
+            return
         got_tokens = False
         while True:
             timing.engine = conn.ready.engine_id if conn.ready else conn.address
@@ -479,6 +491,22 @@ def _lora_failure(op_id: str, conn: EngineConnection, reason: str) -> LoraResult
     engine_id = conn.ready.engine_id if conn.ready else conn.address
     error = "An engine of this model did not complete the operation; try again."
     return LoraResult(op_id, engine_id, list(conn.adapters.values()), error=error, error_status=503)
+
+
+def _surely_full(conn: EngineConnection) -> bool:
+    """Whether the engine would refuse one more request: this process's own requests on it exceed what
+    it runs at once plus its waiting limit. A lower bound on the engine's queue (other API processes add
+    to it), so it never refuses what the engine would take, bar a finished request whose last delta is
+    still on the wire."""
+    ready = conn.ready
+    if (
+        ready is None
+        or ready.task != "generate"
+        or not ready.max_num_seqs
+        or ready.max_waiting_requests is None
+    ):
+        return False
+    return len(conn.pending) >= ready.max_num_seqs + ready.max_waiting_requests
 
 
 def _refused_for_now(delta: RequestDelta) -> bool:

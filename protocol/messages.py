@@ -114,6 +114,9 @@ class Ready(Wire):
     enable_lora: bool = False  # --enable-lora: the engine accepts LoadLora / UnloadLora and lora_name
     max_lora_rank: int = 0
     lora_adapters: list[LoraAdapter] = []  # adapters loaded at start-up (--lora-modules) and since
+    # --max-num-seqs (0: not announced). With max_waiting_requests it lets an API process refuse at once
+    # what the engine would refuse only after its step in progress (frontend/engine_client.py).
+    max_num_seqs: int = 0
 
 
 class LoraAdapter(Wire):

@@ -4,6 +4,7 @@ engines that die or go silent, retries, re-handshakes and request metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator
@@ -55,8 +56,10 @@ class FakeEngine:
         served_model_names: tuple[str, ...] = ("m",),
         tokenizer_json: str = "{}",
         enable_lora: bool = False,
+        limits: tuple[int, int | None] = (0, None),  # announced (max_num_seqs, max_waiting_requests)
     ) -> None:
         self.ctx, self.address, self.engine_id, self.beat = ctx, address, engine_id, beat
+        self.limits = limits
         self.served_model_names, self.tokenizer_json = list(served_model_names), tokenizer_json
         # LoRA: adapters held, every LoadLora/UnloadLora seen, and the scripted answer to the next ones
         # (None: do it; a (message, status) pair: refuse with it; "silent": never answer).
@@ -126,6 +129,8 @@ class FakeEngine:
             enable_lora=self.enable_lora,
             max_lora_rank=8 if self.enable_lora else 0,
             lora_adapters=list(self.adapters.values()),
+            max_num_seqs=self.limits[0],
+            max_waiting_requests=self.limits[1],
         )
 
     def _answer_lora(self, message: LoadLora | UnloadLora) -> None:
@@ -322,3 +327,43 @@ async def test_a_slow_reader_gets_merged_deltas_not_an_unbounded_queue(two_engin
     rest = [delta async for delta in stream]
     assert [t for d in rest for t in d.new_token_ids] == list(range(1, 201))
     assert rest[-1].finish_reason == FinishReason.LENGTH
+
+
+async def _collect(stream: AsyncIterator[RequestDelta]) -> list[RequestDelta]:
+    return [delta async for delta in stream]
+
+
+async def test_a_full_engine_is_refused_here_at_once_without_sending() -> None:
+    # Under overload the engine reads new requests only between steps, so its own refusal can take a
+    # whole step; this process's own outstanding requests already prove it full.
+    ctx = zmq.asyncio.Context()
+    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{free_port()}", "engine-full", limits=(1, 1))
+    engine.start()
+    client = EngineClient([engine.address], heartbeat_interval_s=0.1, dead_after_s=5.0)
+    try:
+        await client.start(timeout_s=5)
+        first, second = client.generate(_add("q1")), client.generate(_add("q2"))
+        tasks = [asyncio.ensure_future(anext(first)), asyncio.ensure_future(anext(second))]
+        await _until(lambda: len(engine.adds) == 2)  # one running + one waiting: both sent
+        # Bounded: without the check the request would be sent and wait for an engine that never answers.
+        deltas = await asyncio.wait_for(_collect(client.generate(_add("q3"))), timeout=5)
+        assert [(d.finish_reason, d.error_status, d.error) for d in deltas] == [
+            (FinishReason.ERROR, 503, "the engine's waiting queue is full")
+        ]
+        assert len(engine.adds) == 2  # refused without a round trip
+        # Once one finishes there is room again, and the next request goes to the engine.
+        engine.deltas(engine.adds[0][0], RequestDelta("q1", [7], finish_reason=FinishReason.LENGTH))
+        await tasks[0]
+        await first.aclose()  # the stream leaves the engine's count once its consumer is done with it
+        fourth = client.generate(_add("q4"))
+        task = asyncio.ensure_future(anext(fourth))
+        await _until(lambda: len(engine.adds) == 3)
+        for stream, pending in ((second, tasks[1]), (fourth, task)):
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+            await stream.aclose()
+    finally:
+        await client.close()
+        engine.stop()
+        ctx.destroy(linger=0)
