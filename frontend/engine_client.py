@@ -380,13 +380,19 @@ class EngineClient:
         tried: set[int] = set()
         lora_name = request.lora_name
         conn = self.pick_engine(request.prompt_token_ids, group=group, lora_name=lora_name)
-        if _surely_full(conn):
-            # The least loaded engine is full by this process's own count alone: answer now instead of
-            # after the engine's step in progress (tens of seconds under overload, benchmarks/RESULTS.md).
-            timing.engine = conn.ready.engine_id if conn.ready else conn.address
-            timing.finish_reason = "error"
-            yield _lost_delta(request.request_id, EngineLost("every engine's queue is full", QUEUE_FULL))
-            return
+        full: set[int] = set()
+        while _surely_full(conn):
+            # Full by this process's own count alone (prefix affinity may have picked it): another engine,
+            # or a refusal now instead of after the engine's step in progress (tens of seconds under
+            # overload, benchmarks/RESULTS.md).
+            full.add(conn.index)
+            try:
+                conn = self.pick_engine(request.prompt_token_ids, full, group=group, lora_name=lora_name)
+            except EngineUnavailable:
+                timing.engine = conn.ready.engine_id if conn.ready else conn.address
+                timing.finish_reason = "error"
+                yield _lost_delta(request.request_id, EngineLost("every engine's queue is full", QUEUE_FULL))
+                return
         got_tokens = False
         while True:
             timing.engine = conn.ready.engine_id if conn.ready else conn.address
