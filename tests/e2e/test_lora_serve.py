@@ -8,6 +8,9 @@ Needs both halves of issue 18: the engine (this file's branch) and the frontend 
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,3 +111,56 @@ def test_load_and_unload_at_run_time(server: ServerProcess, folders: dict[str, P
     assert greedy_ids(server, "started") == reference_greedy(
         merged_model(folders["model"], folders["started"])
     )
+
+
+def _stream_text(
+    server: ServerProcess, model: str, max_tokens: int, first: threading.Event | None = None
+) -> tuple[str, str | None]:
+    """A streamed greedy completion: (its text, its finish reason); an error chunk fails the test.
+    `first` is set when the first token arrives."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    text, finish = "", None
+    with httpx.stream(
+        "POST", f"{server.base_url}/v1/completions", json={**body, "stream": True}, timeout=120
+    ) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            assert "error" not in chunk, chunk
+            text += chunk["choices"][0]["text"]
+            finish = chunk["choices"][0]["finish_reason"] or finish
+            if first is not None:
+                first.set()
+    return text, finish
+
+
+def test_streams_run_on_while_adapters_are_loaded_and_unloaded(
+    server: ServerProcess, folders: dict[str, Path]
+) -> None:
+    # Issue 18: load/unload at run time while requests stream; none fails and none changes its output.
+    max_tokens = 200  # long enough that every stream is still going when the first load arrives
+    models = [BASE_NAME, "started"] * 3
+    firsts = [threading.Event() for _ in models]
+    body = {"lora_name": "during", "lora_path": str(folders["runtime"])}
+    with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
+        streams = [
+            pool.submit(_stream_text, server, model, max_tokens, first)
+            for model, first in zip(models, firsts, strict=True)
+        ]
+        assert all(first.wait(60) for first in firsts)  # every stream is generating
+        cycles = 0
+        while cycles == 0 or not all(s.done() for s in streams):
+            if cycles == 0:
+                assert not any(s.done() for s in streams)
+            load = httpx.post(f"{server.base_url}/v1/load_lora_adapter", json=body, timeout=60)
+            assert load.status_code == 200, load.text
+            unload = httpx.post(f"{server.base_url}/v1/unload_lora_adapter", json={"lora_name": "during"})
+            assert unload.status_code == 200, unload.text
+            cycles += 1
+        results = [s.result() for s in streams]
+    for model, (text, finish) in zip(models, results, strict=True):
+        assert finish == "length"
+        alone = _stream_text(server, model, max_tokens)  # the same request with nothing else going on
+        assert text == alone[0], model
