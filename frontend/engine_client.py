@@ -21,6 +21,7 @@ from zmq.utils.monitor import parse_monitor_message
 from contract.finish_reasons import FINISH_REASON_NAMES
 from frontend.delta_mailbox import DeltaMailbox
 from frontend.errors import ENGINE_LOST_MESSAGE
+from frontend.lora_ops import LoraOps
 from frontend.request_timing import RequestMetricsSink, RequestTiming
 from protocol.framing import FrameError, decode, encode
 from protocol.log_limit import RateLimitedWarning
@@ -121,7 +122,7 @@ class EngineClient:
         self.metrics: RequestMetricsSink | None = None  # set by the app; records every finished request
         # Called after an engine's handshake or adapter list changed (the app rebuilds its model table).
         self.on_engine_change: Callable[[EngineConnection], None] | None = None
-        self._lora_ops: dict[str, asyncio.Future[LoraResult]] = {}
+        self._lora_ops = LoraOps()
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self, timeout_s: float = 600.0) -> Ready:
@@ -257,9 +258,7 @@ class EngineClient:
         elif isinstance(message, LoraResult):
             # Sent to every API process: the asker resolves its operation, everyone takes the new list.
             conn.adapters = {a.name: a for a in message.adapters}
-            waiter = self._lora_ops.pop(message.op_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(message)
+            self._lora_ops.resolve(message)
             self._notify(conn)
         elif isinstance(message, Refused):
             conn.refused = message.reason
@@ -297,7 +296,7 @@ class EngineClient:
         for _request_id, queue in list(conn.pending.items()):
             queue.put_nowait(EngineLost(reason))
         conn.pending.clear()
-        self._fail_lora_ops(conn, reason)
+        self._lora_ops.fail_engine(conn, reason)
         # A fresh socket drops anything queued for the dead peer, so a restarted engine never runs stale work.
         self._close_socket(conn)
         self._open(conn)
@@ -452,51 +451,13 @@ class EngineClient:
     ) -> list[LoraResult]:
         """Sends a LoadLora / UnloadLora to each engine (each under its own op id) and waits for every
         LoraResult. An engine that is lost or does not answer in time gives a result with status 503."""
-        waiters: list[tuple[EngineConnection, str, asyncio.Future[LoraResult]]] = []
-        loop = asyncio.get_running_loop()
-        for conn in conns:
-            op_id = f"{message.op_id}-{conn.index}"
-            waiter: asyncio.Future[LoraResult] = loop.create_future()
-            self._lora_ops[op_id] = waiter
-            waiters.append((conn, op_id, waiter))
-            if isinstance(message, LoadLora):
-                sent = self._send_frames(conn, encode(LoadLora(op_id, message.adapter)))
-            else:
-                sent = self._send_frames(conn, encode(UnloadLora(op_id, message.name)))
-            if not sent:
-                self._lora_ops.pop(op_id, None)
-                waiter.set_result(_lora_failure(op_id, conn, "the request could not be sent to the engine"))
-        await asyncio.wait([w for _, _, w in waiters], timeout=timeout_s)
-        results = []
-        for conn, op_id, waiter in waiters:
-            self._lora_ops.pop(op_id, None)
-            if waiter.done():
-                results.append(waiter.result())
-            else:
-                waiter.cancel()
-                reason = f"the engine did not answer within {timeout_s:.0f} s"
-                results.append(_lora_failure(op_id, conn, reason))
-        return results
-
-    def _fail_lora_ops(self, conn: EngineConnection, reason: str) -> None:
-        suffix = f"-{conn.index}"
-        for op_id in [op for op in self._lora_ops if op.endswith(suffix)]:
-            waiter = self._lora_ops.pop(op_id)
-            if not waiter.done():
-                waiter.set_result(_lora_failure(op_id, conn, reason))
+        return await self._lora_ops.run(conns, message, timeout_s, self._send_frames)
 
     def abort(self, request_ids: list[str]) -> None:
         for conn in self.engines:
             ids = [r for r in request_ids if r in conn.pending]
             if ids:
                 self._send(conn, Abort(ids))
-
-
-def _lora_failure(op_id: str, conn: EngineConnection, reason: str) -> LoraResult:
-    logger.warning("adapter operation %s on engine %s failed: %s", op_id, conn.address, reason)
-    engine_id = conn.ready.engine_id if conn.ready else conn.address
-    error = "An engine of this model did not complete the operation; try again."
-    return LoraResult(op_id, engine_id, list(conn.adapters.values()), error=error, error_status=503)
 
 
 def _surely_full(conn: EngineConnection) -> bool:
