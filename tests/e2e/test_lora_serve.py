@@ -16,10 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from tests.engine.conftest import build_tiny_hf_model, write_tokenizer_files
-from tests.engine.lora_adapters import make_peft_adapter, merged_model
+from tests.engine.lora_adapters import make_peft_adapter, merged_model, reference_greedy
 from tests.server_process import ServerProcess, serve
 
 PROMPT = [11, 23, 35, 47, 59, 71, 83, 95]
@@ -50,18 +49,6 @@ def server(folders: dict[str, Path]) -> Iterator[ServerProcess]:
     server.stop()
 
 
-def reference_greedy(model: torch.nn.Module) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([PROMPT]),
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
-    return out[0, len(PROMPT) :].tolist()
-
-
 def complete(server: ServerProcess, model: str) -> httpx.Response:
     body = {"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
     body["return_token_ids"] = True
@@ -81,8 +68,8 @@ def test_models_lists_the_adapter_under_its_parent(server: ServerProcess) -> Non
 
 
 def test_an_adapter_request_matches_the_merged_model(server: ServerProcess, folders: dict[str, Path]) -> None:
-    expected = reference_greedy(merged_model(folders["model"], folders["started"]))
-    base_expected = reference_greedy(build_tiny_hf_model("llama"))
+    expected = reference_greedy(merged_model(folders["model"], folders["started"]), PROMPT, MAX_TOKENS)
+    base_expected = reference_greedy(build_tiny_hf_model("llama"), PROMPT, MAX_TOKENS)
     assert expected != base_expected  # the adapter matters, so the check below means something
     assert greedy_ids(server, "started") == expected
     assert greedy_ids(server, BASE_NAME) == base_expected
@@ -99,7 +86,7 @@ def test_load_and_unload_at_run_time(server: ServerProcess, folders: dict[str, P
     body = {"lora_name": "runtime", "lora_path": str(folders["runtime"])}
     assert httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=60).status_code == 200
     assert greedy_ids(server, "runtime") == reference_greedy(
-        merged_model(folders["model"], folders["runtime"])
+        merged_model(folders["model"], folders["runtime"]), PROMPT, MAX_TOKENS
     )
     bad = httpx.post(
         f"{url}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": "/nowhere"}, timeout=60
@@ -109,7 +96,7 @@ def test_load_and_unload_at_run_time(server: ServerProcess, folders: dict[str, P
     assert response.status_code == 200
     assert complete(server, "runtime").status_code == 404
     assert greedy_ids(server, "started") == reference_greedy(
-        merged_model(folders["model"], folders["started"])
+        merged_model(folders["model"], folders["started"]), PROMPT, MAX_TOKENS
     )
 
 

@@ -79,3 +79,16 @@ def reference_logprobs(model: torch.nn.Module, token_ids: list[int]) -> torch.Te
     """[len(token_ids), vocab] log-softmax of the logits at every position (predicting the next token)."""
     logits = model(torch.tensor([token_ids])).logits[0].float()
     return torch.log_softmax(logits, dim=-1)
+
+
+def reference_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
+    """transformers' greedy continuation of `prompt` (no EOS stop): the tokens an engine must produce."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return out[0, len(prompt) :].tolist()

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from protocol.framing import decode, encode
 from protocol.messages import (
@@ -23,7 +22,7 @@ from protocol.messages import (
     SamplingParams,
     UnloadLora,
 )
-from tests.engine.lora_adapters import base_model, make_peft_adapter, merged_model
+from tests.engine.lora_adapters import base_model, make_peft_adapter, merged_model, reference_greedy
 from tests.engine.test_engine_socket_fuzz import EngineSocket
 from tests.server_process import ServerProcess
 
@@ -61,18 +60,6 @@ def greedy(client: EngineSocket, lora: str | None) -> list[int]:
                 tokens += delta.new_token_ids
                 if delta.finish_reason is not None:
                     return tokens
-
-
-def reference_greedy(model: torch.nn.Module) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([PROMPT]),
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
-    return out[0, len(PROMPT) :].tolist()
 
 
 def start_engine(model_dir: Path, *flags: str) -> tuple[ServerProcess, str]:
@@ -125,8 +112,12 @@ def test_load_use_and_unload_at_run_time(
         assert result.error is None
         assert [(a.name, a.rank) for a in result.adapters] == [("first", 4), ("second", 8)]
     model_dir = tiny_model_dir("llama")
-    assert greedy(other, "second") == reference_greedy(merged_model(model_dir, adapters["second"]))
-    assert greedy(asker, "first") == reference_greedy(merged_model(model_dir, adapters["first"]))
+    assert greedy(other, "second") == reference_greedy(
+        merged_model(model_dir, adapters["second"]), PROMPT, MAX_TOKENS
+    )
+    assert greedy(asker, "first") == reference_greedy(
+        merged_model(model_dir, adapters["first"]), PROMPT, MAX_TOKENS
+    )
     assert greedy(asker, None) == base_tokens
 
     late = EngineSocket(address, asker.engine)
