@@ -21,7 +21,9 @@ from engine.scheduler import Scheduler, SchedulerLimits
 from protocol.messages import Ready
 
 if TYPE_CHECKING:
+    from engine.distributed.shard import TensorParallel
     from engine.distributed.workers import TensorParallelWorkers
+    from engine.loader.model_loader import LoadedModel
     from engine.lora.manager import LoraManager
     from engine.models.config import ModelArchConfig
     from engine.models.llama import LlamaForCausalLM
@@ -67,6 +69,20 @@ def _num_kv_blocks(
     return max(min(wanted_blocks, int(DEFAULT_KV_CACHE_MEMORY // bytes_per_block)), 2)
 
 
+def load_engine_model(config: EngineConfig, device: torch.device, tp: TensorParallel | None) -> LoadedModel:
+    """The model as the engine's flags ask for it; with `tp`, one rank's shard (workers call this too)."""
+    from engine.loader import load_model  # heavy import, kept out of module import time
+
+    return load_model(
+        config.model,
+        load_format=config.load_format,
+        dtype=config.dtype,
+        device=str(device),
+        seed=config.seed,
+        tp=tp,
+    )
+
+
 def local_num_kv_blocks(
     config: EngineConfig, arch: ModelArchConfig, num_kv_heads: int, dtype: torch.dtype, device: torch.device
 ) -> int:
@@ -90,7 +106,6 @@ def _use_int8_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
-    from engine.loader import load_model  # heavy import, kept out of module import time
 
     # Flags that name files are read before the model, so a mistake fails at once.
     chat_template = None if config.chat_template is None else load_chat_template(config.chat_template)
@@ -105,14 +120,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         from engine.distributed.setup import start_tensor_parallel
 
         workers, tp, device = start_tensor_parallel(config, device)
-    loaded = load_model(
-        config.model,
-        load_format=config.load_format,
-        dtype=config.dtype,
-        device=str(device),
-        seed=config.seed,
-        tp=tp,
-    )
+    loaded = load_engine_model(config, device, tp)
     arch = loaded.arch
     if config.cpu_int8_weights:
         _use_int8_weights(loaded.model, loaded.dtype, device)

@@ -58,22 +58,14 @@ def _serve(config: EngineConfig, rank: int, port: int, pipe: Connection) -> None
     from engine.distributed.channel import Command, CommandChannel
     from engine.distributed.group import join_group, propose_num_blocks, rank_device, threads_per_rank
     from engine.distributed.shard import TensorParallel
-    from engine.engine_setup import local_num_kv_blocks, pick_device
-    from engine.loader import load_model
+    from engine.engine_setup import load_engine_model, local_num_kv_blocks, pick_device
 
     size = config.tensor_parallel_size
     torch.set_num_threads(threads_per_rank(config.num_threads, size))
     device = rank_device(pick_device(config.device), rank)
     join_group(rank, size, port, device, config.tensor_parallel_timeout_s)
     tp = TensorParallel(rank, size)
-    loaded = load_model(
-        config.model,
-        load_format=config.load_format,
-        dtype=config.dtype,
-        device=str(device),
-        seed=config.seed,
-        tp=tp,
-    )
+    loaded = load_engine_model(config, device, tp)
     model, arch = loaded.model, loaded.arch
     num_kv_heads = model.num_kv_heads
     num_blocks = propose_num_blocks(
