@@ -25,6 +25,10 @@ class LoraOps:
     def __init__(self) -> None:
         self._waiters: dict[str, asyncio.Future[LoraResult]] = {}  # op id -> the asker's future
 
+    def __len__(self) -> int:
+        """Operations still waiting for an engine's answer."""
+        return len(self._waiters)
+
     async def run(
         self,
         conns: Sequence[EngineConnection],
