@@ -145,9 +145,10 @@ async def run_choices(
     group: str | None = None,
     model_name: str = "",
 ) -> AsyncGenerator[tuple[ChoiceJob, ChoiceDelta], None]:
-    """Deltas of all jobs as they arrive, each run on an engine of the model `group`. At most `admit_window` of them are in the engines at once (the
-    next starts when one finishes), so one large fan-out neither floods the engine queues nor trips
-    admission control. Cancelling the consumer aborts every unfinished engine request."""
+    """Deltas of all jobs as they arrive, each run on an engine of the model `group`. At most
+    `admit_window` of them are in the engines at once (the next starts when one finishes), so one large
+    fan-out neither floods the engine queues nor trips admission control. Cancelling the consumer aborts
+    every unfinished engine request."""
     queue: asyncio.Queue[tuple[ChoiceJob, ChoiceDelta] | None] = asyncio.Queue()
     n = len(jobs) // max(len({job.prompt_index for job in jobs}), 1)  # choices per prompt, for metrics
     admitted = asyncio.Semaphore(admit_window)
