@@ -5,9 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from engine.step_output import LogprobRow
 from protocol.messages import FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    import torch  # annotations only: the scheduler side never imports torch
 
 
 class RequestStatus(enum.Enum):
@@ -22,7 +26,7 @@ class PromptEmbeds:
     """Rows that replace token embeddings at prompt positions start : start + len(rows)."""
 
     start: int
-    rows: object  # torch.Tensor [num_tokens, hidden]; typed loosely so the scheduler never imports torch
+    rows: torch.Tensor  # [num_tokens, hidden]
     digest: str
 
     @property
@@ -31,7 +35,7 @@ class PromptEmbeds:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.rows.shape[0])  # type: ignore[attr-defined]
+        return int(self.rows.shape[0])
 
 
 @dataclass(eq=False)
@@ -58,6 +62,8 @@ class Request:
     stop_reason: int | None = None
     num_preemptions: int = 0
     sent_prompt_logprobs: bool = False
+    # Prompt logprobs gathered so far (index = prompt position; position 0 is None), until they are sent.
+    prompt_logprob_rows: list[LogprobRow | None] | None = None
     received_at: float = field(default_factory=time.monotonic)  # when this engine got the request
     queue_time_s: float | None = None  # received -> first scheduled; kept through preemptions
     # engine.structured.RequestGrammar for constrained requests; typed loosely so the scheduler stays light.
