@@ -5,13 +5,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from engine.step_output import LogprobRow
 from protocol.messages import FinishReason, SamplingParams
 
-if TYPE_CHECKING:
-    import torch  # annotations only: the scheduler side never imports torch
+if TYPE_CHECKING:  # annotations only: the scheduler side never imports torch or llguidance
+    import torch
+
+    from engine.lora.adapter import LoraWeights
+    from engine.structured import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -66,11 +69,10 @@ class Request:
     prompt_logprob_rows: list[LogprobRow | None] | None = None
     received_at: float = field(default_factory=time.monotonic)  # when this engine got the request
     queue_time_s: float | None = None  # received -> first scheduled; kept through preemptions
-    # engine.structured.RequestGrammar for constrained requests; typed loosely so the scheduler stays light.
-    grammar: Any = None
-    # engine.lora.adapter.LoraWeights of the adapter this request runs under (None: the base model),
-    # held here so an unload lets the request finish with the weights it started with.
-    lora: Any = None
+    grammar: RequestGrammar | None = None  # constrained requests only
+    # The adapter's weights this request runs under (None: the base model), held here so an unload
+    # lets the request finish with the weights it started with.
+    lora: LoraWeights | None = None
 
     @property
     def lora_key(self) -> str | None:
