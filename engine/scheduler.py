@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestStatus
@@ -34,10 +34,10 @@ def step_failed_message(request_id: str) -> str:
     return f"The engine failed while running request {request_id}; the details are in the engine log."
 
 
-@dataclass(frozen=True)
-class ScheduledRequest:
+class ScheduledRequest(NamedTuple):
     """One row of a step's plan, fixed when it is scheduled: the runner reads this, never the request's
-    progress (which only update_from_output moves)."""
+    progress (which only update_from_output moves). A NamedTuple: built for every row of every step,
+    and a frozen dataclass costs several times more to build."""
 
     request: Request
     num_new: int  # tokens computed this step
@@ -66,6 +66,17 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.rows
+
+
+def _plan_row(request: Request, num_new: int) -> ScheduledRequest:
+    start = request.num_computed_tokens
+    return ScheduledRequest(
+        request,
+        num_new,
+        start,
+        start + num_new == len(request.prompt_token_ids) + len(request.output_token_ids),
+        request.sampling.prompt_logprobs is not None and not request.sent_prompt_logprobs,
+    )
 
 
 class GrammarAdvancer(Protocol):
@@ -133,17 +144,6 @@ class Scheduler:
             out.finished_request_ids, self._finished_ids = self._finished_ids, set()
         return out
 
-    @staticmethod
-    def _plan_row(request: Request, num_new: int) -> ScheduledRequest:
-        start = request.num_computed_tokens
-        return ScheduledRequest(
-            request,
-            num_new,
-            start,
-            samples=start + num_new == request.num_tokens,
-            prompt_logprobs=request.sampling.prompt_logprobs is not None and not request.sent_prompt_logprobs,
-        )
-
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
         num_new = request.num_tokens - num_computed
         if self.limits.long_prefill_token_threshold is not None:
@@ -171,7 +171,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.rows.append(self._plan_row(request, num_new))
+                out.rows.append(_plan_row(request, num_new))
                 budget -= num_new
                 index += 1
         return budget
@@ -238,7 +238,7 @@ class Scheduler:
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = num_cached
             self.running.append(request)
-            out.rows.append(self._plan_row(request, num_new))
+            out.rows.append(_plan_row(request, num_new))
             budget -= num_new
 
     # -- results --------------------------------------------------------------------------------------
@@ -246,33 +246,40 @@ class Scheduler:
         """The one place a step's results change requests: progress, prompt logprobs, sampled tokens,
         grammar checks, stops and step failures. Returns the news of each request, errors first."""
         errors: list[RequestUpdate] = []
-        failed = set(output.failed)
-        for row in plan.rows:
-            if row.request.request_id in failed and not row.request.is_finished:
-                self._finish(row.request, FinishReason.ERROR)
-                message = step_failed_message(row.request.request_id)
-                errors.append(RequestUpdate(row.request, error=message, error_status=500))
-        rows = [row for row in plan.rows if not row.request.is_finished]  # aborted while the step ran
-        rejected = self.grammars.advance([r.request for r in rows], output.sampled) if self.grammars else {}
+        if output.failed:
+            failed = set(output.failed)
+            for row in plan.rows:
+                if row.request.request_id in failed and not row.request.is_finished:
+                    self._finish(row.request, FinishReason.ERROR)
+                    message = step_failed_message(row.request.request_id)
+                    errors.append(RequestUpdate(row.request, error=message, error_status=500))
+        rejected: dict[str, str] = {}
+        if self.grammars is not None:
+            live = [row.request for row in plan.rows if not row.request.is_finished]
+            rejected = self.grammars.advance(live, output.sampled)
+        sampled, logprobs, prompt_chunks = output.sampled, output.logprobs, output.prompt_logprobs
         updates: list[RequestUpdate] = []
-        for row in rows:
-            request = row.request
-            request.num_computed_tokens += row.num_new
+        for request, num_new, _, _, wants_prompt_logprobs in plan.rows:
+            if request.status is RequestStatus.FINISHED:
+                continue  # failed above, or aborted while the step ran
+            request_id = request.request_id
+            request.num_computed_tokens += num_new
             self.kv_cache.cache_full_blocks(request)
-            chunk = output.prompt_logprobs.get(request.request_id)
-            if chunk is not None:
-                add_prompt_logprobs(request, chunk)
-            token_id = output.sampled.get(request.request_id)
+            if prompt_chunks:
+                chunk = prompt_chunks.get(request_id)
+                if chunk is not None:
+                    add_prompt_logprobs(request, chunk)
+            token_id = sampled.get(request_id)
             if token_id is None:
                 continue  # a prefill chunk that has not reached the end of the prompt yet
             request.output_token_ids.append(token_id)
-            if request.request_id in rejected:
-                logger.warning("request %s: %s", request.request_id, rejected[request.request_id][:2000])
+            if request_id in rejected:
+                logger.warning("request %s: %s", request_id, rejected[request_id][:2000])
                 self._finish(request, FinishReason.ERROR)
                 errors.append(RequestUpdate(request, error=GRAMMAR_CONTRADICTION, error_status=400))
                 continue
-            update = RequestUpdate(request, token_id, output.logprobs.get(request.request_id))
-            if row.prompt_logprobs:
+            update = RequestUpdate(request, token_id, logprobs.get(request_id))
+            if wants_prompt_logprobs:
                 # Sent once, with the first token: a recompute after preemption does not redo them.
                 update.prompt_logprobs = request.prompt_logprob_rows or [None]
                 request.prompt_logprob_rows = None

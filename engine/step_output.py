@@ -40,7 +40,7 @@ class ModelRunnerOutput:
         self.failed += other.failed
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestUpdate:
     """One request's news from a step: a token (with its logprobs), or an error that ended it."""
 

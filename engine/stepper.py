@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterable
 
 from engine.engine_setup import EngineParts
-from engine.request import Request
+from engine.request import Request, RequestStatus
 from engine.request_intake import RequestRejected, make_request
 from engine.scheduler import SchedulerOutput, step_failed_message
 from engine.step_output import LogprobRow, ModelRunnerOutput, RequestUpdate
@@ -139,10 +139,12 @@ class EngineStepper(Stepper):
         self.iteration_tokens_sum += out.num_tokens
         output = self._execute_isolating(out)
         updates = self.scheduler.update_from_output(out, output)
-        deltas = grammar_failures + [(u.request.client_id, _delta(u)) for u in updates]
+        deltas = grammar_failures
         for update in updates:
-            if update.request.is_finished:
-                self._forget(update.request)
+            request = update.request
+            deltas.append((request.client_id, _delta(update)))
+            if request.status is RequestStatus.FINISHED:
+                self._forget(request)
         return deltas
 
     def _poll_grammars(self) -> list[tuple[bytes, RequestDelta]]:
