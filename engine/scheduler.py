@@ -57,6 +57,7 @@ class SchedulerOutput:
 
     @property
     def scheduled(self) -> list[tuple[Request, int]]:
+        """(request, tokens this step) in batch order, for readers that need no more (LoRA slot mapping)."""
         return [(row.request, row.num_new) for row in self.rows]
 
     @property
