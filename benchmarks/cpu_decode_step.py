@@ -62,12 +62,12 @@ def tandem_step(dtype: str, batch: int, context: int, **config: object):  # noqa
         scheduler.add_request(Request(f"r{i}", b"bench", prompt, sampling, 0.0))
     while any(r.num_output_tokens == 0 for r in scheduler.running) or scheduler.num_waiting:
         out = scheduler.schedule()  # the prefills, chunked by the token budget
-        scheduler.update_after_step(out, runner.execute(out).sampled)
+        scheduler.update_from_output(out, runner.execute(out))
 
     def step() -> None:
         out: SchedulerOutput = scheduler.schedule()
         assert len(out.scheduled) == batch and out.num_tokens == batch  # decode only
-        scheduler.update_after_step(out, runner.execute(out).sampled)
+        scheduler.update_from_output(out, runner.execute(out))
 
     return step, parts
 

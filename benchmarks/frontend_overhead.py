@@ -42,14 +42,13 @@ class InstantRunner:
     """Stands in for ModelRunner: every row that reaches the end of its tokens gets the next token of a
     fixed sentence at once (real words, so the API process detokenizes real text)."""
 
-    def __init__(self, sampler: object, token_ids: list[int], step_s: float, log: list[float]) -> None:
-        self.sampler = sampler  # the stepper tells it about finished requests
+    def __init__(self, token_ids: list[int], step_s: float, log: list[float]) -> None:
         self.token_ids = token_ids
         self.step_s = step_s
         self.log = log  # time.monotonic() of each step that sampled, with --step-ms
 
     def execute(self, out: object, bitmask_for: object = None) -> object:
-        from engine.model_runner import StepResult
+        from engine.step_output import ModelRunnerOutput
 
         if self.step_s:
             time.sleep(self.step_s)  # the model's time
@@ -59,7 +58,7 @@ class InstantRunner:
                 sampled[request.request_id] = self.token_ids[request.num_output_tokens % len(self.token_ids)]
         if self.step_s and sampled:
             self.log.append(time.monotonic())
-        return StepResult(sampled, {}, {})
+        return ModelRunnerOutput(sampled)
 
 
 def run_stub_engine(address: str, step_ms: float, log_path: str | None) -> None:
@@ -75,7 +74,7 @@ def run_stub_engine(address: str, step_ms: float, log_path: str | None) -> None:
     tokenizer = Tokenizer.from_str(parts.ready.tokenizer_json)
     words = tokenizer.encode(" The quick brown fox jumps over the lazy dog, and then it runs away.").ids
     log: list[float] = []
-    parts.runner = InstantRunner(parts.runner.sampler, words, step_ms / 1000, log)  # type: ignore[assignment]
+    parts.runner = InstantRunner(words, step_ms / 1000, log)  # type: ignore[assignment]
     core = EngineCore(config, parts)
     core.install_signal_handlers()
     try:

@@ -72,12 +72,12 @@ def decode_step(config: object, batch: int, context: int, adapters: list[str]): 
         scheduler.add_request(request)
     while any(r.num_output_tokens == 0 for r in scheduler.running) or scheduler.num_waiting:
         out = scheduler.schedule()  # the prefills, chunked by the token budget
-        scheduler.update_after_step(out, runner.execute(out).sampled)
+        scheduler.update_from_output(out, runner.execute(out))
 
     def step() -> None:
         out = scheduler.schedule()
         assert len(out.scheduled) == batch and out.num_tokens == batch  # decode only, all 8 together
-        scheduler.update_after_step(out, runner.execute(out).sampled)
+        scheduler.update_from_output(out, runner.execute(out))
 
     return step
 

@@ -21,7 +21,8 @@ from engine.config import EngineConfig
 from engine.embedding_runner import EmbeddingParts, EmbeddingStepper, build_embedding_parts
 from engine.engine_setup import EngineParts, build_engine_parts
 from engine.io import EngineIO
-from engine.stepper import EngineStepper, error_delta
+from engine.step_protocol import Stepper, error_delta
+from engine.stepper import EngineStepper
 from protocol.messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -34,6 +35,7 @@ from protocol.messages import (
     Outputs,
     Refused,
     RequestDelta,
+    SchedulerStats,
     UnloadLora,
 )
 
@@ -45,7 +47,7 @@ class EngineCore:
         self.config = config
         curve_keys = _curve_keys(config)  # before the model loads, so a missing key file fails fast
         self.parts: EngineParts | EmbeddingParts
-        self.stepper: EngineStepper | EmbeddingStepper
+        self.stepper: Stepper
         if config.task == "embed" and config.tensor_parallel_size > 1:
             raise ValueError("--tensor-parallel-size applies to text generation only, not --task embed")
         # Admission control is always on: Ready carries the flag's bound or the one from the KV cache.
@@ -83,7 +85,7 @@ class EngineCore:
     # -- lifecycle ------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         def drain(signum: int, _frame: Any) -> None:
-            running = self.stepper.stats().num_running
+            running = self._stats().num_running
             logger.info("signal %d: refusing new work and draining %d running requests", signum, running)
             if self.draining:
                 self.stop_event.set()
@@ -147,7 +149,7 @@ class EngineCore:
             logger.exception("failed to handle a %s message from a peer", type(message).__name__)
             if isinstance(message, AddRequest):
                 error = error_delta(message.request_id, "The engine could not read this request.", 400)
-                self.io.send(client_id, Outputs(self.config.engine_id, [error], self.stepper.stats()))
+                self.io.send(client_id, Outputs(self.config.engine_id, [error], self._stats()))
 
     def _on_hello(self, client_id: bytes, message: Hello, _frames: list[bytes]) -> None:
         if message.protocol_version != PROTOCOL_VERSION:
@@ -161,6 +163,10 @@ class EngineCore:
             self.known_clients.add(client_id)
             logger.info("API process %r connected", message.client_name)
         self.io.send(client_id, self.parts.ready)
+
+    def _stats(self) -> SchedulerStats:
+        """The stepper's figures plus the transport's own (messages it could not decode)."""
+        return msgspec.structs.replace(self.stepper.stats(), num_bad_messages=self.io.num_bad_messages)
 
     def _on_heartbeat(self, client_id: bytes, _message: Heartbeat, _frames: list[bytes]) -> None:
         return None  # the socket thread already recorded when we last heard from this client
@@ -176,7 +182,7 @@ class EngineCore:
         else:
             rejection = self.stepper.add(message, client_id, frames)
         if rejection is not None:
-            self.io.send(client_id, Outputs(self.config.engine_id, [rejection], self.stepper.stats()))
+            self.io.send(client_id, Outputs(self.config.engine_id, [rejection], self._stats()))
 
     # -- LoRA adapters at run time --------------------------------------------------------------------
     def _on_load_lora(self, client_id: bytes, message: LoadLora, _frames: list[bytes]) -> None:
@@ -228,7 +234,7 @@ class EngineCore:
         per_client: dict[bytes, list[RequestDelta]] = defaultdict(list)
         for client_id, delta in deltas:
             per_client[client_id].append(delta)
-        stats = self.stepper.stats()
+        stats = self._stats()
         self.io.stats = stats
         for client_id, client_deltas in per_client.items():
             self.io.send(client_id, Outputs(self.config.engine_id, client_deltas, stats))
@@ -239,8 +245,7 @@ class EngineCore:
         if now - self._last_housekeeping < self.config.heartbeat_interval_s:
             return
         self._last_housekeeping = now
-        self.stepper.num_bad_messages = self.io.num_bad_messages
-        self.io.stats = self.stepper.stats()
+        self.io.stats = self._stats()
         for client_id, last_seen in list(self.io.clients.items()):
             if now - last_seen > self.config.client_timeout_s:
                 self._drop_client(client_id)

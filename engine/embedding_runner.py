@@ -1,7 +1,7 @@
 """The engine for `--task embed`: batches whole prompts under the token budget, encodes them with a
 BERT encoder in one step each (no KV cache), pools and normalizes, and answers with the vectors.
 
-`EmbeddingStepper` offers the same interface as `EngineStepper`, so EngineCore drives either.
+`EmbeddingStepper` implements the same `Stepper` protocol as `EngineStepper`, so EngineCore drives either.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from engine.config import EngineConfig
 from engine.loader.encoder_folder import LoadedEncoder, PoolingConfig, load_encoder
 from engine.request_intake import MAX_REQUEST_ID_CHARS
-from engine.stepper import error_delta
+from engine.step_protocol import Stepper, error_delta
 from protocol.messages import AddRequest, FinishReason, Ready, RequestDelta, SchedulerStats
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class _Pending:
     token_ids: list[int]
 
 
-class EmbeddingStepper:
+class EmbeddingStepper(Stepper):
     def __init__(self, parts: EmbeddingParts, *, max_waiting_requests: int | None = None) -> None:
         self.parts = parts
         self.max_waiting_requests = max_waiting_requests
@@ -115,7 +115,6 @@ class EmbeddingStepper:
         self.max_step_num_seqs = 0
         self.last_step_num_seqs = 0
         self.last_step_num_tokens = 0
-        self.num_bad_messages = 0
         self.last_step_had_work = False
 
     @property
@@ -234,5 +233,4 @@ class EmbeddingStepper:
             num_scheduled_seqs=self.last_step_num_seqs,
             num_scheduled_tokens=self.last_step_num_tokens,
             max_step_num_seqs=self.max_step_num_seqs,
-            num_bad_messages=self.num_bad_messages,
         )

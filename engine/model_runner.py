@@ -1,10 +1,14 @@
-"""Turns a scheduler output into flat model inputs, runs the model, and samples one token per finishing row."""
+"""Turns a step's plan into flat model inputs, runs the model, and samples one token per finishing row.
+
+The runner reads the plan (and, read-only, the requests it names) and returns a ModelRunnerOutput; it
+changes no request: the scheduler applies the output. The only state it keeps across steps is the
+seeded requests' generators (in the sampler), dropped when a plan lists those requests as finished.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,8 +18,9 @@ from engine.cuda_graphs import DecodeGraphs, build_decode_graphs
 from engine.kv_cache import NULL_BLOCK_ID
 from engine.readback import DeviceReadback, tensor_to_device, to_device
 from engine.request import Request
-from engine.sampler import LogprobRow, Sampler, SampleResult, TokenBitmask
-from engine.scheduler import SchedulerOutput
+from engine.sampler import PendingPromptLogprobs, Sampler, SampleResult, TokenBitmask
+from engine.scheduler import ScheduledRequest, SchedulerOutput
+from engine.step_output import ModelRunnerOutput, PromptLogprobChunk
 
 if TYPE_CHECKING:
     from engine.lora.manager import LoraManager
@@ -23,13 +28,6 @@ if TYPE_CHECKING:
     from engine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StepResult:
-    sampled: dict[str, int]  # request_id -> new token, for rows that reached the end of their tokens
-    logprobs: dict[str, LogprobRow]
-    prompt_logprobs: dict[str, list[LogprobRow | None]]  # sent once, with the request's first token
 
 
 def kv_cache_bytes_per_block(
@@ -109,10 +107,10 @@ class ModelRunner:
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
-        max_blocks = max(len(r.block_ids) for r, _ in out.scheduled)
+        max_blocks = max(len(row.request.block_ids) for row in out.rows)
         block_rows: list[list[int]] = []
-        for request, num_new in out.scheduled:
-            start = request.num_computed_tokens
+        for row in out.rows:
+            request, num_new, start = row.request, row.num_new, row.start
             if num_new == 1:
                 token_ids.append(request.token_id_at(start))
             else:
@@ -132,7 +130,7 @@ class ModelRunner:
             seq_lens=to_device(seq_lens, torch.int32, dev),
             block_table=tensor_to_device(block_table, dev),
             slot_mapping=to_device(slots, torch.int64, dev),
-            max_query_len=max(n for _, n in out.scheduled),
+            max_query_len=max(row.num_new for row in out.rows),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
@@ -144,16 +142,16 @@ class ModelRunner:
         self, out: SchedulerOutput, input_ids: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor | None:
         """Token embeddings with prompt-embedding rows spliced in, or None when no row carries any."""
-        if not any(r.prompt_embeds for r, _ in out.scheduled):
+        if not any(row.request.prompt_embeds for row in out.rows):
             return None
         embeds = self.model.embed_input_ids(input_ids)  # [T, H]
-        for row, (request, num_new) in enumerate(out.scheduled):
-            start = request.num_computed_tokens
-            flat0 = meta.query_start_loc_cpu[row]
-            for pe in request.prompt_embeds:
+        for index, row in enumerate(out.rows):
+            start, num_new = row.start, row.num_new
+            flat0 = meta.query_start_loc_cpu[index]
+            for pe in row.request.prompt_embeds:
                 lo, hi = max(pe.start, start), min(pe.end, start + num_new)
                 if lo < hi:
-                    rows = pe.rows[lo - pe.start : hi - pe.start]  # type: ignore[index]
+                    rows = pe.rows[lo - pe.start : hi - pe.start]
                     rows = tensor_to_device(rows.to(embeds.dtype), self.device)
                     embeds[flat0 + lo - start : flat0 + hi - start] = rows
         return embeds
@@ -161,11 +159,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, out: SchedulerOutput, bitmask_for: Callable[[list[Request]], TokenBitmask | None] | None = None
-    ) -> StepResult:
+    ) -> ModelRunnerOutput:
         """Runs one step. bitmask_for(requests that sample) gives their structured-output masks; it is called
         after the forward pass is queued, so on a GPU the grammar work overlaps the model's.
 
         The step reads from the device exactly once: sampled ids, logprobs and prompt logprobs together."""
+        self.sampler.forget(out.finished_request_ids)
         input_ids, positions, meta = self._build_inputs(out)
         inputs_embeds = self._input_embeds(out, input_ids, meta)
         if self.lora is not None:
@@ -175,17 +174,14 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta, inputs_embeds=inputs_embeds)
         readback = DeviceReadback()
-        self.sampler.start_step()
-        for row, (request, num_new) in enumerate(out.scheduled):
-            if request.sampling.prompt_logprobs is not None and not request.sent_prompt_logprobs:
-                self._prompt_logprobs(request, num_new, hidden, meta.query_start_loc_cpu[row], readback)
+        prompt_pending: dict[str, list[PendingPromptLogprobs]] = {}
+        for index, row in enumerate(out.rows):
+            if row.prompt_logprobs:
+                flat0 = meta.query_start_loc_cpu[index]
+                prompt_pending[row.request.request_id] = self._prompt_logprobs(row, hidden, flat0, readback)
         # Rows that reach the end of their known tokens sample a new one; mid-prompt chunks do not.
-        sample_rows = []
-        sample_requests: list[Request] = []
-        for row, (request, num_new) in enumerate(out.scheduled):
-            if request.num_computed_tokens + num_new == request.num_tokens:
-                sample_rows.append(meta.query_start_loc_cpu[row + 1] - 1)
-                sample_requests.append(request)
+        sample_rows = [meta.query_start_loc_cpu[i + 1] - 1 for i, row in enumerate(out.rows) if row.samples]
+        sample_requests = [row.request for row in out.rows if row.samples]
         pending = None
         if sample_requests:
             last_hidden = hidden.index_select(0, to_device(sample_rows, torch.int64, self.device))
@@ -193,8 +189,11 @@ class ModelRunner:
             bitmask = bitmask_for(sample_requests) if bitmask_for is not None else None
             pending = self.sampler.enqueue(logits, sample_requests, readback, bitmask)
         readback.fetch()
-        self.sampler.collect_prompt_logprobs(readback)
-        result = StepResult({}, {}, {})
+        result = ModelRunnerOutput()
+        for request_id, pieces in prompt_pending.items():
+            if pieces:
+                rows = [r for piece in pieces for r in self.sampler.prompt_logprob_rows(piece, readback)]
+                result.prompt_logprobs[request_id] = PromptLogprobChunk(pieces[0].start, rows)
         if pending is None:
             return result
         sampled: SampleResult = self.sampler.result(pending, readback)
@@ -203,20 +202,18 @@ class ModelRunner:
             lp = sampled.logprobs[i]
             if lp is not None:
                 result.logprobs[request.request_id] = lp
-            if request.sampling.prompt_logprobs is not None and not request.sent_prompt_logprobs:
-                prompt_lps = self.sampler.take_prompt_logprobs(request.request_id)
-                result.prompt_logprobs[request.request_id] = prompt_lps or [None]
-                request.sent_prompt_logprobs = True  # a recompute after preemption does not redo them
         return result
 
     def _prompt_logprobs(
-        self, request: Request, num_new: int, hidden: torch.Tensor, flat0: int, readback: DeviceReadback
-    ) -> None:
+        self, row: ScheduledRequest, hidden: torch.Tensor, flat0: int, readback: DeviceReadback
+    ) -> list[PendingPromptLogprobs]:
         """Logprobs of the prompt tokens this chunk predicts (the rows before the last prompt token)."""
-        start = request.num_computed_tokens
-        end = min(start + num_new, request.num_prompt_tokens - 1)
+        start = row.start
+        end = min(start + row.num_new, row.request.num_prompt_tokens - 1)
         step = 256  # rows of [*, vocab] float32 logits at a time
+        pieces = []
         for lo in range(start, end, step):
             hi = min(lo + step, end)
             logits = self.model.compute_logits(hidden[flat0 + lo - start : flat0 + hi - start])
-            self.sampler.add_prompt_logprobs(request, logits, lo, readback)
+            pieces.append(self.sampler.enqueue_prompt_logprobs(row.request, logits, lo, readback))
+        return pieces

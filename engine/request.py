@@ -5,9 +5,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
+from engine.step_output import LogprobRow
 from protocol.messages import FinishReason, SamplingParams
+
+if TYPE_CHECKING:  # annotations only: the scheduler side never imports torch or llguidance
+    import torch
+
+    from engine.lora.adapter import LoraWeights
+    from engine.structured import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -22,7 +29,7 @@ class PromptEmbeds:
     """Rows that replace token embeddings at prompt positions start : start + len(rows)."""
 
     start: int
-    rows: object  # torch.Tensor [num_tokens, hidden]; typed loosely so the scheduler never imports torch
+    rows: torch.Tensor  # [num_tokens, hidden]
     digest: str
 
     @property
@@ -31,7 +38,7 @@ class PromptEmbeds:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.rows.shape[0])  # type: ignore[attr-defined]
+        return int(self.rows.shape[0])
 
 
 @dataclass(eq=False)
@@ -58,13 +65,14 @@ class Request:
     stop_reason: int | None = None
     num_preemptions: int = 0
     sent_prompt_logprobs: bool = False
+    # Prompt logprobs gathered so far (index = prompt position; position 0 is None), until they are sent.
+    prompt_logprob_rows: list[LogprobRow | None] | None = None
     received_at: float = field(default_factory=time.monotonic)  # when this engine got the request
     queue_time_s: float | None = None  # received -> first scheduled; kept through preemptions
-    # engine.structured.RequestGrammar for constrained requests; typed loosely so the scheduler stays light.
-    grammar: Any = None
-    # engine.lora.adapter.LoraWeights of the adapter this request runs under (None: the base model),
-    # held here so an unload lets the request finish with the weights it started with.
-    lora: Any = None
+    grammar: RequestGrammar | None = None  # constrained requests only
+    # The adapter's weights this request runs under (None: the base model), held here so an unload
+    # lets the request finish with the weights it started with.
+    lora: LoraWeights | None = None
 
     @property
     def lora_key(self) -> str | None:

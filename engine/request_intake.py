@@ -20,6 +20,7 @@ from protocol.messages import AddRequest, SamplingParams
 
 if TYPE_CHECKING:
     from engine.engine_setup import EngineParts
+    from engine.lora.adapter import LoraWeights
 
 
 class RequestRejected(ValueError):
@@ -159,7 +160,7 @@ def make_request(message: AddRequest, client_id: bytes, frames: list[bytes], par
     )
 
 
-def _resolve_lora(name: str, parts: EngineParts) -> object:
+def _resolve_lora(name: str, parts: EngineParts) -> LoraWeights:
     """The adapter's weights; 404 naming the model when this engine does not hold it (the frontend
     checks first, but an engine does not trust its peers)."""
     from engine.lora.adapter import LoraError

@@ -15,7 +15,7 @@ else shares the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,15 +23,13 @@ import torch
 
 from engine.readback import DeviceReadback, tensor_to_device, to_device
 from engine.request import Request
+from engine.step_output import LogprobRow
 
 # Host list (+ dtype, default int64) -> device tensor, without waiting for the device.
 _ToDevice = Callable[..., torch.Tensor]
 
 # Temperatures below this are greedy (vLLM's epsilon): dividing by them only overflows.
 _SAMPLING_EPS = 1e-5
-
-# (logprob of the token, its rank in the distribution (1 = most likely), top ids, top logprobs)
-LogprobRow = tuple[float, int, list[int], list[float]]
 
 
 @dataclass
@@ -58,6 +56,15 @@ class PendingSample:
     k: int
 
 
+@dataclass
+class PendingPromptLogprobs:
+    """Prompt logprobs queued on the device: rows for positions start + 1 .. start + n."""
+
+    start: int
+    slot: int
+    k: int
+
+
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
         self.vocab_size = vocab_size
@@ -67,19 +74,13 @@ class Sampler:
         # which model loading and anything else in the process may reseed or consume.
         self.unseeded_generator = torch.Generator(device=device)
         self.unseeded_generator.manual_seed(seed)
-        # request_id -> prompt logprobs gathered so far (index = prompt position; position 0 is None)
-        self.prompt_logprobs: dict[str, list[LogprobRow | None]] = {}
-        # (request_id, start, table slot, k) queued this step, turned into rows once read back
-        self._pending_prompt: list[tuple[str, int, int, int]] = []
         self._shifts = torch.arange(32, dtype=torch.int32, device=device)
 
-    def start_step(self) -> None:
-        """Drops what an earlier step queued but never collected (that step failed before its readback)."""
-        self._pending_prompt = []
-
-    def forget(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
-        self.prompt_logprobs.pop(request_id, None)
+    def forget(self, request_ids: Iterable[str]) -> None:
+        """Drops the generators of requests that ended (the plan lists them); the only state kept
+        across steps, since a seeded request's noise must continue its own sequence."""
+        for request_id in request_ids:
+            self.generators.pop(request_id, None)
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling.seed
@@ -216,31 +217,20 @@ class Sampler:
         return result
 
     # -- prompt logprobs -------------------------------------------------------------------------------
-    def add_prompt_logprobs(
+    def enqueue_prompt_logprobs(
         self, request: Request, logits: torch.Tensor, start: int, readback: DeviceReadback
-    ) -> None:
+    ) -> PendingPromptLogprobs:
         """Queues the logprobs of logits [n, V], computed at prompt positions start..start+n-1, each
-        predicting the next prompt token; collect_prompt_logprobs() files them after the readback."""
+        predicting the next prompt token; prompt_logprob_rows() reads them after the readback."""
         k = min(request.sampling.prompt_logprobs or 0, self.vocab_size)
         num = logits.shape[0]
         targets = self._tensor(request.prompt_token_ids[start + 1 : start + 1 + num])
         logprobs = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
-        slot = readback.add(_logprob_table(logprobs, targets, k))
-        self._pending_prompt.append((request.request_id, start, slot, k))
+        return PendingPromptLogprobs(start, readback.add(_logprob_table(logprobs, targets, k)), k)
 
-    def collect_prompt_logprobs(self, readback: DeviceReadback) -> None:
-        """Files the queued prompt logprobs. A request recomputed from position 0 (preempted mid-prompt)
-        starts its list again."""
-        for request_id, start, slot, k in self._pending_prompt:
-            rows = self.prompt_logprobs.get(request_id)
-            if rows is None or start == 0:
-                rows = self.prompt_logprobs[request_id] = [None]
-            del rows[start + 1 :]
-            rows.extend(_rows_from_table(readback.get(slot), k))
-        self._pending_prompt = []
-
-    def take_prompt_logprobs(self, request_id: str) -> list[LogprobRow | None] | None:
-        return self.prompt_logprobs.pop(request_id, None)
+    @staticmethod
+    def prompt_logprob_rows(pending: PendingPromptLogprobs, readback: DeviceReadback) -> list[LogprobRow]:
+        return _rows_from_table(readback.get(pending.slot), pending.k)
 
 
 def _is_random(request: Request) -> bool:

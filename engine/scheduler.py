@@ -7,29 +7,83 @@ preempted and recomputed later. No torch here.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestStatus
+from engine.step_output import ModelRunnerOutput, PromptLogprobChunk, RequestUpdate
 from protocol.messages import FinishReason
+
+logger = logging.getLogger(__name__)
+
+# A token its grammar rejected: the mask forbids such tokens, so this happens when the request's other
+# settings forbid every token the grammar allows, a contradiction in the request itself (hence 400).
+GRAMMAR_CONTRADICTION = (
+    "No token satisfies both the structured-output constraint and the request's other "
+    "sampling settings (allowed_token_ids, logit_bias, bad words, min_tokens)."
+)
+
+
+def step_failed_message(request_id: str) -> str:
+    # A public sentence: the exception and its traceback go to the engine log, keyed by the request id.
+    return f"The engine failed while running request {request_id}; the details are in the engine log."
+
+
+class ScheduledRequest(NamedTuple):
+    """One row of a step's plan, fixed when it is scheduled: the runner reads this, never the request's
+    progress (which only update_from_output moves). A NamedTuple: built for every row of every step,
+    and a frozen dataclass costs several times more to build."""
+
+    request: Request
+    num_new: int  # tokens computed this step
+    start: int  # position of the first of them (the request's computed tokens when scheduled)
+    samples: bool  # the chunk reaches the end of the known tokens: the row samples a new one
+    prompt_logprobs: bool  # the chunk's prompt positions need logprobs (asked for, not yet sent)
 
 
 @dataclass
 class SchedulerOutput:
-    # Requests in batch order with the number of tokens each computes this step.
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    """A step's self-contained plan, already corrected for the preemptions made while building it."""
+
+    rows: list[ScheduledRequest] = field(default_factory=list)  # batch order
     num_preempted: int = 0
+    # Requests that ended since the last plan: the runner drops what it keeps for them (seeded generators).
+    finished_request_ids: set[str] = field(default_factory=set)
+
+    @property
+    def scheduled(self) -> list[tuple[Request, int]]:
+        """(request, tokens this step) in batch order, for readers that need no more (LoRA slot mapping)."""
+        return [(row.request, row.num_new) for row in self.rows]
 
     @property
     def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
+        return sum(row.num_new for row in self.rows)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.rows
+
+
+def _plan_row(request: Request, num_new: int) -> ScheduledRequest:
+    start = request.num_computed_tokens
+    return ScheduledRequest(
+        request,
+        num_new,
+        start,
+        start + num_new == len(request.prompt_token_ids) + len(request.output_token_ids),
+        request.sampling.prompt_logprobs is not None and not request.sent_prompt_logprobs,
+    )
+
+
+class GrammarAdvancer(Protocol):
+    """engine.structured.StructuredOutputs, seen from here (it needs llguidance; the scheduler does not)."""
+
+    def advance(self, rows: list[Request], sampled: dict[str, int]) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +104,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.grammars: GrammarAdvancer | None = None  # set by the stepper with its first constrained request
+        self._finished_ids: set[str] = set()  # ended since the last plan (see SchedulerOutput)
 
     # -- intake ---------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -85,6 +141,8 @@ class Scheduler:
         budget = self._schedule_running(out, budget)
         if out.num_preempted == 0:
             self._schedule_waiting(out, budget)
+        if out.rows:  # an empty plan never reaches the runner: keep the ids for the next one
+            out.finished_request_ids, self._finished_ids = self._finished_ids, set()
         return out
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
@@ -114,7 +172,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append((request, num_new))
+                out.rows.append(_plan_row(request, num_new))
                 budget -= num_new
                 index += 1
         return budget
@@ -122,10 +180,10 @@ class Scheduler:
     @staticmethod
     def _unschedule(out: SchedulerOutput, request: Request) -> int:
         """Remove request from this step's batch (if there); returns the tokens it had been given."""
-        for position, (scheduled, num_tokens) in enumerate(out.scheduled):
-            if scheduled is request:
-                del out.scheduled[position]
-                return num_tokens
+        for position, row in enumerate(out.rows):
+            if row.request is request:
+                del out.rows[position]
+                return row.num_new
         return 0
 
     def _pick_victim(self) -> int:
@@ -181,27 +239,57 @@ class Scheduler:
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = num_cached
             self.running.append(request)
-            out.scheduled.append((request, num_new))
+            out.rows.append(_plan_row(request, num_new))
             budget -= num_new
 
     # -- results --------------------------------------------------------------------------------------
-    def update_after_step(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance progress, append sampled tokens, and finish requests that hit a stop. Returns finished."""
-        finished = []
-        for request, num_new in out.scheduled:
-            if request.is_finished:  # aborted while the step ran
-                continue
+    def update_from_output(self, plan: SchedulerOutput, output: ModelRunnerOutput) -> list[RequestUpdate]:
+        """The one place a step's results change requests: progress, prompt logprobs, sampled tokens,
+        grammar checks, stops and step failures. Returns the news of each request, errors first."""
+        errors: list[RequestUpdate] = []
+        if output.failed:
+            failed = set(output.failed)
+            for row in plan.rows:
+                if row.request.request_id in failed and not row.request.is_finished:
+                    self._finish(row.request, FinishReason.ERROR)
+                    message = step_failed_message(row.request.request_id)
+                    errors.append(RequestUpdate(row.request, error=message, error_status=500))
+        rejected: dict[str, str] = {}
+        if self.grammars is not None:
+            live = [row.request for row in plan.rows if not row.request.is_finished]
+            rejected = self.grammars.advance(live, output.sampled)
+        sampled, logprobs, prompt_chunks = output.sampled, output.logprobs, output.prompt_logprobs
+        updates: list[RequestUpdate] = []
+        for request, num_new, _, _, wants_prompt_logprobs in plan.rows:
+            if request.status is RequestStatus.FINISHED:
+                continue  # failed above, or aborted while the step ran
+            request_id = request.request_id
             request.num_computed_tokens += num_new
             self.kv_cache.cache_full_blocks(request)
-            token_id = sampled.get(request.request_id)
+            if prompt_chunks:
+                chunk = prompt_chunks.get(request_id)
+                if chunk is not None:
+                    add_prompt_logprobs(request, chunk)
+            token_id = sampled.get(request_id)
             if token_id is None:
                 continue  # a prefill chunk that has not reached the end of the prompt yet
             request.output_token_ids.append(token_id)
+            if request_id in rejected:
+                logger.warning("request %s: %s", request_id, rejected[request_id][:2000])
+                self._finish(request, FinishReason.ERROR)
+                errors.append(RequestUpdate(request, error=GRAMMAR_CONTRADICTION, error_status=400))
+                continue
+            update = RequestUpdate(request, token_id, logprobs.get(request_id))
+            if wants_prompt_logprobs:
+                # Sent once, with the first token: a recompute after preemption does not redo them.
+                update.prompt_logprobs = request.prompt_logprob_rows or [None]
+                request.prompt_logprob_rows = None
+                request.sent_prompt_logprobs = True
             reason = self._stop_reason(request, token_id)
             if reason is not None:
                 self._finish(request, reason)
-                finished.append(request)
-        return finished
+            updates.append(update)
+        return errors + updates
 
     def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
         sampling = request.sampling
@@ -228,7 +316,18 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
+        self._finished_ids.add(request.request_id)
 
     def finish_with_error(self, request: Request) -> None:
         if not request.is_finished:
             self._finish(request, FinishReason.ERROR)
+
+
+def add_prompt_logprobs(request: Request, chunk: PromptLogprobChunk) -> None:
+    """Files a chunk (index = prompt position; position 0 has none). A request recomputed from position
+    0 (preempted mid-prompt) starts its list again."""
+    rows = request.prompt_logprob_rows
+    if rows is None or chunk.start == 0:
+        rows = request.prompt_logprob_rows = [None]
+    del rows[chunk.start + 1 :]
+    rows.extend(chunk.rows)

@@ -11,15 +11,15 @@ import logging
 from collections.abc import Iterable
 
 from engine.engine_setup import EngineParts
-from engine.model_runner import StepResult
-from engine.request import Request
+from engine.request import Request, RequestStatus
 from engine.request_intake import RequestRejected, make_request
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import SchedulerOutput, step_failed_message
+from engine.step_output import LogprobRow, ModelRunnerOutput, RequestUpdate
+from engine.step_protocol import Stepper, error_delta
 from engine.structured import StructuredOutputs
 from protocol.messages import (
     ITERATION_TOKENS_BUCKETS,
     AddRequest,
-    FinishReason,
     RequestDelta,
     SchedulerStats,
     TokenLogprob,
@@ -27,18 +27,11 @@ from protocol.messages import (
 
 logger = logging.getLogger(__name__)
 
-
-def error_delta(request_id: str, error: str, status: int) -> RequestDelta:
-    return RequestDelta(request_id, [], finish_reason=FinishReason.ERROR, error=error, error_status=status)
-
-
-def step_failed_message(request_id: str) -> str:
-    # A public sentence: the exception and its traceback go to the engine log, keyed by the request id.
-    return f"The engine failed while running request {request_id}; the details are in the engine log."
+__all__ = ["EngineStepper", "error_delta"]
 
 
 def _prompt_logprobs(
-    request: Request, rows: list[tuple[float, int, list[int], list[float]] | None] | None
+    request: Request, rows: list[LogprobRow | None] | None
 ) -> list[TokenLogprob | None] | None:
     if rows is None:
         return None
@@ -48,7 +41,27 @@ def _prompt_logprobs(
     ]
 
 
-class EngineStepper:
+def _delta(update: RequestUpdate) -> RequestDelta:
+    request = update.request
+    if update.error is not None or update.token_id is None:
+        return error_delta(request.request_id, update.error or "", update.error_status)
+    lp = update.logprobs
+    token_id = update.token_id
+    return RequestDelta(
+        request.request_id,
+        [token_id],
+        finish_reason=request.finish_reason,
+        stop_reason=request.stop_reason,
+        num_cached_tokens=request.num_cached_tokens or 0,
+        logprobs=[TokenLogprob(token_id, lp[0], lp[1], lp[2], lp[3])] if lp else None,
+        prompt_logprobs=_prompt_logprobs(request, update.prompt_logprobs),
+        num_prompt_tokens=request.num_prompt_tokens,
+        queue_time_s=request.queue_time_s if request.num_output_tokens == 1 else None,
+        num_preemptions=request.num_preemptions if request.finish_reason is not None else 0,
+    )
+
+
+class EngineStepper(Stepper):
     def __init__(self, parts: EngineParts, *, max_waiting_requests: int | None = None) -> None:
         self.parts = parts
         self.scheduler = parts.scheduler
@@ -62,7 +75,6 @@ class EngineStepper:
         # vllm:iteration_tokens_total: steps per ITERATION_TOKENS_BUCKETS bound (+1 overflow), token sum
         self.iteration_tokens_counts = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
         self.iteration_tokens_sum = 0
-        self.num_bad_messages = 0  # set by the transport
         self.last_step_had_work = False
         self._structured: StructuredOutputs | None = None
 
@@ -74,6 +86,7 @@ class EngineStepper:
             self._structured = StructuredOutputs.create(
                 ready.tokenizer_json, self.parts.vocab_size, self.parts.eos_token_ids
             )
+            self.scheduler.grammars = self._structured  # update_from_output advances the matchers
         return self._structured
 
     @property
@@ -124,37 +137,14 @@ class EngineStepper:
         self.max_step_num_seqs = max(self.max_step_num_seqs, self.last_step_num_seqs)
         self.iteration_tokens_counts[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, out.num_tokens)] += 1
         self.iteration_tokens_sum += out.num_tokens
-        result, failed = self._execute_isolating(out)
-        if failed:
-            grammar_failures += self._fail(failed)
-            out = SchedulerOutput([(r, n) for r, n in out.scheduled if not r.is_finished], out.num_preempted)
-        grammar_errors = {}
-        if self._structured is not None:
-            # The runner decided which rows sample; advance feeds only the requests in result.sampled.
-            grammar_errors = self._structured.advance([r for r, _ in out.scheduled], result.sampled)
-        finished = self.scheduler.update_after_step(out, result.sampled)
-        deltas = grammar_failures + self._fail_grammars(out, grammar_errors, finished)
-        finished_ids = {r.request_id for r in finished}
-        for request, _ in out.scheduled:
-            token_id = result.sampled.get(request.request_id)
-            if token_id is None or (request.is_finished and request.request_id not in finished_ids):
-                continue
-            lp = result.logprobs.get(request.request_id)
-            delta = RequestDelta(
-                request.request_id,
-                [token_id],
-                finish_reason=request.finish_reason,
-                stop_reason=request.stop_reason,
-                num_cached_tokens=request.num_cached_tokens or 0,
-                logprobs=[TokenLogprob(token_id, lp[0], lp[1], lp[2], lp[3])] if lp else None,
-                prompt_logprobs=_prompt_logprobs(request, result.prompt_logprobs.get(request.request_id)),
-                num_prompt_tokens=request.num_prompt_tokens,
-                queue_time_s=request.queue_time_s if request.num_output_tokens == 1 else None,
-                num_preemptions=request.num_preemptions if request.finish_reason is not None else 0,
-            )
-            deltas.append((request.client_id, delta))
-        for request in finished:
-            self._forget(request)
+        output = self._execute_isolating(out)
+        updates = self.scheduler.update_from_output(out, output)
+        deltas = grammar_failures
+        for update in updates:
+            request = update.request
+            deltas.append((request.client_id, _delta(update)))
+            if request.status is RequestStatus.FINISHED:
+                self._forget(request)
         return deltas
 
     def _poll_grammars(self) -> list[tuple[bytes, RequestDelta]]:
@@ -168,59 +158,31 @@ class EngineStepper:
             self._forget(request)
         return deltas
 
-    def _fail_grammars(
-        self, out: SchedulerOutput, errors: dict[str, str], finished: list[Request]
-    ) -> list[tuple[bytes, RequestDelta]]:
-        """A token its grammar rejected ends the request with an error. The mask forbids such tokens, so
-        this happens when the request's other settings (allowed_token_ids, logit_bias, ...) forbid every
-        token the grammar allows: a contradiction in the request itself, hence 400. A complete grammar
-        needs nothing here: its mask then allows only EOS, which stops the request."""
-        deltas = []
-        for request, _ in out.scheduled:
-            error = errors.get(request.request_id)
-            if error is None:
-                continue
-            logger.warning("request %s: %s", request.request_id, error[:2000])
-            if request in finished:
-                finished.remove(request)
-            self.scheduler.finish_with_error(request)
-            message = (
-                "No token satisfies both the structured-output constraint and the request's other "
-                "sampling settings (allowed_token_ids, logit_bias, bad words, min_tokens)."
-            )
-            deltas.append((request.client_id, error_delta(request.request_id, message, 400)))
-            self._forget(request)
-        return deltas
-
-    def _execute_isolating(self, out: SchedulerOutput) -> tuple[StepResult, list[Request]]:
-        """(result, requests whose step failed). When the batch fails, each request runs again alone, so
-        one request's bad input or an engine bug it triggers costs that request only: the others get their
-        token from the retry. Rerunning a row is safe: nothing is committed before update_after_step, and
-        the KV-cache writes of the failed attempt are rewritten with the same values."""
+    def _execute_isolating(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """The step's output; requests whose step failed are listed in its `failed`. When the batch fails,
+        each request runs again alone, so one request's bad input or an engine bug it triggers costs that
+        request only: the others get their token from the retry. Rerunning a row is safe: the runner
+        changes no request, and the KV-cache writes of the failed attempt are rewritten with the same
+        values."""
         bitmask = self._structured.bitmask if self._structured else None
         try:
-            return self.runner.execute(out, bitmask), []
+            return self.runner.execute(out, bitmask)
         except Exception:
             logger.exception(
                 "model step over %d requests failed (%s)",
-                len(out.scheduled),
-                ", ".join(r.request_id for r, _ in out.scheduled[:8]),
+                len(out.rows),
+                ", ".join(row.request.request_id for row in out.rows[:8]),
             )
-        if len(out.scheduled) == 1:
-            return StepResult({}, {}, {}), [out.scheduled[0][0]]
-        merged = StepResult({}, {}, {})
-        failed = []
-        for entry in out.scheduled:
+        if len(out.rows) == 1:
+            return ModelRunnerOutput(failed=[out.rows[0].request.request_id])
+        merged = ModelRunnerOutput()
+        for row in out.rows:
             try:
-                alone = self.runner.execute(SchedulerOutput([entry]), bitmask)
+                merged.merge(self.runner.execute(SchedulerOutput([row]), bitmask))
             except Exception:
-                logger.exception("request %s fails the model step on its own", entry[0].request_id)
-                failed.append(entry[0])
-                continue
-            merged.sampled.update(alone.sampled)
-            merged.logprobs.update(alone.logprobs)
-            merged.prompt_logprobs.update(alone.prompt_logprobs)
-        return merged, failed
+                logger.exception("request %s fails the model step on its own", row.request.request_id)
+                merged.failed.append(row.request.request_id)
+        return merged
 
     def _fail(self, requests: Iterable[Request]) -> list[tuple[bytes, RequestDelta]]:
         deltas = []
@@ -240,7 +202,6 @@ class EngineStepper:
         self.owner.pop(request.request_id, None)
         if self._structured is not None:
             self._structured.forget(request.request_id)
-        self.runner.sampler.forget(request.request_id)
 
     def stats(self) -> SchedulerStats:
         kv = self.scheduler.kv_cache
@@ -256,7 +217,6 @@ class EngineStepper:
             prefix_cache_hits=kv.num_hit_tokens,
             max_step_num_seqs=self.max_step_num_seqs,
             num_free_blocks=kv.num_free_blocks,
-            num_bad_messages=self.num_bad_messages,
             num_waiting_deferred=sum(1 for r in self.scheduler.waiting if r.is_waiting_for_grammar),
             iteration_tokens_counts=list(self.iteration_tokens_counts),
             iteration_tokens_sum=self.iteration_tokens_sum,

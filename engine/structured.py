@@ -129,8 +129,8 @@ class StructuredOutputs:
         """Hands finished compiles to their requests; returns (request, error) for compiles that failed."""
         failed = []
         for request_id, request in list(self.compiling.items()):
-            grammar: RequestGrammar = request.grammar
-            if not grammar.future.done():
+            grammar = request.grammar
+            if grammar is None or not grammar.future.done():
                 continue
             del self.compiling[request_id]
             exc = grammar.future.exception()
@@ -145,13 +145,14 @@ class StructuredOutputs:
     def bitmask(self, rows: list[Request]) -> TokenBitmask | None:
         """Allowed tokens of the constrained requests among `rows` (those that sample this step), as bits;
         None when none is constrained. The sampler expands the bits on the model's device."""
-        constrained = [r for r in rows if r.grammar is not None and r.grammar.matcher is not None]
+        matchers = [(r, r.grammar.matcher) for r in rows if r.grammar is not None]
+        constrained = [(r, m) for r, m in matchers if m is not None]
         if not constrained:
             return None
         words = np.full((len(constrained), self._num_words), -1, dtype=np.int32)  # [B, V/32]
-        pairs = [(r.grammar.matcher, i) for i, r in enumerate(constrained)]
+        pairs = [(m, i) for i, (_, m) in enumerate(constrained)]
         llg_numpy.fill_next_token_bitmask_par(self._executor, pairs, words)
-        return TokenBitmask([r.request_id for r in constrained], words)
+        return TokenBitmask([r.request_id for r, _ in constrained], words)
 
     def advance(self, rows: list[Request], sampled: dict[str, int]) -> dict[str, str]:
         """Feeds each constrained request its new token; returns request_id -> error for rejected tokens."""

@@ -48,7 +48,7 @@ def test_engine_with_int8_weights_decodes_like_bf16(tiny_model_dir: TinyModelDir
         parts.scheduler.add_request(request)
         while request.num_output_tokens < 8:
             out = parts.scheduler.schedule()
-            parts.scheduler.update_after_step(out, parts.runner.execute(out).sampled)
+            parts.scheduler.update_from_output(out, parts.runner.execute(out))
         return list(request.output_token_ids)
 
     assert greedy(True) == greedy(False)  # a tiny model's margins are wide enough for the same tokens

@@ -10,6 +10,8 @@ import torch
 from engine.readback import DeviceReadback
 from engine.request import Request
 from engine.sampler import Sampler, TokenBitmask
+from engine.scheduler import add_prompt_logprobs as add_prompt_logprob_chunk
+from engine.step_output import PromptLogprobChunk
 from protocol.messages import SamplingParams
 
 VOCAB = 16
@@ -41,11 +43,13 @@ def new_sampler() -> Sampler:
 
 
 def add_prompt_logprobs(sampler: Sampler, request: Request, logits: torch.Tensor, start: int) -> None:
-    """One step's worth: queue, read back, file."""
+    """One step's worth: queue, read back, file on the request (as the scheduler does)."""
     readback = DeviceReadback()
-    sampler.add_prompt_logprobs(request, logits, start, readback)
+    pending = sampler.enqueue_prompt_logprobs(request, logits, start, readback)
     readback.fetch()
-    sampler.collect_prompt_logprobs(readback)
+    add_prompt_logprob_chunk(
+        request, PromptLogprobChunk(start, sampler.prompt_logprob_rows(pending, readback))
+    )
 
 
 def ramp_logits(rows: int = 1) -> torch.Tensor:
@@ -217,23 +221,22 @@ def test_logprobs_can_cover_the_whole_vocabulary() -> None:
     assert math.isclose(sum(math.exp(v) for v in all_vals), 1.0, rel_tol=1e-5)
     assert all_ids == raw[0].argsort(descending=True).tolist()
     assert len(out.logprobs[1][2]) == 3  # each request keeps its own count within the shared table
-    sampler = new_sampler()
-    add_prompt_logprobs(sampler, requests[1], logits, 0)
-    rows = sampler.take_prompt_logprobs("b")
+    add_prompt_logprobs(new_sampler(), requests[1], logits, 0)
+    rows = requests[1].prompt_logprob_rows
     assert rows is not None and all(len(row[2]) == VOCAB for row in rows[1:])
 
 
 def test_prompt_logprobs_accumulate_across_chunks_like_one_pass() -> None:
     prompt = [3, 8, 1, 12, 5, 9, 0]
     logits = torch.randn(len(prompt) - 1, VOCAB, generator=torch.Generator().manual_seed(3))
-    one = new_sampler()
-    add_prompt_logprobs(one, make_request(prompt=prompt, prompt_logprobs=2), logits, 0)
-    whole = one.take_prompt_logprobs("r")
+    one = make_request(prompt=prompt, prompt_logprobs=2)
+    add_prompt_logprobs(new_sampler(), one, logits, 0)
+    whole = one.prompt_logprob_rows
     chunked = new_sampler()
     request = make_request(prompt=prompt, prompt_logprobs=2)
     add_prompt_logprobs(chunked, request, logits[:4], 0)
     add_prompt_logprobs(chunked, request, logits[4:], 4)
-    assert chunked.take_prompt_logprobs("r") == whole
+    assert request.prompt_logprob_rows == whole
     assert whole is not None and whole[0] is None and len(whole) == len(prompt)
     raw = torch.log_softmax(logits, dim=-1)
     for pos in range(1, len(prompt)):
@@ -244,17 +247,19 @@ def test_prompt_logprobs_accumulate_across_chunks_like_one_pass() -> None:
     # A recompute from position 0 (preemption) starts the list again instead of appending.
     add_prompt_logprobs(chunked, request, logits[:4], 0)
     add_prompt_logprobs(chunked, request, logits[4:], 4)
-    assert chunked.take_prompt_logprobs("r") == whole
+    assert request.prompt_logprob_rows == whole
 
 
 def test_a_failed_step_leaves_nothing_queued_for_the_next() -> None:
+    """The sampler keeps no step state: what a failed step queued (never read back) cannot leak into
+    the rerun, which gives exactly what a sampler that never saw the failure gives."""
     prompt = [3, 8, 1, 12]
     logits = torch.randn(len(prompt) - 1, VOCAB, generator=torch.Generator().manual_seed(4))
     s = new_sampler()
     request = make_request(prompt=prompt, prompt_logprobs=1)
-    s.add_prompt_logprobs(request, logits, 0, DeviceReadback())  # that step fails before its readback
-    s.start_step()
+    s.enqueue_prompt_logprobs(request, logits, 0, DeviceReadback())  # that step fails before its readback
     add_prompt_logprobs(s, request, logits, 0)
-    reference = new_sampler()
-    add_prompt_logprobs(reference, request, logits, 0)
-    assert s.take_prompt_logprobs("r") == reference.take_prompt_logprobs("r")
+    alone = make_request(prompt=prompt, prompt_logprobs=1)
+    add_prompt_logprobs(new_sampler(), alone, logits, 0)
+    assert request.prompt_logprob_rows == alone.prompt_logprob_rows
+    assert request.prompt_logprob_rows is not None and len(request.prompt_logprob_rows) == len(prompt)

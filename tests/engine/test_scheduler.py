@@ -5,6 +5,7 @@ from __future__ import annotations
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler, SchedulerLimits
+from engine.step_output import ModelRunnerOutput
 from protocol.messages import FinishReason, SamplingParams
 
 EOS = 2
@@ -40,7 +41,7 @@ def run(scheduler: Scheduler, max_steps: int = 500) -> list[list[tuple[str, int]
             for r, n in out.scheduled
             if r.num_computed_tokens + n == r.num_tokens
         }
-        scheduler.update_after_step(out, sampled)
+        scheduler.update_from_output(out, ModelRunnerOutput(sampled))
     return steps
 
 
@@ -57,7 +58,7 @@ def test_decodes_are_scheduled_before_new_prefills() -> None:
     scheduler = make_scheduler(budget=10)
     scheduler.add_request(make_request(0, 4))
     run_one = scheduler.schedule()
-    scheduler.update_after_step(run_one, {"r0": 7})
+    scheduler.update_from_output(run_one, ModelRunnerOutput({"r0": 7}))
     scheduler.add_request(make_request(1, 30))
     out = scheduler.schedule()
     assert [(r.request_id, n) for r, n in out.scheduled] == [("r0", 1), ("r1", 9)]
@@ -108,7 +109,7 @@ def test_abort_mid_flight_frees_everything() -> None:
         scheduler.add_request(r)
     for _ in range(3):
         out = scheduler.schedule()
-        scheduler.update_after_step(out, {r.request_id: 9 for r, n in out.scheduled})
+        scheduler.update_from_output(out, ModelRunnerOutput({r.request_id: 9 for r, n in out.scheduled}))
     aborted = scheduler.abort_requests(["r0", "r2", "missing"])
     assert [r.request_id for r in aborted] == ["r0", "r2"]
     assert all(r.finish_reason is FinishReason.ABORT for r in aborted)
@@ -126,7 +127,7 @@ def test_stop_conditions() -> None:
     for r in (eos, stop_id, min_tokens):
         scheduler.add_request(r)
     out = scheduler.schedule()
-    scheduler.update_after_step(out, {"r0": EOS, "r1": 42, "r2": EOS})
+    scheduler.update_from_output(out, ModelRunnerOutput({"r0": EOS, "r1": 42, "r2": EOS}))
     assert eos.finish_reason is FinishReason.STOP and eos.stop_reason is None
     assert stop_id.finish_reason is FinishReason.STOP and stop_id.stop_reason == 42
     assert min_tokens.finish_reason is None  # EOS before min_tokens does not stop
@@ -153,7 +154,7 @@ def test_queue_time_is_measured_once_at_first_scheduling() -> None:
             assert r.queue_time_s is not None and r.queue_time_s >= 0
             assert first_wait.setdefault(r.request_id, r.queue_time_s) == r.queue_time_s
         sampled = {r.request_id: 9 for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens}
-        scheduler.update_after_step(out, sampled)
+        scheduler.update_from_output(out, ModelRunnerOutput(sampled))
     assert scheduler.num_preemptions > 0
     assert set(first_wait) == {r.request_id for r in requests}
 
@@ -185,11 +186,11 @@ def test_priority_preemption_of_a_request_already_in_this_steps_batch() -> None:
     high = make_request(1, 8, max_tokens=20, priority=0)
     scheduler.add_request(low)
     out = scheduler.schedule()
-    scheduler.update_after_step(out, {"r0": 9})
+    scheduler.update_from_output(out, ModelRunnerOutput({"r0": 9}))
     scheduler.add_request(high)
     out = scheduler.schedule()
     assert [(r.request_id, n) for r, n in out.scheduled] == [("r0", 1), ("r1", 8)]
-    scheduler.update_after_step(out, {"r0": 9, "r1": 9})
+    scheduler.update_from_output(out, ModelRunnerOutput({"r0": 9, "r1": 9}))
     out = scheduler.schedule()
     assert [(r.request_id, n) for r, n in out.scheduled] == [("r1", 1)]
     assert out.num_preempted == 1 and low.status is RequestStatus.PREEMPTED and not low.block_ids

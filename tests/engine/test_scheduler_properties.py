@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from engine.kv_cache import NULL_BLOCK_ID, KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
+from engine.step_output import ModelRunnerOutput
 from protocol.messages import FinishReason, SamplingParams
 
 EOS = 2
@@ -142,7 +143,7 @@ def simulate(scenario: Scenario, num_blocks: int) -> tuple[Scheduler, list[Reque
             for r, n in out.scheduled
             if r.num_computed_tokens + n == r.num_tokens
         }
-        scheduler.update_after_step(out, sampled)
+        scheduler.update_from_output(out, ModelRunnerOutput(sampled))
         check_pool(scheduler)
         step += 1
     assert step < MAX_STEPS, "the scheduler stopped making progress"
