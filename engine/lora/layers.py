@@ -12,10 +12,7 @@ makes few calls, whatever the mix of adapters, and reads no byte twice:
   base layer alone, as before, and a step with some gets the base output and h from one call;
 - one multiply applies the mask; one matmul per output part (q/k/v, gate/up) expands that part's columns
   of h with that part's B only (no block-diagonal zeros), over the slots up to the highest one in use;
-  one add puts the result on the base output (measured cheaper than addmm, which copies its input);
-- on CPU, when every slot is in use, the expands use B^T pre-packed into oneDNN's blocked layout (the
-  form torch.compile's freezing gives linear weights): ~10-20 us less per call than a plain mm, which
-  reorders B on every call. Packed again lazily after a slot is rewritten.
+  one add puts the result on the base output (measured cheaper than addmm, which copies its input).
 """
 
 from __future__ import annotations
@@ -69,14 +66,6 @@ class LoraBatch:
         return mask
 
 
-def _packable(weight: Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-    )
-
-
 def _fusable(base: nn.Module) -> bool:
     """Whether the base layer is a plain linear whose weight (and bias) can become a view of [W; A]; other
     layers (the int8 decode copies, tensor-parallel shards) keep their weight and a separate shrink."""
@@ -121,8 +110,6 @@ class LoraLinear(nn.Module):
         for size in self.output_sizes:
             self.parts_b.append(self.lora_b[start : start + width * size].view(width, size))
             start += width * size
-        self.packable = _packable(weight)
-        self._packed_b: list[Tensor] | None = None  # parts_b as oneDNN weights [out_p, S * R]; None: stale
 
     @property
     def lora_a(self) -> Tensor:
@@ -159,15 +146,9 @@ class LoraLinear(nn.Module):
                 torch.set_num_threads(num_threads)
 
     @torch.no_grad()
-    def _pack_b(self) -> list[Tensor]:
-        self._packed_b = [torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous()) for b in self.parts_b]
-        return self._packed_b
-
-    @torch.no_grad()
     def set_slot(self, slot: int, pairs: list[tuple[Tensor, Tensor] | None] | None) -> None:
         """Writes one adapter's (A [r, in], scaled B [out_p, r]) per part into a slot (None: zeros)."""
         rank_max, width = self.batch.max_rank, self.batch.max_loras * self.batch.max_rank
-        self._packed_b = None
         for part, part_b in enumerate(self.parts_b):
             rows_a = self.lora_a[part * width + slot * rank_max : part * width + (slot + 1) * rank_max]
             rows_b = part_b[slot * rank_max : (slot + 1) * rank_max]
@@ -179,11 +160,6 @@ class LoraLinear(nn.Module):
                 rank = part_a.shape[0]
                 rows_a[:rank] = part_a.to(rows_a.dtype)
                 rows_b[:rank] = scaled_b.t().to(rows_b.dtype)
-
-
-def _packed_linear(x: Tensor, packed: Tensor) -> Tensor:
-    """x @ W^T for a weight packed by mkldnn._reorder_linear_weight."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def wrap_model(model: nn.Module, batch: LoraBatch) -> dict[str, LoraLinear]:

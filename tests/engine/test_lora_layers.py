@@ -1,6 +1,6 @@
 """LoraLinear against the plain formula, token by token: base(x) + (x @ A_s^T) @ B_s^T per output part for
-the token's slot s, in each of its paths (the shrink fused into the base matmul or run apart, the expand
-through the packed or the plain B, some slots or all in use), and the base-only step left as it was."""
+the token's slot s, in each of its paths (the shrink fused into the base matmul or run apart, some slots
+or all in use, one to three output parts, with a bias or not), and the base-only step left as it was."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_each_token_gets_its_own_adapter(
     adapters = {slot: adapter(sizes, rank=MAX_RANK - slot, seed=slot) for slot in range(MAX_LORAS)}
     for slot, pairs in adapters.items():
         layer.set_slot(slot, pairs)
-    # All slots in use runs the packed expands on CPU; slots 0-1 only, the plain ones over 2 of 3 slots.
+    # All three slots in use, or only slots 0-1 (the expands then read 2 of the 3 slots' B rows).
     token_slots: list[int | None] = [0, None, 2, 1, 0, 2] if all_slots else [1, None, 0, 1]
     x = torch.randn(len(token_slots), IN).to(dtype)
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_each_token_gets_its_own_adapter(
 
 
 def test_a_rewritten_slot_is_used_at_the_next_step() -> None:
-    """The packed copy of B follows set_slot: a slot emptied and refilled serves the new adapter."""
+    """set_slot between steps: a slot refilled serves the new adapter at once, and an emptied one none."""
     sizes = [10, 6]
     layer, batch = build(sizes, bias=False, fusable=True, dtype=torch.float32)
     for slot in range(MAX_LORAS):
@@ -109,7 +109,7 @@ def test_a_rewritten_slot_is_used_at_the_next_step() -> None:
         batch.set_step(None)
         base_out = layer(x)
         set_step(batch, [0, 1, 2], torch.float32)
-        layer(x)  # packs the first adapters
+        layer(x)
         replacement = adapter(sizes, 2, seed=7)
         layer.set_slot(1, replacement)
         got = layer(x)
