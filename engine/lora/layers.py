@@ -5,14 +5,14 @@ Every wrapper holds --max-loras slots of zero-padded A and B matrices. One step 
 h = x @ A_all^T over the slots, zeroes the columns of the slots a token does not use (a mask built once
 per step from the runner's per-token slots, shared by all layers), and adds h @ B to the base output. At
 decode sizes a thin matmul costs mostly its call (oneDNN's fixed ~15-25 us) and its bytes, so a step
-makes few calls, whatever the mix of adapters, and reads no byte twice:
+makes few calls, whatever the mix of adapters, and reads no padding between parts:
 
 - the shrink runs in the base layer's matmul: the A rows sit under the base weight in one tensor [W; A]
   and the base layer's weight is a view of its first rows, so a step without adapter tokens runs the
   base layer alone, as before, and a step with some gets the base output and h from one call;
 - one multiply applies the mask; one matmul per output part (q/k/v, gate/up) expands that part's columns
   of h with that part's B only (no block-diagonal zeros), over the slots up to the highest one in use;
-  one add puts the result on the base output (measured cheaper than addmm, which copies its input).
+  one add puts the result on the base output (measured 10-20 us cheaper than addmm at these shapes).
 """
 
 from __future__ import annotations
