@@ -2,25 +2,33 @@
 whose tokens use different adapters (and the base model) runs as one batch.
 
 Every wrapper holds --max-loras slots of zero-padded A and B matrices. One step computes, for all tokens,
-h = x @ A_all^T over the slots up to the highest one in use (one thin matmul), zeroes the columns of the
-slots a token does not use (a mask built once per step from the runner's per-token slots, shared by all
-layers), and adds h @ B_all to the base output (a second thin matmul). That is three torch ops per projection whatever the mix of adapters:
-at decode sizes the cost of a matmul is mostly its call, so computing the unused slots' few columns
-costs less than gathering each adapter's tokens apart. A step with no adapter tokens skips it all.
+h = x @ A_all^T over the slots, zeroes the columns of the slots a token does not use (a mask built once
+per step from the runner's per-token slots, shared by all layers), and adds h @ B to the base output. At
+decode sizes a thin matmul costs mostly its call (oneDNN's fixed ~15-25 us) and its bytes, so a step
+makes few calls, whatever the mix of adapters, and reads no padding between parts:
+
+- the shrink runs in the base layer's matmul: the A rows sit under the base weight in one tensor [W; A]
+  and the base layer's weight is a view of its first rows, so a step without adapter tokens runs the
+  base layer alone, as before, and a step with some gets the base output and h from one call;
+- one multiply applies the mask; one matmul per output part (q/k/v, gate/up) expands that part's columns
+  of h with that part's B only (no block-diagonal zeros), over the slots up to the highest one in use;
+  one add puts the result on the base output (measured 10-20 us cheaper than addmm at these shapes).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.layers.linear import MergedLinear
 from engine.lora.adapter import TargetModule
 
 # Tandem module leaf names that LoRA adapts (q/k/v are parts of qkv_proj, gate/up of gate_up_proj).
 WRAPPED_LEAVES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-# On CPU, steps of at most this many tokens run the thin LoRA matmuls on one thread: at decode sizes
-# waking the other OpenMP threads (passive waiting, engine/cpu_threads.py) cost more than they gave
-# (measured on the 2-vCPU Zen 4 VM: 80 vs 103 us for one projection's LoRA at 8 rows).
+# On CPU, steps of at most this many tokens run the LoRA expands on one thread: at decode sizes waking
+# the other OpenMP threads (passive waiting, engine/cpu_threads.py) cost more than they gave (measured on
+# the 2-vCPU Zen 4 VM: 80 vs 103 us for one projection's LoRA at 8 rows).
 MAX_SINGLE_THREAD_ROWS = 64
 
 
@@ -35,20 +43,33 @@ class LoraBatch:
         self.token_slots: Tensor | None = None
         self._masks: dict[int, Tensor] = {}
 
+    @property
+    def num_slots(self) -> int:
+        """n: the slots up to the highest one in use (0 when none is)."""
+        return 0 if self.token_slots is None else self.token_slots.shape[1]
+
     def set_step(self, token_slots: Tensor | None) -> None:
         self.token_slots = token_slots
         self._masks.clear()
 
     def mask_for(self, num_parts: int) -> Tensor | None:
-        """[T, n * P * R]: the token's slot columns of a P-part projection (rows are slot-major),
-        built once per step for each part count."""
+        """[T, P * S * R]: the token's slot columns of a P-part projection (h is part-major: part, slot,
+        rank), built once per step for each part count."""
         if self.token_slots is None:
             return None
         mask = self._masks.get(num_parts)
         if mask is None:
-            mask = self.token_slots.repeat_interleave(num_parts * self.max_rank, dim=1)
+            per_slot = self.token_slots.repeat_interleave(self.max_rank, dim=1)  # [T, n * R]
+            per_slot = F.pad(per_slot, (0, (self.max_loras - self.num_slots) * self.max_rank))
+            mask = per_slot.repeat(1, num_parts)
             self._masks[num_parts] = mask
         return mask
+
+
+def _fusable(base: nn.Module) -> bool:
+    """Whether the base layer is a plain linear whose weight (and bias) can become a view of [W; A]; other
+    layers (the int8 decode copies, tensor-parallel shards) keep their weight and a separate shrink."""
+    return type(base) in (nn.Linear, MergedLinear)
 
 
 class LoraLinear(nn.Module):
@@ -60,34 +81,66 @@ class LoraLinear(nn.Module):
         self.batch = batch
         # The model splits merged outputs by these sizes (LlamaAttention.split_heads).
         self.output_sizes = list(target.output_sizes)
-        num_parts = len(self.output_sizes)
-        width = batch.max_loras * batch.max_rank
-        self.lora_a: Tensor
-        self.lora_b: Tensor
+        self.num_out = sum(self.output_sizes)
+        width = batch.max_loras * batch.max_rank  # S * R: one part's columns of h
+        num_a = len(self.output_sizes) * width
         dtype, device = weight.dtype, weight.device
-        # Rows ordered (slot, part, rank), so the first n slots are the first rows: [S * P * R, in]
-        self.register_buffer(
-            "lora_a", torch.zeros(num_parts * width, target.in_features, dtype=dtype, device=device)
-        )
-        # [S * P * R, out]: block-diagonal, part p's rows only reach part p's output columns
-        self.register_buffer(
-            "lora_b", torch.zeros(num_parts * width, sum(self.output_sizes), dtype=dtype, device=device)
-        )
+        self.fused = _fusable(base)
+        self.a_start = self.num_out if self.fused else 0
+        # A rows ordered (part, slot, rank) after the base's:
+        # [N + P * S * R, in] = [W; A] when fused, else [P * S * R, in] = A.
+        self.stacked: Tensor
+        self.stacked_bias: Tensor | None = None  # [N + P * S * R]: the base bias, then zeros
+        self.lora_b: Tensor  # every part's B, one after the other (see parts_b)
+        with torch.no_grad():
+            lora_a = torch.zeros(num_a, target.in_features, dtype=dtype, device=device)
+            self.register_buffer("stacked", torch.cat([weight, lora_a]) if self.fused else lora_a)
+            if self.fused:
+                # The base layer keeps running base-only steps, from views of the stacked tensors
+                # (nothing may move the model to another device after this: the views would part).
+                base.weight = nn.Parameter(self.stacked[: self.num_out], requires_grad=False)
+                bias: Tensor | None = base.bias  # type: ignore[assignment]
+                if bias is not None:
+                    self.stacked_bias = torch.cat([bias, bias.new_zeros(num_a)])
+                    base.bias = nn.Parameter(self.stacked_bias[: self.num_out], requires_grad=False)
+        self.register_buffer("lora_b", torch.zeros(width * self.num_out, dtype=dtype, device=device))
+        # Part p's scaled B^T [S * R, out_p], contiguous: row block s is slot s.
+        self.parts_b: list[Tensor] = []
+        start = 0
+        for size in self.output_sizes:
+            self.parts_b.append(self.lora_b[start : start + width * size].view(width, size))
+            start += width * size
+
+    @property
+    def lora_a(self) -> Tensor:
+        """[P * S * R, in]: every slot's A rows (a view of the stacked weight)."""
+        return self.stacked[self.a_start :]
 
     def forward(self, x: Tensor) -> Tensor:
         """x [T, in] -> [T, out]"""
-        out = self.base(x)
         mask = self.batch.mask_for(len(self.output_sizes))
         if mask is None:
-            return out
-        rows = mask.shape[1]  # only the slots up to the highest one in use
+            return self.base(x)
+        if self.fused:
+            y = F.linear(x, self.stacked, self.stacked_bias)  # [T, out + P * S * R]: base output, then h
+            out, shrunk = y[:, : self.num_out], y[:, self.num_out :]
+        else:
+            out, shrunk = self.base(x), torch.mm(x, self.lora_a.t())
         num_threads = torch.get_num_threads()
         one_thread = x.device.type == "cpu" and x.shape[0] <= MAX_SINGLE_THREAD_ROWS and num_threads > 1
         if one_thread:
             torch.set_num_threads(1)
         try:
-            h = torch.mm(x, self.lora_a[:rows].t()).mul_(mask)  # [T, n * P * R]
-            return out.addmm_(h, self.lora_b[:rows])
+            h = shrunk * mask  # [T, P * S * R]
+            width, used = (
+                self.batch.max_loras * self.batch.max_rank,
+                self.batch.num_slots * self.batch.max_rank,
+            )
+            deltas = [
+                torch.mm(h[:, p * width : p * width + used], b[:used]) for p, b in enumerate(self.parts_b)
+            ]
+            delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
+            return delta.add_(out)
         finally:
             if one_thread:
                 torch.set_num_threads(num_threads)
@@ -95,20 +148,18 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def set_slot(self, slot: int, pairs: list[tuple[Tensor, Tensor] | None] | None) -> None:
         """Writes one adapter's (A [r, in], scaled B [out_p, r]) per part into a slot (None: zeros)."""
-        rank_max = self.batch.max_rank
-        first = slot * len(self.output_sizes) * rank_max
-        col = 0
-        for part, size in enumerate(self.output_sizes):
-            rows = slice(first + part * rank_max, first + (part + 1) * rank_max)
-            self.lora_a[rows] = 0
-            self.lora_b[rows] = 0
+        rank_max, width = self.batch.max_rank, self.batch.max_loras * self.batch.max_rank
+        for part, part_b in enumerate(self.parts_b):
+            rows_a = self.lora_a[part * width + slot * rank_max : part * width + (slot + 1) * rank_max]
+            rows_b = part_b[slot * rank_max : (slot + 1) * rank_max]
+            rows_a.zero_()
+            rows_b.zero_()
             pair = pairs[part] if pairs is not None else None
             if pair is not None:
-                lora_a, lora_b = pair
-                rank = lora_a.shape[0]
-                self.lora_a[rows][:rank] = lora_a.to(self.lora_a.dtype)
-                self.lora_b[rows][:rank, col : col + size] = lora_b.t().to(self.lora_b.dtype)
-            col += size
+                part_a, scaled_b = pair
+                rank = part_a.shape[0]
+                rows_a[:rank] = part_a.to(rows_a.dtype)
+                rows_b[:rank] = scaled_b.t().to(rows_b.dtype)
 
 
 def wrap_model(model: nn.Module, batch: LoraBatch) -> dict[str, LoraLinear]:
