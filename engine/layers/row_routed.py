@@ -4,8 +4,8 @@ On CPUs without AVX512-FP16 (the project's Zen 4: AVX512-BF16 and VNNI only) ATe
 matrix-vector product converts weights to float32 in registers and runs near memory bandwidth, about 2x
 the bfloat16 GEMV at one row; but its float16 GEMM at many rows has no fast kernel and is 3-8x slower
 than bfloat16. So steps of at most MAX_FP16_ROWS rows multiply the float16 weight directly, and larger
-ones upcast the weight to float32 for the call and run float32's GEMM (no second copy kept: the upcast
-of a layer's weight costs less than a float32 copy's extra reads, measured in benchmarks/RESULTS.md).
+ones upcast the weight to float32 for the call and run float32's GEMM (no second copy kept: a float32
+copy measured no faster and would cost 4 more bytes per weight; benchmarks/RESULTS.md).
 Both paths accumulate in float32, so float16 keeps its fidelity (issue 14's bound) at every batch size.
 """
 
@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Rows up to which the float16 GEMV path beats the float32 upcast (measured crossover: between 2 and 4
-# rows on Zen 4). A module global so that benchmarks can force one path for every row count.
-MAX_FP16_ROWS = 2
+# Rows up to which the float16 kernel beats the float32 upcast: whole decode steps at 2, 3 and 4 rows were
+# 1.2-1.6x faster with it on Zen 4; at 8 rows the matmuls alone were 1.3x slower (benchmarks/RESULTS.md).
+# A module global so that benchmarks can force one path for every row count.
+MAX_FP16_ROWS = 4
 LM_HEAD_BLOCK = 2048  # LM-head rows upcast per float32 matmul: 4.7 MB of float32, cache-sized
 
 

@@ -78,7 +78,8 @@ def test_float16_engine_decodes_like_float32(tiny_model_dir: TinyModelDir) -> No
             parts.scheduler.update_after_step(out, parts.runner.execute(out).sampled)
         return [list(r.output_token_ids) for r in requests]
 
-    # One sequence decodes 1-row steps (float16 kernel); four decode 4-row steps (float32 upcast);
+    # One sequence decodes 1-row steps (float16 kernel); MAX_FP16_ROWS + 1 decode with the float32 upcast;
     # both prefill through the upcast. A tiny model's margins are wide enough for the same tokens.
-    for prompts in ([[5, 6, 7, 8, 9, 10]], [[5 + i, 6, 7, 8, 9] for i in range(4)]):
+    wide = [[5 + i, 6, 7, 8, 9] for i in range(row_routed.MAX_FP16_ROWS + 1)]
+    for prompts in ([[5, 6, 7, 8, 9, 10]], wide):
         assert greedy("float16", prompts) == greedy("float32", prompts)
