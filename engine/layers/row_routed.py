@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Rows up to which the float16 kernel beats the float32 upcast: whole decode steps at 2, 3 and 4 rows were
-# 1.2-1.6x faster with it on Zen 4; at 8 rows the matmuls alone were 1.3x slower (benchmarks/RESULTS.md).
+# 1.1-2.4x faster with it on Zen 4; at 8 rows the matmuls alone were 1.3x slower (benchmarks/RESULTS.md).
 # A module global so that benchmarks can force one path for every row count.
 MAX_FP16_ROWS = 4
 LM_HEAD_BLOCK = 2048  # LM-head rows upcast per float32 matmul: 4.7 MB of float32, cache-sized
