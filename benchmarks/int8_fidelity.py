@@ -1,12 +1,14 @@
-"""Fidelity of the CPU low-precision paths (bf16, bf16 + int8 decode weights, float16, each also with a
-float32 LM head) against float32, on the default model and a fixed prompt set: top-1 agreement and mean
-|dlogprob| per position (teacher forcing).
+"""Fidelity of the CPU low-precision paths against float32, on the default model and a fixed prompt set:
+top-1 agreement and mean |dlogprob| per position (teacher forcing). Candidates: bf16 (also with a float32
+LM head, and with int8 decode weights), and float16 through each of its matmul paths
+(benchmarks/fp16_paths.py: the float16 GEMV/GEMM kernel, the float32 upcast, a bfloat16 copy).
 
 For each prompt, every position's next-token distribution is computed by the float32 model (the
 reference, transformers-exact) and by the candidate; reported per candidate: the share of positions
 whose argmax matches the reference's, and the mean over positions of |logprob_candidate(t) -
-logprob_reference(t)| for t = the reference's top-1 token. The int8 candidate runs its int8 matmuls for
-every row here (not only for batches of at most 4 rows, as in serving), so all its positions are scored.
+logprob_reference(t)| for t = the reference's top-1 token. A prefill has many rows, so each path is
+forced for every row here (serving takes the few-row paths at decode and the many-row ones at prefill
+and big batches): every position is scored on each path. Deterministic: rerunning prints the same.
 The bound (issue 14): top-1 agreement >= 99% of positions, mean |dlogprob| small.
 
     .venv/bin/python benchmarks/int8_fidelity.py
@@ -33,6 +35,13 @@ PROMPTS = [
     "<|im_start|>user\nWrite a haiku about autumn leaves.<|im_end|>\n<|im_start|>assistant\n",
     "SELECT name, COUNT(*) FROM orders JOIN customers ON orders.customer_id = customers.id GROUP BY name;",
 ]
+
+# float16 path (benchmarks/fp16_paths.py) -> the label it is reported under
+FP16_CANDIDATES = {
+    "gemv-only": "float16, float16 kernel",  # what decode steps of <= MAX_FP16_ROWS rows run
+    "upcast-only": "float16, float32 upcast",  # what bigger steps run (the engine's default)
+    "bf16-wide": "float16, bf16 copy",  # the rejected alternative for bigger steps
+}
 
 
 def prompt_logprobs(parts: object, token_ids: list[int]) -> torch.Tensor:
@@ -61,6 +70,7 @@ def prompt_logprobs(parts: object, token_ids: list[int]) -> torch.Tensor:
 def main() -> None:
     from tokenizers import Tokenizer
 
+    from benchmarks.fp16_paths import fp16_path
     from engine.config import EngineConfig
     from engine.engine_setup import build_engine_parts
     from engine.layers.int8_linear import use_int8_for_small_batches
@@ -86,14 +96,19 @@ def main() -> None:
             model.lm_head.forward = original
 
     candidates: dict[str, list[torch.Tensor]] = {}
-    for dtype in ("bfloat16", "float16"):
-        low = parts(dtype)
-        candidates[dtype] = [prompt_logprobs(low, ids) for ids in prompts]
-        candidates[f"{dtype} + float32 LM head"] = with_f32_head(low)
-        if dtype == "bfloat16":
-            use_int8_for_small_batches(low.runner.model, max_int8_rows=1 << 30)  # type: ignore[attr-defined]
-            candidates["bfloat16 + int8 weights"] = [prompt_logprobs(low, ids) for ids in prompts]
-        del low
+    low = parts("bfloat16")
+    candidates["bfloat16"] = [prompt_logprobs(low, ids) for ids in prompts]
+    candidates["bfloat16 + float32 LM head"] = with_f32_head(low)
+    use_int8_for_small_batches(low.runner.model, max_int8_rows=1 << 30)  # type: ignore[attr-defined]
+    candidates["bfloat16 + int8 weights"] = [prompt_logprobs(low, ids) for ids in prompts]
+    del low
+    low = parts("float16")
+    for path, label in FP16_CANDIDATES.items():
+        with fp16_path(path):
+            candidates[label] = [prompt_logprobs(low, ids) for ids in prompts]
+    with fp16_path("gemv-only"):
+        candidates["float16 GEMV + float32 LM head"] = with_f32_head(low)
+    del low
     num_positions = sum(len(ids) for ids in prompts)
     print(f"{len(prompts)} prompts, {num_positions} positions; reference: float32")
     print(f"{'candidate':<30} {'top-1 agreement':>16} {'mean |dlogprob|':>16} {'max |dlogprob|':>15}")

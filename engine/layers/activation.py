@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from engine.distributed.shard import TensorParallel
 from engine.kernels import dispatch
-from engine.layers.linear import ColumnParallelLinear, MergedLinear, RowParallelLinear
+from engine.layers.linear import ColumnParallelLinear, Linear, MergedLinear, RowParallelLinear
 
 
 class GatedMLP(nn.Module):
@@ -16,7 +16,7 @@ class GatedMLP(nn.Module):
         self.down_proj: nn.Linear
         if tp is None:
             self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=False)
-            self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+            self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
         else:  # this rank's FFN columns: gate/up by output rows, down_proj by input columns
             lo, hi = tp.split(intermediate_size)
             self.gate_up_proj = ColumnParallelLinear(hidden_size, [hi - lo, hi - lo], [lo, lo], bias=False)

@@ -7,8 +7,9 @@ import torch
 from torch import Tensor, nn
 
 from engine.distributed.comm import all_gather_last_dim, all_reduce_sum
+from engine.layers import row_routed
 
-_CPU_VOCAB_BLOCK = 8192  # LM-head rows per matmul on CPU in low precision
+_CPU_VOCAB_BLOCK = 8192  # LM-head rows per matmul on CPU in bfloat16
 
 
 class VocabEmbedding(nn.Embedding):
@@ -30,6 +31,9 @@ class LMHead(nn.Module):
         """hidden [N, H] -> logits [N, vocab] float32."""
         if hidden.is_cuda or hidden.dtype == torch.float32:
             return torch.nn.functional.linear(hidden, self.weight).float()
+        if self.weight.dtype == torch.float16:
+            # ATen's float16 GEMV runs the whole head near bandwidth at a few rows; more rows upcast.
+            return row_routed.lm_head_logits(hidden, self.weight)
         # oneDNN's bf16 product with the whole tall [vocab, H] weight at a few rows runs far below memory
         # bandwidth on CPU; the same product in row blocks gives bit-identical logits 3-4x faster
         # (49,152 x 576 at 1 and 16 rows, benchmarks/RESULTS.md).

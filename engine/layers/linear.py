@@ -1,4 +1,4 @@
-"""A linear layer whose output stacks several checkpoint projections (q/k/v, gate/up) for one matmul,
+"""Linear layers: routed by row count for float16 on CPU, merged outputs (q/k/v, gate/up in one matmul),
 and the tensor-parallel variants that hold one rank's columns or rows of a projection."""
 
 from __future__ import annotations
@@ -7,9 +7,18 @@ import torch
 from torch import Tensor, nn
 
 from engine.distributed.comm import all_reduce_sum
+from engine.layers import row_routed
 
 
-class MergedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear whose float16 products on CPU are routed by row count (engine/layers/row_routed.py);
+    same `weight`, `bias` and results as nn.Linear otherwise."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return row_routed.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
     """nn.Linear over concatenated outputs; `output_sizes` records the parts so that loaders
     (and tensor-parallel sharding, applied from outside) can address each one."""
 
@@ -47,7 +56,7 @@ class ColumnParallelLinear(MergedLinear):
         super().load_shard(name, rows, shard_index)
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """One rank's input columns [input_start, input_start + in_features); the partial products of all
     ranks are summed by an all-reduce. Only rank 0 adds the bias, so the sum adds it once."""
 
@@ -62,5 +71,5 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [T, in/N] -> [T, out], summed over ranks."""
-        out = nn.functional.linear(x, self.weight, self.bias if self.input_start == 0 else None)
+        out = row_routed.linear(x, self.weight, self.bias if self.input_start == 0 else None)
         return all_reduce_sum(out)

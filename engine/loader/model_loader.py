@@ -75,11 +75,14 @@ def _choose_dtype(dtype: str, arch: ModelArchConfig, is_gguf: bool, device: str)
             raise ValueError(f"dtype {dtype!r} is not supported (supported: auto, {', '.join(DTYPES)})")
         return DTYPES[dtype]
     if is_gguf:
-        # Dequantized weights are float32. bf16 halves memory and bandwidth: on GPUs always, on CPUs when
-        # they compute bf16 natively (measured here: 2.3-2.4x the float32 decode speed, see benchmarks/RESULTS.md).
-        if torch.device(device).type != "cpu" or cpu_has_native_bf16():
+        # Dequantized weights are float32; 16 bits halve memory and bandwidth. GPUs: bf16. CPUs of the
+        # AVX-512 class measured (avx512_bf16): float16, whose products are routed by row count
+        # (engine/layers/row_routed.py). bf16 was faster at big batches but misses issue 14's fidelity
+        # bound (97.1% top-1 agreement with float32 against float16's 99.6%; benchmarks/RESULTS.md).
+        # Other CPUs keep float32 (float16 unmeasured there).
+        if torch.device(device).type != "cpu":
             return torch.bfloat16
-        return torch.float32
+        return torch.float16 if cpu_has_native_bf16() else torch.float32
     config_dtype = DTYPES.get(arch.torch_dtype, torch.float32)
     if config_dtype == torch.float32 and torch.device(device).type != "cpu":
         # As vLLM: a float32 checkpoint runs in bfloat16 on a GPU (half the bytes per step, tensor cores);

@@ -12,7 +12,7 @@ from engine.distributed.shard import TensorParallel, head_shard
 from engine.layers.activation import GatedMLP
 from engine.layers.attention import Attention
 from engine.layers.embedding import LMHead, ParallelLMHead, VocabEmbedding, VocabParallelEmbedding
-from engine.layers.linear import ColumnParallelLinear, MergedLinear, RowParallelLinear
+from engine.layers.linear import ColumnParallelLinear, Linear, MergedLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelArchConfig
@@ -40,7 +40,7 @@ class LlamaAttention(nn.Module):
             self.num_kv_heads = arch.num_key_value_heads
             q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
             self.qkv_proj = MergedLinear(arch.hidden_size, [q_size, kv_size, kv_size], arch.attention_bias)
-            self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=False)
+            self.o_proj = Linear(q_size, arch.hidden_size, bias=False)
         else:  # this rank's whole KV groups: attention needs no collective, o_proj sums the ranks
             heads = head_shard(tp, arch.num_attention_heads, arch.num_key_value_heads)
             self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads

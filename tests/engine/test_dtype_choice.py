@@ -22,8 +22,9 @@ def _arch(torch_dtype: str) -> ModelArchConfig:
     return ModelArchConfig.from_hf_config(config)
 
 
-def test_gguf_on_cpu_is_bf16_exactly_when_the_cpu_computes_bf16_natively() -> None:
-    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+def test_gguf_on_cpu_is_float16_on_avx512_bf16_cpus_else_float32() -> None:
+    # Not bf16 even where the CPU computes it natively: it misses issue 14's fidelity bound.
+    expected = torch.float16 if cpu_has_native_bf16() else torch.float32
     assert _choose_dtype("auto", _arch("float32"), True, "cpu") is expected
 
 

@@ -234,13 +234,12 @@ def test_hung_worker_ends_the_engine_within_the_timeout(tp_model_dirs: dict[str,
 
 def test_without_tensor_parallelism_the_model_keeps_plain_layers(tp_model_dirs: dict[str, Path]) -> None:
     """TP=1 builds exactly the layers it built before TP existed: no collective on its path."""
-    from torch import nn
-
     from engine.layers.embedding import LMHead, VocabEmbedding
-    from engine.layers.linear import MergedLinear
+    from engine.layers.linear import Linear, MergedLinear
 
     model = load_model(str(tp_model_dirs["llama-2kv"]), dtype="float32").model
     layer = model.model.layers[0]
     assert type(layer.self_attn.qkv_proj) is MergedLinear and type(layer.mlp.gate_up_proj) is MergedLinear
-    assert type(layer.self_attn.o_proj) is nn.Linear and type(layer.mlp.down_proj) is nn.Linear
+    # Linear: nn.Linear with the CPU float16 row routing, not RowParallelLinear's all-reduce
+    assert type(layer.self_attn.o_proj) is Linear and type(layer.mlp.down_proj) is Linear
     assert type(model.model.embed_tokens) is VocabEmbedding and type(model.lm_head) is LMHead
