@@ -11,7 +11,7 @@ from frontend.errors import invalid_request
 from frontend.schemas import ChatCompletionRequest, CompletionRequest, StructuredOutputs
 from frontend.schemas.checks import MAX_LOGPROBS
 from frontend.structured_check import check_structured_spec, spec_param
-from protocol.messages import SamplingParams, StructuredSpec
+from protocol.messages import StructuredSpec, WireSamplingParams
 
 _json_encoder = msgspec.json.Encoder()
 
@@ -27,7 +27,7 @@ def build_sampling_params(
     structured_override: StructuredSpec | None = None,
     model_defaults: Mapping[str, float] | None = None,
     max_logprobs: int = MAX_LOGPROBS,
-) -> SamplingParams:
+) -> WireSamplingParams:
     """Sampling settings for one request whose prompt is `num_prompt_tokens` long.
 
     `default_max_tokens` applies when the request names no limit (OpenAI's legacy completions use 16);
@@ -67,7 +67,7 @@ def build_sampling_params(
         structured = structured_override
     if structured is not None:
         check_structured_spec(structured, spec_param(req))
-    return SamplingParams(
+    return WireSamplingParams(
         max_tokens=max_tokens,
         temperature=_or(req.temperature, defaults.get("temperature", 1.0)),
         top_p=_or(req.top_p, defaults.get("top_p", 1.0)),

@@ -21,8 +21,7 @@ from frontend.serving.model_context import ModelContext
 from frontend.serving.output import ChoiceOutput
 from frontend.serving.tool_parsers import TOOL_PARSERS
 from frontend.serving.tools import ToolPlan, ToolSettings, parse_tool_output, plan_tool_choice
-from protocol.messages import AddRequest, RequestDelta, StructuredSpec, TokenLogprob
-from protocol.messages import SamplingParams as WireSamplingParams
+from protocol.messages import AddRequest, RequestDelta, StructuredSpec, TokenLogprob, WireSamplingParams
 from tandem.offline_params import (
     CompletionOutput,
     EmbeddingOutput,

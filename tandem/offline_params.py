@@ -16,8 +16,7 @@ from frontend.sampling_params import build_sampling_params, check_prompt_token_i
 from frontend.schemas import CompletionRequest, StructuredOutputs
 from frontend.schemas.checks import check_completion_request
 from frontend.serving.tool_parsers import ToolCall as ToolCall  # re-exported: the outputs' tool calls
-from protocol.messages import SamplingParams as WireSamplingParams
-from protocol.messages import StructuredSpec
+from protocol.messages import StructuredSpec, WireSamplingParams
 
 
 @dataclass

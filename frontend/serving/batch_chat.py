@@ -30,7 +30,7 @@ from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.streaming import first_or_error, json_response
 from frontend.serving.tools import ToolSettings, plan_tools
-from protocol.messages import SamplingParams
+from protocol.messages import WireSamplingParams
 
 
 class BatchChatCompletionRequest(ChatCompletionRequest, kw_only=True):
@@ -80,7 +80,7 @@ async def create_batch_chat_completion(
     tool_plan = plan_tools(req, tool_settings or ToolSettings())
     structured = tool_plan.structured if tool_plan else None
 
-    def prepare() -> tuple[list[PreparedPrompt], list[SamplingParams]]:
+    def prepare() -> tuple[list[PreparedPrompt], list[WireSamplingParams]]:
         prompts = [prepare_chat(ctx, conversation) for conversation in conversations]
         sampling = [
             ctx.sampling_params(conversation, len(prompt.token_ids), structured_override=structured)

@@ -33,7 +33,7 @@ from frontend.serving.output import ChoiceDelta
 from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs, prompt_logprobs_json
 from frontend.serving.streaming import StreamUsage, first_or_error, json_response, sse_response, usage_flags
 from frontend.serving.tools import ToolPlan, ToolSettings, ToolStream, apply_tool_calls, plan_tools
-from protocol.messages import SamplingParams
+from protocol.messages import WireSamplingParams
 
 
 def render_chat_prompt(ctx: ModelContext, req: ChatCompletionRequest) -> tuple[str, list[str]]:
@@ -118,7 +118,7 @@ async def create_chat_completion(
     model = ctx.check_model(req.model)
     tool_plan = plan_tools(req, tool_settings or ToolSettings())
 
-    def prepare() -> tuple[PreparedPrompt, SamplingParams]:
+    def prepare() -> tuple[PreparedPrompt, WireSamplingParams]:
         prompt = prepare_chat(ctx, req)
         structured = tool_plan.structured if tool_plan else None
         return prompt, ctx.sampling_params(req, len(prompt.token_ids), structured_override=structured)

@@ -30,7 +30,7 @@ from frontend.serving.model_task import require_task
 from frontend.serving.output import ChoiceDelta, LogprobEntry
 from frontend.serving.responses import completion_chunk, completion_logprobs, prompt_logprobs_json
 from frontend.serving.streaming import StreamUsage, first_or_error, json_response, sse_response, usage_flags
-from protocol.messages import SamplingParams
+from protocol.messages import WireSamplingParams
 
 # OpenAI's legacy completions default; vLLM uses the same.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -73,7 +73,9 @@ def _num_prompts(req: CompletionRequest) -> int:
     return count + len(prompt)
 
 
-def _prepare(ctx: ModelContext, req: CompletionRequest) -> tuple[list[PreparedPrompt], list[SamplingParams]]:
+def _prepare(
+    ctx: ModelContext, req: CompletionRequest
+) -> tuple[list[PreparedPrompt], list[WireSamplingParams]]:
     prompts = [
         truncate_prompt(
             p, req.truncate_prompt_tokens, ctx.max_model_len, ctx.decode_prompt, req.truncation_side

@@ -19,7 +19,7 @@ from frontend.offload import run_off_loop
 from frontend.sampling_params import check_prompt_token_ids
 from frontend.schemas import CompletionRequest, StreamOptions
 from frontend.schemas.checks import check_completion_request
-from frontend.schemas.requests import Request
+from frontend.schemas.requests import OpenAIBody
 from frontend.serving.generation import (
     ChoiceJob,
     PreparedPrompt,
@@ -35,7 +35,7 @@ from frontend.serving.responses import generate_logprobs, prompt_logprobs_json
 from frontend.serving.streaming import StreamUsage, first_or_error, json_response, sse_response, usage_flags
 
 
-class GenerateRequest(Request):
+class GenerateRequest(OpenAIBody):
     token_ids: list[int]
     sampling_params: CompletionRequest = msgspec.field(default_factory=CompletionRequest)
     model: str | None = None

@@ -13,7 +13,7 @@ from typing import Any
 from frontend.engine_client import EngineClient, EngineUnavailable
 from frontend.errors import NO_ENGINE_MESSAGE, APIError
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
-from protocol.messages import AddRequest, EmbedSpan, SamplingParams
+from protocol.messages import AddRequest, EmbedSpan, WireSamplingParams
 
 # Engine requests of one API request in flight at once; the rest wait in the API process, costing nothing
 # in the engines until they are admitted.
@@ -42,7 +42,7 @@ class ChoiceJob:
 def plan_choices(
     request_id: str,
     prompts: list[PreparedPrompt],
-    sampling: list[SamplingParams],
+    sampling: list[WireSamplingParams],
     n: int,
     make_output: Callable[[PreparedPrompt, int], ChoiceOutput],
     *,
@@ -117,7 +117,7 @@ def output_factory(
     return make
 
 
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+def _with_seed(params: WireSamplingParams, seed: int) -> WireSamplingParams:
     import msgspec
 
     return msgspec.structs.replace(params, seed=seed)

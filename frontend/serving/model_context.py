@@ -13,7 +13,7 @@ from frontend.offload import OFFLOAD_MIN_SIZE
 from frontend.sampling_params import build_sampling_params
 from frontend.serving.chat_template import ChatTemplate
 from frontend.structured_check import GrammarDryRun, check_structured_spec, spec_param
-from protocol.messages import Ready, SamplingParams
+from protocol.messages import Ready, WireSamplingParams
 
 
 @dataclass
@@ -63,7 +63,7 @@ class ModelContext:
             raise model_not_found(name)
         return name
 
-    def sampling_params(self, req: Any, num_prompt_tokens: int, **options: Any) -> SamplingParams:
+    def sampling_params(self, req: Any, num_prompt_tokens: int, **options: Any) -> WireSamplingParams:
         """The wire sampling settings of `req` for a prompt of this length on this model (400s on bad
         values); fields the request leaves unset take the model's generation-config defaults."""
         params = build_sampling_params(
