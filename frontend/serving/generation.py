@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from frontend.engine_client import EngineClient, EngineUnavailable
+from frontend.engine_client import EngineClient, EngineUnavailable, request_timing
 from frontend.errors import NO_ENGINE_MESSAGE, APIError
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
 from protocol.messages import AddRequest, EmbedSpan, WireSamplingParams
@@ -155,21 +155,17 @@ async def run_choices(
 
     async def pump(job: ChoiceJob) -> None:
         try:
-            # outcome: a stop string ends a request early, and the metrics should count it as "stop".
-            stream = client.generate(
-                job.add,
-                job.buffers,
-                outcome=lambda: job.output.finish_reason,
-                n=n,
-                group=group,
-                model_name=model_name,
-            )
+            timing = request_timing(job.add, model_name, n)
+            stream = client.generate(job.add, job.buffers, timing=timing, group=group)
             try:
                 async for delta in stream:
                     out = job.output.process(delta)
                     queue.put_nowait((job, out))
-                    if job.output.finished:
-                        break  # a stop string ended it early: closing the stream aborts the engine request
+                    if job.output.finished and delta.finish_reason is None:
+                        # A stop string ended it early: the metrics count it as "stop", and closing the
+                        # stream aborts the engine request.
+                        timing.finish_reason = job.output.finish_reason or "abort"
+                        break
             finally:
                 await stream.aclose()
         except Exception as exc:  # routed to the consumer as this choice's error, in public words
