@@ -12,6 +12,7 @@ from typing import Any
 
 from frontend.engine_client import EngineClient, EngineUnavailable, request_timing
 from frontend.errors import NO_ENGINE_MESSAGE, APIError
+from frontend.sampling_params import SamplingRequest
 from frontend.serving.output import ChoiceDelta, ChoiceOutput
 from protocol.messages import AddRequest, EmbedSpan, WireSamplingParams
 
@@ -100,18 +101,17 @@ def truncate_prompt(
 
 
 def output_factory(
-    tokenizer: Any, req: Any, output_class: type[ChoiceOutput] = ChoiceOutput
+    tokenizer: Any, settings: SamplingRequest
 ) -> Callable[[PreparedPrompt, int], ChoiceOutput]:
-    """Builds each choice's output processor from the request's stop and detokenization fields."""
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    """Builds each choice's output processor from the request's stop and detokenization settings."""
 
     def make(prompt: PreparedPrompt, _index: int) -> ChoiceOutput:
-        return output_class(
+        return ChoiceOutput(
             tokenizer,
             prompt.token_ids,
-            stop=stop,
-            include_stop_str_in_output=bool(req.include_stop_str_in_output),
-            skip_special_tokens=req.skip_special_tokens is not False,
+            stop=settings.stop,
+            include_stop_str_in_output=settings.include_stop_str_in_output,
+            skip_special_tokens=settings.skip_special_tokens,
         )
 
     return make
@@ -195,20 +195,3 @@ async def run_choices(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def usage_dict(jobs: list[ChoiceJob]) -> dict:
-    """OpenAI usage: each prompt counted once, every choice's completion tokens counted."""
-    first_of_prompt: dict[int, ChoiceJob] = {}
-    for job in jobs:
-        first_of_prompt.setdefault(job.prompt_index, job)
-    prompt_tokens = sum(len(j.add.prompt_token_ids) for j in first_of_prompt.values())
-    completion_tokens = sum(len(j.output.token_ids) for j in jobs)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {
-            "cached_tokens": sum(j.output.num_cached_tokens for j in first_of_prompt.values())
-        },
-    }
