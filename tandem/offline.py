@@ -17,8 +17,9 @@ from frontend.errors import APIError
 from frontend.sampling_params import check_prompt_token_ids
 from frontend.serving.chat_template import ChatTemplateError, normalize_messages
 from frontend.serving.detokenizer import token_text
-from frontend.serving.generation import ChoiceJob, PreparedPrompt, output_factory
+from frontend.serving.input_processor import ChoiceJob, PreparedPrompt
 from frontend.serving.model_context import ModelContext
+from frontend.serving.output import output_factory
 from frontend.serving.tool_parsers import TOOL_PARSERS
 from frontend.serving.tools import ToolPlan, ToolSettings, parse_tool_output, plan_tool_choice
 from protocol.messages import AddRequest, RequestDelta, StructuredSpec, TokenLogprob, WireSamplingParams

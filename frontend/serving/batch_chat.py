@@ -19,7 +19,7 @@ from frontend.schemas import ChatCompletionRequest, ChatMessage
 from frontend.schemas.checks import check_chat_request
 from frontend.schemas.to_sampling import from_openai
 from frontend.serving.chat import chat_choices, prepare_chat
-from frontend.serving.generation import PreparedPrompt
+from frontend.serving.input_processor import PreparedPrompt
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.response_context import start_response

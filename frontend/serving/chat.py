@@ -17,7 +17,7 @@ from frontend.serving.chat_template import (
     ChatTemplateError,
     normalize_messages,
 )
-from frontend.serving.generation import ChoiceJob, PreparedPrompt, truncate_prompt
+from frontend.serving.input_processor import ChoiceJob, PreparedPrompt, truncate_prompt
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.response_context import Chunks, ResponseContext, respond, start_response

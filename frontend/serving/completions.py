@@ -15,7 +15,7 @@ from frontend.offload import run_off_loop
 from frontend.sampling_params import SamplingRequest, check_prompt_token_ids
 from frontend.schemas import CompletionRequest
 from frontend.schemas.to_sampling import from_openai
-from frontend.serving.generation import ChoiceJob, PreparedPrompt, truncate_prompt
+from frontend.serving.input_processor import ChoiceJob, PreparedPrompt, truncate_prompt
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.output import LogprobEntry

@@ -20,7 +20,7 @@ from frontend.schemas import CompletionRequest, StreamOptions
 from frontend.schemas.checks import check_completion_request
 from frontend.schemas.requests import OpenAIBody
 from frontend.schemas.to_sampling import from_openai
-from frontend.serving.generation import ChoiceJob, PreparedPrompt
+from frontend.serving.input_processor import ChoiceJob, PreparedPrompt
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.response_context import Chunks, ResponseContext, respond, start_response

@@ -8,13 +8,97 @@ The engine re-checks only what it must because it does not trust its peers (engi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+import msgspec
+
+from frontend.errors import invalid_request
 from frontend.sampling_params import SamplingRequest, build_sampling_params
-from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices
 from frontend.serving.output import ChoiceOutput
 from frontend.structured_check import GrammarDryRun
-from protocol.messages import Ready, StructuredSpec, WireSamplingParams
+from protocol.messages import AddRequest, EmbedSpan, Ready, StructuredSpec, WireSamplingParams
+
+
+@dataclass
+class PreparedPrompt:
+    token_ids: list[int]
+    text: str | None = None  # the prompt as text, for echo
+    embeds: list[EmbedSpan] = field(default_factory=list)
+    buffers: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class ChoiceJob:
+    index: int  # choices[index] in the response
+    prompt_index: int
+    add: AddRequest
+    buffers: list[bytes]
+    output: ChoiceOutput
+
+
+def plan_choices(
+    request_id: str,
+    prompts: list[PreparedPrompt],
+    sampling: list[WireSamplingParams],
+    n: int,
+    make_output: Callable[[list[int]], ChoiceOutput],
+    *,
+    priority: int = 0,
+    cache_salt: str | None = None,
+    lora_name: str | None = None,
+) -> list[ChoiceJob]:
+    """One engine request per (prompt, sample), indexed prompt-major as OpenAI does."""
+    jobs = []
+    now = time.time()
+    for p, prompt in enumerate(prompts):
+        for i in range(n):
+            params = sampling[p]
+            if n > 1 and params.seed is not None:
+                params = _with_seed(params, params.seed + i)  # distinct but reproducible samples
+            index = p * n + i
+            add = AddRequest(
+                request_id=f"{request_id}-{index}",
+                prompt_token_ids=prompt.token_ids,
+                sampling=params,
+                arrival_time=now,
+                priority=priority,
+                embeds=prompt.embeds,
+                cache_salt=cache_salt,
+                lora_name=lora_name,
+            )
+            jobs.append(ChoiceJob(index, p, add, prompt.buffers, make_output(prompt.token_ids)))
+    return jobs
+
+
+def truncate_prompt(
+    prompt: PreparedPrompt,
+    keep: int | None,
+    max_model_len: int,
+    detokenize: Any,
+    side: str | None = None,
+) -> PreparedPrompt:
+    """vLLM's `truncate_prompt_tokens`: keep the last `keep` prompt tokens (-1: the model's context), or
+    the first ones with `truncation_side: "right"`."""
+    if keep is None:
+        return prompt
+    if keep == -1:
+        keep = max_model_len
+    if len(prompt.token_ids) <= keep:
+        return prompt
+    if prompt.embeds:
+        raise invalid_request(
+            "`truncate_prompt_tokens` cannot cut a prompt that carries prompt embeddings.",
+            "truncate_prompt_tokens",
+        )
+    kept = prompt.token_ids[:keep] if side == "right" else prompt.token_ids[-keep:]
+    return PreparedPrompt(kept, detokenize(kept))
+
+
+def _with_seed(params: WireSamplingParams, seed: int) -> WireSamplingParams:
+    return msgspec.structs.replace(params, seed=seed)
 
 
 class InputProcessor:
@@ -57,7 +141,7 @@ class InputProcessor:
         prompts: list[PreparedPrompt],
         sampling: list[WireSamplingParams],
         n: int,
-        make_output: Callable[[PreparedPrompt, int], ChoiceOutput],
+        make_output: Callable[[list[int]], ChoiceOutput],
         *,
         priority: int = 0,
         cache_salt: str | None = None,

@@ -13,8 +13,9 @@ from starlette.responses import Response
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, choice_error
 from frontend.sampling_params import SamplingRequest
-from frontend.serving.generation import ChoiceJob, PreparedPrompt, output_factory, run_choices
-from frontend.serving.output import ChoiceDelta
+from frontend.serving.generation import run_choices
+from frontend.serving.input_processor import ChoiceJob, PreparedPrompt
+from frontend.serving.output import ChoiceDelta, output_factory
 from frontend.serving.streaming import first_or_error, json_response, sse_response
 from protocol.messages import WireSamplingParams
 

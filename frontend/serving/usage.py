@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from frontend.serving.generation import ChoiceJob
+from frontend.serving.input_processor import ChoiceJob
 from frontend.serving.output import ChoiceDelta
 
 

@@ -11,7 +11,9 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
 from frontend.sampling_params import SamplingRequest
-from frontend.serving.generation import PreparedPrompt, output_factory, plan_choices, run_choices
+from frontend.serving.generation import run_choices
+from frontend.serving.input_processor import PreparedPrompt, plan_choices
+from frontend.serving.output import output_factory
 from protocol.messages import FinishReason, RequestDelta, SamplingParams
 from tests.frontend.test_engine_client import _until, two_engines  # noqa: F401 - the fixture
 
