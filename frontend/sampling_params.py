@@ -20,7 +20,7 @@ MAX_LOGPROBS = 20  # OpenAI's and vLLM's default cap on top logprobs (--max-logp
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-@dataclass
+@dataclass(slots=True)
 class SamplingRequest:
     """What a user asked of sampling and output for one request; None leaves a field to the defaults
     (the model's generation config, then the API's). The `*_param` fields are the request fields that
