@@ -342,32 +342,25 @@ class EngineClient:
         request: AddRequest,
         buffers: list[bytes] | None = None,
         *,
-        outcome: Callable[[], str | None] | None = None,
-        n: int = 1,
+        timing: RequestTiming | None = None,
         group: str | None = None,
         model_name: str = "",
     ) -> AsyncGenerator[RequestDelta, None]:
         """Deltas for one request until it finishes. Closing the iterator early aborts it on the engine.
 
-        `outcome` tells the metrics why a request the caller closed early ended (a stop string: "stop");
-        `n` is the API request's number of choices, of which this engine request is one. `group` is the
-        model whose engines may run it (None: any engine), `model_name` its metrics label.
+        `timing` is the caller's metrics record of this request (`request_timing`), or None for a new
+        one; a caller that ends the request by its own rule (a stop string) sets its `finish_reason`
+        before closing, so the metrics count it as such instead of as an abort. `group` is the model
+        whose engines may run it (None: any engine), `model_name` its metrics label.
         """
-        timing = RequestTiming(
-            request.arrival_time,
-            model_name=model_name,
-            num_prompt_tokens=len(request.prompt_token_ids),
-            max_tokens=request.sampling.max_tokens,
-            n=n,
-        )
+        if timing is None:
+            timing = request_timing(request, model_name)
         deltas = self._generate(request, buffers, timing, group)
         try:
             async for delta in deltas:
                 yield delta
         finally:
             await deltas.aclose()  # now, not at garbage collection: that is what sends ABORT
-            if timing.finish_reason == "abort" and outcome is not None:
-                timing.finish_reason = outcome() or "abort"
             if self.metrics is not None and timing.engine:
                 self.metrics.record_request(timing, time.time())
 
@@ -458,6 +451,17 @@ class EngineClient:
             ids = [r for r in request_ids if r in conn.pending]
             if ids:
                 self._send(conn, Abort(ids))
+
+
+def request_timing(request: AddRequest, model_name: str = "", n: int = 1) -> RequestTiming:
+    """A fresh metrics record of one engine request; `n`: the API request's number of choices."""
+    return RequestTiming(
+        request.arrival_time,
+        model_name=model_name,
+        num_prompt_tokens=len(request.prompt_token_ids),
+        max_tokens=request.sampling.max_tokens,
+        n=n,
+    )
 
 
 def _surely_full(conn: EngineConnection) -> bool:

@@ -18,7 +18,6 @@ import llguidance
 
 from contract.grammar import GrammarError, grammar_for_spec, grammar_from_text, spec_kind_and_text
 from frontend.errors import invalid_request
-from frontend.schemas import ChatCompletionRequest, CompletionRequest
 from protocol.messages import StructuredSpec
 
 # Size caps checked before compiling: past these llguidance either fails mid-generation or takes seconds.
@@ -169,18 +168,6 @@ class GrammarDryRun:
         if matcher.is_error():
             return matcher.get_error()
         return None
-
-
-def spec_param(req: ChatCompletionRequest | CompletionRequest) -> str:
-    """The request field that carried the constraint, for the error's `param`."""
-    if req.response_format is not None and req.response_format.type != "text":
-        return "response_format"
-    if req.structured_outputs is not None:
-        return "structured_outputs"
-    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-        if getattr(req, name) is not None:
-            return name
-    return "tool_choice"  # a constraint derived from tools
 
 
 def check_structured_spec(spec: StructuredSpec, param: str, dry_run: GrammarDryRun | None = None) -> None:

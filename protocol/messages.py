@@ -40,8 +40,9 @@ class StructuredSpec(Wire):
     any_json_object: bool = False
 
 
-class SamplingParams(Wire):
-    """Per-request sampling settings, already validated by the frontend."""
+class WireSamplingParams(Wire):
+    """Per-request sampling settings as the engine receives them, already validated by the frontend's
+    input processor. (The user-facing offline `tandem.SamplingParams` is another class.)"""
 
     max_tokens: int
     temperature: float = 1.0
@@ -60,6 +61,10 @@ class SamplingParams(Wire):
     logit_bias: dict[int, float] | None = None
     structured: StructuredSpec | None = None
     allowed_token_ids: list[int] | None = None
+
+
+# The name before the rename (engine/ and old tests import it); the encoded form is the same.
+SamplingParams = WireSamplingParams
 
 
 class EmbedSpan(Wire):
@@ -156,7 +161,7 @@ class LoraResult(Wire):
 class AddRequest(Wire):
     request_id: str
     prompt_token_ids: list[int]
-    sampling: SamplingParams
+    sampling: WireSamplingParams
     arrival_time: float
     priority: int = 0
     embeds: list[EmbedSpan] = []

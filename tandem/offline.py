@@ -14,15 +14,15 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from frontend.errors import APIError
+from frontend.sampling_params import check_prompt_token_ids
 from frontend.serving.chat_template import ChatTemplateError, normalize_messages
 from frontend.serving.detokenizer import token_text
-from frontend.serving.generation import ChoiceJob, PreparedPrompt, plan_choices
+from frontend.serving.input_processor import ChoiceJob, PreparedPrompt
 from frontend.serving.model_context import ModelContext
-from frontend.serving.output import ChoiceOutput
+from frontend.serving.output import output_factory
 from frontend.serving.tool_parsers import TOOL_PARSERS
 from frontend.serving.tools import ToolPlan, ToolSettings, parse_tool_output, plan_tool_choice
-from protocol.messages import AddRequest, RequestDelta, StructuredSpec, TokenLogprob
-from protocol.messages import SamplingParams as WireSamplingParams
+from protocol.messages import AddRequest, RequestDelta, StructuredSpec, TokenLogprob, WireSamplingParams
 from tandem.offline_params import (
     CompletionOutput,
     EmbeddingOutput,
@@ -244,20 +244,19 @@ class LLM:
         desc: str,
         structured_override: StructuredSpec | None = None,
     ) -> list[RequestOutput]:
-        ready = self.ctx.ready
+        inputs = self.ctx.inputs
         groups: list[tuple[RequestOutput, list[ChoiceJob], SamplingParams]] = []
         for prompt, sp in zip(prompts, params, strict=True):
-            wire = sp.to_wire(
-                prompt.token_ids,
-                max_model_len=ready.max_model_len,
-                vocab_size=ready.vocab_size,
-                eos_token_ids=ready.eos_token_ids,
-                structured_override=structured_override,
-                model_defaults=ready.default_sampling,
-                max_logprobs=ready.max_logprobs,
-            )
+            settings = sp.to_request()
+            try:
+                check_prompt_token_ids(prompt.token_ids, vocab_size=self.ctx.ready.vocab_size)
+                wire = inputs.sampling(
+                    settings, len(prompt.token_ids), structured_override=structured_override
+                )
+            except APIError as exc:
+                raise ValueError(exc.message) from None
             rid = str(next(self._ids))
-            jobs = plan_choices(rid, [prompt], [wire], sp.n, self._output_factory(sp))
+            jobs = inputs.jobs(rid, [prompt], [wire], sp.n, output_factory(self.ctx.tokenizer, settings))
             record = RequestOutput(rid, prompt.text, prompt.token_ids, [], finished=False)
             groups.append((record, jobs, sp))
         job_of = {job.add.request_id: (g, job) for g, (_, jobs, _) in enumerate(groups) for job in jobs}
@@ -303,18 +302,6 @@ class LLM:
         return CompletionOutput(
             job.index, out.text, list(out.token_ids), logprobs, out.finish_reason, out.stop_reason, out.text
         )
-
-    def _output_factory(self, sp: SamplingParams):  # noqa: ANN202
-        def make(prompt: PreparedPrompt, _index: int) -> ChoiceOutput:
-            return ChoiceOutput(
-                self.ctx.tokenizer,
-                prompt.token_ids,
-                stop=sp.stop_strings,
-                include_stop_str_in_output=sp.include_stop_str_in_output,
-                skip_special_tokens=sp.skip_special_tokens,
-            )
-
-        return make
 
     def _position(self, lp: TokenLogprob) -> PositionLogprobs:
         tok = self.ctx.tokenizer

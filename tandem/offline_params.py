@@ -1,22 +1,21 @@
 """The offline API's public types: the user-facing `SamplingParams` and the output records `LLM` returns.
 
-`SamplingParams` is a plain dataclass with vLLM-like defaults. It becomes the engine's wire struct
-through the same checks and builder the HTTP server uses (`frontend.schemas.checks`,
-`frontend.sampling_params`), so a setting means exactly the same thing offline and over HTTP.
+`SamplingParams` is a plain dataclass with vLLM-like defaults. It becomes the transport-neutral
+`SamplingRequest` (checked as the server checks its fields), which the input processor the HTTP server
+uses turns into the engine's wire struct, so a setting means exactly the same offline and over HTTP.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from frontend.errors import APIError
-from frontend.sampling_params import build_sampling_params, check_prompt_token_ids
-from frontend.schemas import CompletionRequest, StructuredOutputs
-from frontend.schemas.checks import check_completion_request
+from frontend.sampling_params import SamplingRequest, check_sampling_request
+from frontend.schemas import StructuredOutputs
+from frontend.schemas.checks import check_structured_outputs
+from frontend.schemas.to_sampling import from_structured_outputs
 from frontend.serving.tool_parsers import ToolCall as ToolCall  # re-exported: the outputs' tool calls
-from protocol.messages import SamplingParams as WireSamplingParams
 from protocol.messages import StructuredSpec
 
 
@@ -65,7 +64,7 @@ class SamplingParams:
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def _structured(self) -> StructuredOutputs | None:
+    def _structured(self) -> StructuredSpec | None:
         shortcuts = {"json_schema": self.json_schema, "regex": self.regex, "choice": self.choice}
         shortcuts["grammar"] = self.grammar
         given = [name for name, value in shortcuts.items() if value is not None]
@@ -75,71 +74,47 @@ class SamplingParams:
             raise ValueError(f"set at most one output constraint; got {', '.join(given)}")
         so = self.structured_outputs
         if so is not None:
-            return StructuredOutputs(so.json, so.regex, so.choice, so.grammar, so.json_object)
-        if given:
-            return StructuredOutputs(
+            body = StructuredOutputs(so.json, so.regex, so.choice, so.grammar, so.json_object)
+        elif given:
+            body = StructuredOutputs(
                 json=self.json_schema, regex=self.regex, choice=self.choice, grammar=self.grammar
             )
-        return None
+        else:
+            return None
+        check_structured_outputs(body)  # the server's check of its `structured_outputs` object
+        return from_structured_outputs(body)
 
-    def as_request(self, prompt_token_ids: list[int]) -> CompletionRequest:
-        """The equivalent /v1/completions body, so the server's own checks apply unchanged."""
-        return CompletionRequest(
-            prompt=prompt_token_ids,
-            n=self.n,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            logit_bias={str(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
-            seed=self.seed,
-            stop=self.stop,
-            stop_token_ids=self.stop_token_ids,
-            include_stop_str_in_output=self.include_stop_str_in_output,
-            ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens,
-            skip_special_tokens=self.skip_special_tokens,
-            allowed_token_ids=self.allowed_token_ids,
-            prompt_logprobs=self.prompt_logprobs,
-            structured_outputs=self._structured(),
-            logprobs=self.logprobs,
-        )
-
-    def to_wire(
-        self,
-        prompt_token_ids: list[int],
-        *,
-        max_model_len: int,
-        vocab_size: int,
-        eos_token_ids: list[int],
-        structured_override: StructuredSpec | None = None,
-        model_defaults: Mapping[str, float] | None = None,
-        max_logprobs: int = 20,
-    ) -> WireSamplingParams:
-        """The engine's sampling struct for one prompt; raises ValueError for a bad setting.
-        `structured_override` is the constraint that forces a tool call (as the server's chat passes it)."""
-        req = self.as_request(prompt_token_ids)
+    def to_request(self) -> SamplingRequest:
+        """These settings as the input processor takes them, checked as the server checks its fields;
+        raises ValueError naming the bad setting."""
         try:
-            check_completion_request(req)
-            check_prompt_token_ids(prompt_token_ids, vocab_size=vocab_size)
-            return build_sampling_params(
-                req,
-                num_prompt_tokens=len(prompt_token_ids),
-                max_model_len=max_model_len,
-                vocab_size=vocab_size,
-                eos_token_ids=eos_token_ids,
-                default_max_tokens=None,
-                structured_override=structured_override,
-                # Every field here is set, so of the model's defaults only the max_tokens cap applies.
-                model_defaults=model_defaults,
-                max_logprobs=max_logprobs,  # the engine's --max-logprobs (LLM(max_logprobs=...))
+            settings = SamplingRequest(
+                n=self.n,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty,
+                seed=self.seed,
+                min_tokens=self.min_tokens,
+                stop=self.stop_strings,
+                stop_token_ids=self.stop_token_ids,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                ignore_eos=self.ignore_eos,
+                skip_special_tokens=self.skip_special_tokens,
+                logprobs=self.logprobs,
+                prompt_logprobs=self.prompt_logprobs,
+                logit_bias=dict(self.logit_bias) if self.logit_bias else None,
+                allowed_token_ids=self.allowed_token_ids,
+                structured=self._structured(),
             )
+            check_sampling_request(settings)
         except APIError as exc:
             raise ValueError(exc.message) from None
+        return settings
 
 
 @dataclass

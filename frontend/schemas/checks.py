@@ -8,12 +8,17 @@ from typing import Any
 import msgspec
 
 from frontend.errors import APIError, invalid_request
-from frontend.schemas.requests import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from frontend.sampling_params import check_at_least, check_logprob_count, check_sampling_request
+from frontend.schemas.requests import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+    StructuredOutputs,
+)
+from frontend.schemas.to_sampling import from_openai
 
-MAX_N = 128  # a sane cap: each choice is a separate sequence in the engine
-MAX_LOGPROBS = 20  # OpenAI's and vLLM's default cap on top logprobs (--max-logprobs)
 TRUNCATION_SIDES = ("left", "right")
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,19}")
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 RESPONSE_FORMAT_TYPES = frozenset({"text", "json_object", "json_schema"})
@@ -29,57 +34,11 @@ UNSUPPORTED_PART_TYPES = {
 }
 
 
-def _check_range(value: float | None, param: str, low: float, high: float, *, low_open: bool = False) -> None:
-    if value is None:
-        return
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high:
-        bracket = "(" if low_open else "["
-        raise invalid_request(
-            f"`{param}` must be in {bracket}{_number(low)}, {_number(high)}], got {value}.", param
-        )
-
-
-def _number(value: float) -> str:
-    """Bounds as people write them: 0 and 2, not 0.0 and 2.0."""
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-def _check_at_least(value: int | None, param: str, low: int) -> None:
-    if value is not None and value < low:
-        raise invalid_request(f"`{param}` must be at least {low}, got {value}.", param)
-
-
-def _check_sampling(req: SamplingFields, *, max_tokens_param: str, max_tokens: int | None) -> None:
-    _check_range(req.n, "n", 1, MAX_N)
-    _check_at_least(max_tokens, max_tokens_param, 1)
-    # OpenAI caps temperature at 2; higher values only produce noise.
-    _check_range(req.temperature, "temperature", 0.0, 2.0)
-    _check_range(req.top_p, "top_p", 0.0, 1.0, low_open=True)
-    # -1 and 0 both mean "no top-k" (vLLM's convention).
-    _check_at_least(req.top_k, "top_k", -1)
-    _check_range(req.min_p, "min_p", 0.0, 1.0)
-    _check_range(req.presence_penalty, "presence_penalty", -2.0, 2.0)
-    _check_range(req.frequency_penalty, "frequency_penalty", -2.0, 2.0)
-    if req.repetition_penalty is not None and req.repetition_penalty <= 0:
-        raise invalid_request(
-            f"`repetition_penalty` must be greater than 0, got {req.repetition_penalty}.",
-            "repetition_penalty",
-        )
-    _check_logit_bias(req.logit_bias)
-    _check_range(req.seed, "seed", INT64_MIN, INT64_MAX)
-    _check_stop(req.stop)
-    _check_token_ids(req.stop_token_ids, "stop_token_ids", allow_empty=True)
-    _check_token_ids(req.allowed_token_ids, "allowed_token_ids", allow_empty=False)
-    if req.min_tokens is not None:
-        _check_at_least(req.min_tokens, "min_tokens", 0)
-        if max_tokens is not None and req.min_tokens > max_tokens:
-            raise invalid_request(
-                f"`min_tokens` ({req.min_tokens}) must not exceed `{max_tokens_param}` ({max_tokens}).",
-                "min_tokens",
-            )
-    # The upper bound is the server's --max-logprobs, checked with the model's vocabulary at hand.
-    _check_logprob_count(req.prompt_logprobs, "prompt_logprobs")
+def _check_sampling(req: SamplingFields) -> None:
+    """The body's sampling fields: the transport-neutral checks of `frontend.sampling_params` (the same
+    the offline API runs), then what only an HTTP body can get wrong."""
+    _check_logit_bias_keys(req.logit_bias)
+    check_sampling_request(from_openai(req, with_structured=False))
     if req.prompt_logprobs is not None and req.stream:
         raise invalid_request("`prompt_logprobs` is not available when `stream` is true.", "prompt_logprobs")
     if req.stream_options is not None and not req.stream:
@@ -89,7 +48,7 @@ def _check_sampling(req: SamplingFields, *, max_tokens_param: str, max_tokens: i
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise invalid_request("`best_of` different from `n` is not supported.", "best_of")
     if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens != -1:
-        _check_at_least(req.truncate_prompt_tokens, "truncate_prompt_tokens", 1)
+        check_at_least(req.truncate_prompt_tokens, "truncate_prompt_tokens", 1)
     if req.truncation_side is not None and req.truncation_side not in TRUNCATION_SIDES:
         raise invalid_request(
             f"`truncation_side` must be 'left' or 'right', got {req.truncation_side!r}.", "truncation_side"
@@ -97,42 +56,11 @@ def _check_sampling(req: SamplingFields, *, max_tokens_param: str, max_tokens: i
     _check_structured(req)
 
 
-def _check_logprob_count(value: int | None, param: str) -> None:
-    """vLLM's rule: a count of logprobs is at least 0, or -1 for the whole vocabulary."""
-    if value is not None and value < 0 and value != -1:
-        raise invalid_request(f"`{param}` must be -1 (all) or at least 0, got {value}.", param)
-
-
-def _check_logit_bias(logit_bias: dict[str, float] | None) -> None:
-    for key, bias in (logit_bias or {}).items():
+def _check_logit_bias_keys(logit_bias: dict[str, float] | None) -> None:
+    for key in logit_bias or {}:
         # Strictly ASCII digits: int() would also take " 1", "1_0" and other scripts' digits ("١").
         if _TOKEN_ID_KEY.fullmatch(key) is None:
             raise invalid_request(f"`logit_bias` keys must be token ids, got {key[:40]!r}.", "logit_bias")
-        token_id = int(key)
-        if token_id < 0:
-            raise invalid_request(f"`logit_bias` has a negative token id {token_id}.", "logit_bias")
-        if not -100.0 <= bias <= 100.0:
-            raise invalid_request(
-                f"`logit_bias` values must be in [-100, 100], got {bias} for token {key}.", "logit_bias"
-            )
-
-
-def _check_stop(stop: str | list[str] | None) -> None:
-    if stop is None:
-        return
-    # An empty stop string would match before any text, ending every request at once.
-    if stop == "" or (isinstance(stop, list) and "" in stop):
-        raise invalid_request("`stop` must not contain an empty string.", "stop")
-
-
-def _check_token_ids(token_ids: list[int] | None, param: str, *, allow_empty: bool) -> None:
-    if token_ids is None:
-        return
-    if not token_ids and not allow_empty:
-        raise invalid_request(f"`{param}` must not be empty.", param)
-    for token_id in token_ids:
-        if token_id < 0:
-            raise invalid_request(f"`{param}` must hold token ids >= 0, got {token_id}.", param)
 
 
 def _check_structured(req: SamplingFields) -> None:
@@ -162,24 +90,26 @@ def _check_structured(req: SamplingFields) -> None:
                 "`response_format.json_schema` is required when the type is json_schema.",
                 "response_format.json_schema",
             )
-    so = req.structured_outputs
-    if so is not None:
-        set_fields = [
-            name for name in ("json", "regex", "choice", "grammar") if getattr(so, name) is not None
-        ] + (["json_object"] if so.json_object else [])
-        if len(set_fields) != 1:
-            raise invalid_request(
-                "`structured_outputs` must set exactly one of json, regex, choice, grammar, json_object.",
-                "structured_outputs",
-            )
-        if so.choice is not None and not so.choice:
-            raise invalid_request(
-                "`structured_outputs.choice` must not be empty.", "structured_outputs.choice"
-            )
-        _check_json_schema(so.json, "structured_outputs.json")
+    if req.structured_outputs is not None:
+        check_structured_outputs(req.structured_outputs)
     if req.guided_choice is not None and not req.guided_choice:
         raise invalid_request("`guided_choice` must not be empty.", "guided_choice")
     _check_json_schema(req.guided_json, "guided_json")
+
+
+def check_structured_outputs(so: StructuredOutputs) -> None:
+    """A `structured_outputs` object (the offline API's `StructuredOutputsParams` too): one constraint."""
+    set_fields = [
+        name for name in ("json", "regex", "choice", "grammar") if getattr(so, name) is not None
+    ] + (["json_object"] if so.json_object else [])
+    if len(set_fields) != 1:
+        raise invalid_request(
+            "`structured_outputs` must set exactly one of json, regex, choice, grammar, json_object.",
+            "structured_outputs",
+        )
+    if so.choice is not None and not so.choice:
+        raise invalid_request("`structured_outputs.choice` must not be empty.", "structured_outputs.choice")
+    _check_json_schema(so.json, "structured_outputs.json")
 
 
 def _check_json_schema(schema: str | dict[str, Any] | None, param: str) -> None:
@@ -247,11 +177,9 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
     if req.prompt_logprobs is not None and any(_has_embeds_part(m) for m in req.messages):
         raise _embeds_without_prompt_logprobs()
     # max_completion_tokens is OpenAI's newer name for max_tokens and wins when both are given.
-    _check_at_least(req.max_tokens, "max_tokens", 1)
-    max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    _check_sampling(req, max_tokens_param=max_tokens_param, max_tokens=max_tokens)
-    _check_logprob_count(req.top_logprobs, "top_logprobs")
+    check_at_least(req.max_tokens, "max_tokens", 1)
+    _check_sampling(req)
+    check_logprob_count(req.top_logprobs, "top_logprobs")
     if req.top_logprobs and not req.logprobs:
         raise invalid_request("`top_logprobs` needs `logprobs` set to true.", "top_logprobs")
     if req.continue_final_message and req.add_generation_prompt:
@@ -317,5 +245,4 @@ def check_completion_request(req: CompletionRequest) -> None:
         )
     if req.suffix:
         raise invalid_request("`suffix` is not supported.", "suffix")
-    _check_sampling(req, max_tokens_param="max_tokens", max_tokens=req.max_tokens)
-    _check_logprob_count(req.logprobs, "logprobs")
+    _check_sampling(req)

@@ -11,11 +11,11 @@ from typing import Any
 import msgspec
 
 
-class Request(msgspec.Struct, forbid_unknown_fields=False):
-    """Base for the request structs (kwargs of msgspec.Struct are inherited)."""
+class OpenAIBody(msgspec.Struct, forbid_unknown_fields=False):
+    """Base for the OpenAI-style request body structs (kwargs of msgspec.Struct are inherited)."""
 
 
-class ContentPart(Request):
+class ContentPart(OpenAIBody):
     """One part of a message's content; only "text" and "prompt_embeds" parts are accepted."""
 
     type: str
@@ -23,7 +23,7 @@ class ContentPart(Request):
     data: str | None = None  # prompt_embeds: base64 of a serialized tensor
 
 
-class ChatMessage(Request):
+class ChatMessage(OpenAIBody):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -32,24 +32,26 @@ class ChatMessage(Request):
     reasoning_content: str | None = None
 
 
-class StreamOptions(Request):
+class StreamOptions(OpenAIBody):
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None
 
 
-class JsonSchemaFormat(Request):
+class JsonSchemaFormat(OpenAIBody):
     name: str | None = None
     schema: dict[str, Any] | bool | None = None
     strict: bool | None = None
     description: str | None = None
 
 
-class ResponseFormat(Request):
+class ResponseFormat(OpenAIBody):
     type: str
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputs(Request):
+# The body's `structured_outputs` object. The class name is the OpenAPI component's name, so it stays (no
+# docstring: it would enter the document); the offline API's is `StructuredOutputsParams`.
+class StructuredOutputs(OpenAIBody):
     json: str | dict[str, Any] | None = None  # a JSON schema, as an object or as JSON text
     regex: str | None = None
     choice: list[str] | None = None
@@ -57,7 +59,7 @@ class StructuredOutputs(Request):
     json_object: bool | None = None
 
 
-class SamplingFields(Request):
+class SamplingFields(OpenAIBody):
     """Fields shared by chat and completion requests (vLLM's OpenAI server accepts all of them)."""
 
     model: str | None = None

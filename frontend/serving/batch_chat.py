@@ -6,7 +6,6 @@ scheduled together; `choices[i]` answers conversation i.
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -14,23 +13,20 @@ import msgspec
 from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError, choice_error, invalid_request
+from frontend.errors import APIError, invalid_request
 from frontend.offload import run_off_loop
 from frontend.schemas import ChatCompletionRequest, ChatMessage
 from frontend.schemas.checks import check_chat_request
+from frontend.schemas.to_sampling import from_openai
 from frontend.serving.chat import chat_choices, prepare_chat
-from frontend.serving.generation import (
-    PreparedPrompt,
-    output_factory,
-    plan_choices,
-    run_choices,
-    usage_dict,
-)
+from frontend.serving.input_processor import PreparedPrompt
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
-from frontend.serving.streaming import first_or_error, json_response
+from frontend.serving.response_context import start_response
+from frontend.serving.streaming import json_response
 from frontend.serving.tools import ToolSettings, plan_tools
-from protocol.messages import SamplingParams
+from frontend.serving.usage import usage_dict
+from protocol.messages import WireSamplingParams
 
 
 class BatchChatCompletionRequest(ChatCompletionRequest, kw_only=True):
@@ -80,38 +76,37 @@ async def create_batch_chat_completion(
     tool_plan = plan_tools(req, tool_settings or ToolSettings())
     structured = tool_plan.structured if tool_plan else None
 
-    def prepare() -> tuple[list[PreparedPrompt], list[SamplingParams]]:
+    settings = from_openai(conversations[0])  # every conversation shares the sampling fields
+
+    def prepare() -> tuple[list[PreparedPrompt], list[WireSamplingParams]]:
         prompts = [prepare_chat(ctx, conversation) for conversation in conversations]
+        inputs = ctx.inputs
         sampling = [
-            ctx.sampling_params(conversation, len(prompt.token_ids), structured_override=structured)
-            for conversation, prompt in zip(conversations, prompts, strict=True)
+            inputs.sampling(settings, len(prompt.token_ids), structured_override=structured)
+            for prompt in prompts
         ]
         return prompts, sampling
 
     prompts, sampling = await run_off_loop(prepare)  # every template and tokenization, off the loop
-    response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    jobs = plan_choices(
-        response_id,
+    rc = await start_response(
+        ctx,
+        client,
+        req,
         prompts,
         sampling,
-        1,
-        output_factory(ctx.tokenizer, conversations[0]),
-        priority=req.priority or 0,
-        cache_salt=req.cache_salt,
-        lora_name=ctx.lora_name,
+        settings,
+        response_id=f"chatcmpl-{uuid.uuid4().hex}",
+        model=model,
+        tool_plan=tool_plan,
     )
-    created = int(time.time())
-    events = await first_or_error(run_choices(client, jobs, group=ctx.group, model_name=ctx.model_name))
-    async for _job, delta in events:
-        if delta.error:
-            raise choice_error(delta.error, delta.error_status)
+    await rc.wait()
     body: dict[str, Any] = {
-        "id": response_id,
+        "id": rc.response_id,
         "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": chat_choices(jobs, req, tool_plan),
-        "usage": usage_dict(jobs),
+        "created": rc.created,
+        "model": rc.model,
+        "choices": chat_choices(rc.jobs, req, tool_plan),
+        "usage": usage_dict(rc.jobs),
     }
     return json_response(body)
 

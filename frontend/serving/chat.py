@@ -2,38 +2,29 @@
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError, choice_error, invalid_request
+from frontend.errors import choice_error, invalid_request
 from frontend.offload import run_off_loop
 from frontend.schemas import ChatCompletionRequest
+from frontend.schemas.to_sampling import from_openai
 from frontend.serving.chat_template import (
     RESERVED_TEMPLATE_KWARGS,
     ChatTemplateError,
     normalize_messages,
 )
-from frontend.serving.generation import (
-    ChoiceJob,
-    PreparedPrompt,
-    output_factory,
-    plan_choices,
-    run_choices,
-    truncate_prompt,
-    usage_dict,
-)
+from frontend.serving.input_processor import ChoiceJob, PreparedPrompt, truncate_prompt
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
-from frontend.serving.output import ChoiceDelta
+from frontend.serving.response_context import Chunks, ResponseContext, respond, start_response
 from frontend.serving.responses import chat_choice, chat_chunk, chat_logprobs, prompt_logprobs_json
-from frontend.serving.streaming import StreamUsage, first_or_error, json_response, sse_response, usage_flags
 from frontend.serving.tools import ToolPlan, ToolSettings, ToolStream, apply_tool_calls, plan_tools
-from protocol.messages import SamplingParams
+from frontend.serving.usage import StreamUsage, usage_dict, usage_flags
+from protocol.messages import WireSamplingParams
 
 
 def render_chat_prompt(ctx: ModelContext, req: ChatCompletionRequest) -> tuple[str, list[str]]:
@@ -117,31 +108,28 @@ async def create_chat_completion(
     require_task(ctx, "generate", "/v1/chat/completions")
     model = ctx.check_model(req.model)
     tool_plan = plan_tools(req, tool_settings or ToolSettings())
+    settings = from_openai(req)
 
-    def prepare() -> tuple[PreparedPrompt, SamplingParams]:
+    def prepare() -> tuple[PreparedPrompt, WireSamplingParams]:
         prompt = prepare_chat(ctx, req)
         structured = tool_plan.structured if tool_plan else None
-        return prompt, ctx.sampling_params(req, len(prompt.token_ids), structured_override=structured)
+        return prompt, ctx.inputs.sampling(settings, len(prompt.token_ids), structured_override=structured)
 
     # Templating, tokenizing and the grammar check can take seconds on a huge request: off the loop.
     prompt, sampling = await run_off_loop(prepare)
-    n = req.n or 1
-    response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    jobs = plan_choices(
-        response_id,
+    rc = await start_response(
+        ctx,
+        client,
+        req,
         [prompt],
         [sampling],
-        n,
-        output_factory(ctx.tokenizer, req),
-        priority=req.priority or 0,
-        cache_salt=req.cache_salt,
-        lora_name=ctx.lora_name,
+        settings,
+        response_id=f"chatcmpl-{uuid.uuid4().hex}",
+        model=model,
+        n=req.n or 1,
+        tool_plan=tool_plan,
     )
-    created = int(time.time())
-    events = await first_or_error(run_choices(client, jobs, group=ctx.group, model_name=ctx.model_name))
-    if req.stream:
-        return sse_response(_stream_chat(events, jobs, response_id, created, model, req, tool_plan))
-    return json_response(await _collect_chat(events, jobs, response_id, created, model, req, tool_plan))
+    return await respond(rc, _collect_chat, _stream_chat)
 
 
 def chat_choices(
@@ -165,26 +153,17 @@ def chat_choices(
     return choices
 
 
-async def _collect_chat(
-    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
-    jobs: list[ChoiceJob],
-    response_id: str,
-    created: int,
-    model: str,
-    req: ChatCompletionRequest,
-    tool_plan: ToolPlan | None = None,
-) -> dict[str, Any]:
-    async for _job, delta in events:
-        if delta.error:
-            raise choice_error(delta.error, delta.error_status)
+async def _collect_chat(rc: ResponseContext) -> dict[str, Any]:
+    await rc.wait()
+    req, jobs = rc.req, rc.jobs
     first = jobs[0].output
     # vLLM's extension fields are present as null when not asked for, where vLLM puts them.
     return {
-        "id": response_id,
+        "id": rc.response_id,
         "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": chat_choices(jobs, req, tool_plan),
+        "created": rc.created,
+        "model": rc.model,
+        "choices": chat_choices(jobs, req, rc.tool_plan),
         "service_tier": None,
         "system_fingerprint": None,
         "usage": usage_dict(jobs),
@@ -198,15 +177,9 @@ async def _collect_chat(
     }
 
 
-async def _stream_chat(
-    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
-    jobs: list[ChoiceJob],
-    response_id: str,
-    created: int,
-    model: str,
-    req: ChatCompletionRequest,
-    tool_plan: ToolPlan | None = None,
-) -> AsyncIterator[dict[str, Any] | APIError]:
+async def _stream_chat(rc: ResponseContext) -> Chunks:
+    req, jobs, tool_plan = rc.req, rc.jobs, rc.tool_plan
+    response_id, created, model = rc.response_id, rc.created, rc.model
     include_usage, continuous = usage_flags(req.stream_options)
     usage = StreamUsage(jobs)
     as_ids, return_token_ids = bool(req.return_tokens_as_token_ids), bool(req.return_token_ids)
@@ -245,7 +218,7 @@ async def _stream_chat(
             yield chunk(
                 [{"index": job.index, "delta": {"content": echo}, "logprobs": None, "finish_reason": None}]
             )
-    async for job, delta in events:
+    async for job, delta in rc.events:
         if delta.error:
             yield choice_error(delta.error, delta.error_status)
             return

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -12,25 +10,19 @@ import msgspec
 from starlette.responses import Response
 
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError, choice_error
+from frontend.errors import choice_error
 from frontend.offload import run_off_loop
-from frontend.sampling_params import check_prompt_token_ids
+from frontend.sampling_params import SamplingRequest, check_prompt_token_ids
 from frontend.schemas import CompletionRequest
-from frontend.serving.generation import (
-    ChoiceJob,
-    PreparedPrompt,
-    output_factory,
-    plan_choices,
-    run_choices,
-    truncate_prompt,
-    usage_dict,
-)
+from frontend.schemas.to_sampling import from_openai
+from frontend.serving.input_processor import ChoiceJob, PreparedPrompt, truncate_prompt
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
-from frontend.serving.output import ChoiceDelta, LogprobEntry
+from frontend.serving.output import LogprobEntry
+from frontend.serving.response_context import Chunks, ResponseContext, respond, start_response
 from frontend.serving.responses import completion_chunk, completion_logprobs, prompt_logprobs_json
-from frontend.serving.streaming import StreamUsage, first_or_error, json_response, sse_response, usage_flags
-from protocol.messages import SamplingParams
+from frontend.serving.usage import StreamUsage, usage_dict, usage_flags
+from protocol.messages import WireSamplingParams
 
 # OpenAI's legacy completions default; vLLM uses the same.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -73,17 +65,26 @@ def _num_prompts(req: CompletionRequest) -> int:
     return count + len(prompt)
 
 
-def _prepare(ctx: ModelContext, req: CompletionRequest) -> tuple[list[PreparedPrompt], list[SamplingParams]]:
+def _prepare(
+    ctx: ModelContext, req: CompletionRequest, settings: SamplingRequest
+) -> tuple[list[PreparedPrompt], list[WireSamplingParams]]:
     prompts = [
         truncate_prompt(
             p, req.truncate_prompt_tokens, ctx.max_model_len, ctx.decode_prompt, req.truncation_side
         )
         for p in prepare_prompts(ctx, req)
     ]
+    inputs = ctx.inputs
     sampling = [
-        ctx.sampling_params(req, len(p.token_ids), default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS)
+        inputs.sampling(settings, len(p.token_ids), default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS)
         for p in prompts
     ]
+    if req.echo and req.logprobs is not None:
+        # Echo with logprobs shows the prompt tokens' logprobs first: the engine must compute them.
+        sampling = [
+            msgspec.structs.replace(p, prompt_logprobs=max(p.prompt_logprobs or 0, p.logprobs or 0))
+            for p in sampling
+        ]
     return prompts, sampling
 
 
@@ -93,36 +94,25 @@ async def create_completion(
     require_task(ctx, "generate", "/v1/completions")
     model = ctx.check_model(req.model)
     ctx.limits.check_fan_out(_num_prompts(req) * (req.n or 1), "prompt", "completions (prompts x n)")
+    settings = from_openai(req)
     # Tokenizing, decoding embeddings and the grammar check can take seconds: off the event loop.
-    prompts, sampling = await run_off_loop(_prepare, ctx, req)
-    if req.echo and req.logprobs is not None:
-        # Echo with logprobs shows the prompt tokens' logprobs first: the engine must compute them.
-        sampling = [
-            msgspec.structs.replace(p, prompt_logprobs=max(p.prompt_logprobs or 0, p.logprobs or 0))
-            for p in sampling
-        ]
-    make_output = output_factory(ctx.tokenizer, req)
-
-    response_id = f"cmpl-{uuid.uuid4().hex}"
-    jobs = plan_choices(
-        response_id,
+    prompts, sampling = await run_off_loop(_prepare, ctx, req, settings)
+    rc = await start_response(
+        ctx,
+        client,
+        req,
         prompts,
         sampling,
-        req.n or 1,
-        make_output,
-        priority=req.priority or 0,
-        cache_salt=req.cache_salt,
-        lora_name=ctx.lora_name,
+        settings,
+        response_id=f"cmpl-{uuid.uuid4().hex}",
+        model=model,
+        n=req.n or 1,
     )
-    created = int(time.time())
-    events = await first_or_error(run_choices(client, jobs, group=ctx.group, model_name=ctx.model_name))
-    if req.stream:
-        return sse_response(_stream(events, jobs, prompts, response_id, created, model, req))
-    return json_response(await _collect(events, jobs, prompts, response_id, created, model, req))
+    return await respond(rc, _collect, _stream)
 
 
-def _echo_text(req: CompletionRequest, prompts: list[PreparedPrompt], job: ChoiceJob) -> str:
-    return (prompts[job.prompt_index].text or "") if req.echo else ""
+def _echo_text(rc: ResponseContext, job: ChoiceJob) -> str:
+    return (rc.prompts[job.prompt_index].text or "") if rc.req.echo else ""
 
 
 def _echo_entries(job: ChoiceJob) -> list[LogprobEntry]:
@@ -148,8 +138,9 @@ def _logprobs(
     return {key: prompt_part[key] + output_part[key] for key in prompt_part}
 
 
-def _choice_body(job: ChoiceJob, req: CompletionRequest, prompts: list[PreparedPrompt]) -> dict[str, Any]:
-    echo = _echo_text(req, prompts, job)
+def _choice_body(rc: ResponseContext, job: ChoiceJob) -> dict[str, Any]:
+    req = rc.req
+    echo = _echo_text(rc, job)
     logprobs = None
     if req.logprobs is not None:
         logprobs = _logprobs(req, job, job.output.logprobs, echo if req.echo else None)
@@ -171,45 +162,28 @@ def _choice_body(job: ChoiceJob, req: CompletionRequest, prompts: list[PreparedP
     }
 
 
-async def _collect(
-    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
-    jobs: list[ChoiceJob],
-    prompts: list[PreparedPrompt],
-    response_id: str,
-    created: int,
-    model: str,
-    req: CompletionRequest,
-) -> dict[str, Any]:
-    async for _job, delta in events:
-        if delta.error:
-            raise choice_error(delta.error, delta.error_status)
+async def _collect(rc: ResponseContext) -> dict[str, Any]:
+    await rc.wait()
     return {
-        "id": response_id,
+        "id": rc.response_id,
         "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [_choice_body(job, req, prompts) for job in jobs],
+        "created": rc.created,
+        "model": rc.model,
+        "choices": [_choice_body(rc, job) for job in rc.jobs],
         "service_tier": None,
         "system_fingerprint": None,
-        "usage": usage_dict(jobs),
+        "usage": usage_dict(rc.jobs),
         "kv_transfer_params": None,
     }
 
 
-async def _stream(
-    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
-    jobs: list[ChoiceJob],
-    prompts: list[PreparedPrompt],
-    response_id: str,
-    created: int,
-    model: str,
-    req: CompletionRequest,
-) -> AsyncIterator[dict[str, Any] | APIError]:
+async def _stream(rc: ResponseContext) -> Chunks:
+    req, jobs, response_id, created, model = rc.req, rc.jobs, rc.response_id, rc.created, rc.model
     include_usage, continuous = usage_flags(req.stream_options)
     usage = StreamUsage(jobs)
     started: set[int] = set()  # choices that sent their first chunk (echo, prompt_token_ids)
     offsets = {job.index: 0 for job in jobs}  # text offset of each choice's next token
-    async for job, delta in events:
+    async for job, delta in rc.events:
         if delta.error:
             yield choice_error(delta.error, delta.error_status)
             return
@@ -218,7 +192,7 @@ async def _stream(
         echo = None
         first = job.index not in started
         if req.echo and first:
-            echo = _echo_text(req, prompts, job)
+            echo = _echo_text(rc, job)
             text = echo + text
         if not text and delta.finish_reason is None and not delta.logprobs:
             continue

@@ -16,17 +16,17 @@ from starlette.responses import Response
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, invalid_request
 from frontend.offload import run_off_loop
-from frontend.schemas.requests import Request
+from frontend.schemas.requests import OpenAIBody
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
 from frontend.serving.streaming import json_response
-from protocol.messages import AddRequest, RequestDelta, SamplingParams
+from protocol.messages import AddRequest, RequestDelta, WireSamplingParams
 
 MAX_INPUTS = 2048  # OpenAI's cap on inputs per request
 ENCODING_FORMATS = ("float", "base64")
 
 
-class EmbeddingRequest(Request):
+class EmbeddingRequest(OpenAIBody):
     # str | list[str] | list[int] | list[list[int]]: list kinds are told apart by hand, as for prompts.
     input: str | list[Any]
     model: str | None = None
@@ -164,7 +164,7 @@ async def create_embeddings(
         AddRequest(
             request_id=f"{response_id}-{index}",
             prompt_token_ids=token_ids,
-            sampling=SamplingParams(max_tokens=1),
+            sampling=WireSamplingParams(max_tokens=1),
             arrival_time=now,
             priority=req.priority or 0,
             embed_task=True,

@@ -7,7 +7,6 @@ are those of /v1/completions, nested under `sampling_params`, and go through the
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -19,23 +18,17 @@ from frontend.offload import run_off_loop
 from frontend.sampling_params import check_prompt_token_ids
 from frontend.schemas import CompletionRequest, StreamOptions
 from frontend.schemas.checks import check_completion_request
-from frontend.schemas.requests import Request
-from frontend.serving.generation import (
-    ChoiceJob,
-    PreparedPrompt,
-    output_factory,
-    plan_choices,
-    run_choices,
-    usage_dict,
-)
+from frontend.schemas.requests import OpenAIBody
+from frontend.schemas.to_sampling import from_openai
+from frontend.serving.input_processor import ChoiceJob, PreparedPrompt
 from frontend.serving.model_context import ModelContext
 from frontend.serving.model_task import require_task
-from frontend.serving.output import ChoiceDelta
+from frontend.serving.response_context import Chunks, ResponseContext, respond, start_response
 from frontend.serving.responses import generate_logprobs, prompt_logprobs_json
-from frontend.serving.streaming import StreamUsage, first_or_error, json_response, sse_response, usage_flags
+from frontend.serving.usage import StreamUsage, usage_dict, usage_flags
 
 
-class GenerateRequest(Request):
+class GenerateRequest(OpenAIBody):
     token_ids: list[int]
     sampling_params: CompletionRequest = msgspec.field(default_factory=CompletionRequest)
     model: str | None = None
@@ -89,32 +82,28 @@ async def create_generate(
     completion = _sampling_request(req)
     # No max_tokens: all the room left in the context, as current vLLM (a model's max_new_tokens still
     # caps it in ctx.sampling_params).
+    settings = from_openai(completion)
     try:
-        sampling = await run_off_loop(ctx.sampling_params, completion, len(req.token_ids))  # grammar check
+        sampling = await run_off_loop(ctx.inputs.sampling, settings, len(req.token_ids))  # grammar check
     except APIError as err:
         if err.param == "prompt":
             err.param = "token_ids"
         elif err.param and not err.param.startswith("sampling_params."):
             err.param = f"sampling_params.{err.param}"
         raise
-    make_output = output_factory(ctx.tokenizer, completion)
-
     response_id = req.request_id or uuid.uuid4().hex
-    prompt = PreparedPrompt(list(req.token_ids))
-    jobs = plan_choices(
-        f"gen-{response_id}-{uuid.uuid4().hex[:8]}",
-        [prompt],
+    rc = await start_response(
+        ctx,
+        client,
+        req,
+        [PreparedPrompt(list(req.token_ids))],
         [sampling],
-        1,
-        make_output,
-        priority=req.priority or 0,
-        cache_salt=req.cache_salt,
-        lora_name=ctx.lora_name,
+        settings,
+        response_id=response_id,
+        model=ctx.model_name,
+        job_prefix=f"gen-{response_id}-{uuid.uuid4().hex[:8]}",
     )
-    events = await first_or_error(run_choices(client, jobs, group=ctx.group, model_name=ctx.model_name))
-    if req.stream:
-        return sse_response(_stream(events, jobs, response_id, req))
-    return json_response(await _collect(events, jobs, response_id))
+    return await respond(rc, _collect, _stream)
 
 
 def _logprobs(entries: list, job: ChoiceJob) -> dict[str, Any] | None:
@@ -122,12 +111,9 @@ def _logprobs(entries: list, job: ChoiceJob) -> dict[str, Any] | None:
     return generate_logprobs(entries, num_top) if num_top is not None else None
 
 
-async def _collect(
-    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]], jobs: list[ChoiceJob], response_id: str
-) -> dict[str, Any]:
-    async for _job, delta in events:
-        if delta.error:
-            raise choice_error(delta.error, delta.error_status)
+async def _collect(rc: ResponseContext) -> dict[str, Any]:
+    await rc.wait()
+    jobs, response_id = rc.jobs, rc.response_id
     output = jobs[0].output
     return {
         "request_id": response_id,
@@ -145,15 +131,11 @@ async def _collect(
     }
 
 
-async def _stream(
-    events: AsyncIterator[tuple[ChoiceJob, ChoiceDelta]],
-    jobs: list[ChoiceJob],
-    response_id: str,
-    req: GenerateRequest,
-) -> AsyncIterator[dict[str, Any] | APIError]:
+async def _stream(rc: ResponseContext) -> Chunks:
+    req, jobs, response_id = rc.req, rc.jobs, rc.response_id
     include_usage, continuous = usage_flags(req.stream_options)
     usage = StreamUsage(jobs)
-    async for _job, delta in events:
+    async for _job, delta in rc.events:
         if delta.error:
             yield choice_error(delta.error, delta.error_status)
             return

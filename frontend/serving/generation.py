@@ -5,122 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncGenerator
 
-from frontend.engine_client import EngineClient, EngineUnavailable
+from frontend.engine_client import EngineClient, EngineUnavailable, request_timing
 from frontend.errors import NO_ENGINE_MESSAGE, APIError
-from frontend.serving.output import ChoiceDelta, ChoiceOutput
-from protocol.messages import AddRequest, EmbedSpan, SamplingParams
+from frontend.serving.input_processor import ChoiceJob
+from frontend.serving.output import ChoiceDelta
 
 # Engine requests of one API request in flight at once; the rest wait in the API process, costing nothing
 # in the engines until they are admitted.
 ADMIT_WINDOW = 256
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedPrompt:
-    token_ids: list[int]
-    text: str | None = None  # the prompt as text, for echo
-    embeds: list[EmbedSpan] = field(default_factory=list)
-    buffers: list[bytes] = field(default_factory=list)
-
-
-@dataclass
-class ChoiceJob:
-    index: int  # choices[index] in the response
-    prompt_index: int
-    add: AddRequest
-    buffers: list[bytes]
-    output: ChoiceOutput
-
-
-def plan_choices(
-    request_id: str,
-    prompts: list[PreparedPrompt],
-    sampling: list[SamplingParams],
-    n: int,
-    make_output: Callable[[PreparedPrompt, int], ChoiceOutput],
-    *,
-    priority: int = 0,
-    cache_salt: str | None = None,
-    lora_name: str | None = None,
-) -> list[ChoiceJob]:
-    """One engine request per (prompt, sample), indexed prompt-major as OpenAI does."""
-    jobs = []
-    now = time.time()
-    for p, prompt in enumerate(prompts):
-        for i in range(n):
-            params = sampling[p]
-            if n > 1 and params.seed is not None:
-                params = _with_seed(params, params.seed + i)  # distinct but reproducible samples
-            index = p * n + i
-            add = AddRequest(
-                request_id=f"{request_id}-{index}",
-                prompt_token_ids=prompt.token_ids,
-                sampling=params,
-                arrival_time=now,
-                priority=priority,
-                embeds=prompt.embeds,
-                cache_salt=cache_salt,
-                lora_name=lora_name,
-            )
-            jobs.append(ChoiceJob(index, p, add, prompt.buffers, make_output(prompt, p)))
-    return jobs
-
-
-def truncate_prompt(
-    prompt: PreparedPrompt,
-    keep: int | None,
-    max_model_len: int,
-    detokenize: Any,
-    side: str | None = None,
-) -> PreparedPrompt:
-    """vLLM's `truncate_prompt_tokens`: keep the last `keep` prompt tokens (-1: the model's context), or
-    the first ones with `truncation_side: "right"`."""
-    if keep is None:
-        return prompt
-    if keep == -1:
-        keep = max_model_len
-    if len(prompt.token_ids) <= keep:
-        return prompt
-    if prompt.embeds:
-        from frontend.errors import invalid_request
-
-        raise invalid_request(
-            "`truncate_prompt_tokens` cannot cut a prompt that carries prompt embeddings.",
-            "truncate_prompt_tokens",
-        )
-    kept = prompt.token_ids[:keep] if side == "right" else prompt.token_ids[-keep:]
-    return PreparedPrompt(kept, detokenize(kept))
-
-
-def output_factory(
-    tokenizer: Any, req: Any, output_class: type[ChoiceOutput] = ChoiceOutput
-) -> Callable[[PreparedPrompt, int], ChoiceOutput]:
-    """Builds each choice's output processor from the request's stop and detokenization fields."""
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-
-    def make(prompt: PreparedPrompt, _index: int) -> ChoiceOutput:
-        return output_class(
-            tokenizer,
-            prompt.token_ids,
-            stop=stop,
-            include_stop_str_in_output=bool(req.include_stop_str_in_output),
-            skip_special_tokens=req.skip_special_tokens is not False,
-        )
-
-    return make
-
-
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    import msgspec
-
-    return msgspec.structs.replace(params, seed=seed)
 
 
 def _public_error(exc: Exception, request_id: str) -> tuple[str, int]:
@@ -155,21 +51,17 @@ async def run_choices(
 
     async def pump(job: ChoiceJob) -> None:
         try:
-            # outcome: a stop string ends a request early, and the metrics should count it as "stop".
-            stream = client.generate(
-                job.add,
-                job.buffers,
-                outcome=lambda: job.output.finish_reason,
-                n=n,
-                group=group,
-                model_name=model_name,
-            )
+            timing = request_timing(job.add, model_name, n)
+            stream = client.generate(job.add, job.buffers, timing=timing, group=group)
             try:
                 async for delta in stream:
                     out = job.output.process(delta)
                     queue.put_nowait((job, out))
-                    if job.output.finished:
-                        break  # a stop string ended it early: closing the stream aborts the engine request
+                    if job.output.finished and delta.finish_reason is None:
+                        # A stop string ended it early: the metrics count it as "stop", and closing the
+                        # stream aborts the engine request.
+                        timing.finish_reason = job.output.finish_reason or "abort"
+                        break
             finally:
                 await stream.aclose()
         except Exception as exc:  # routed to the consumer as this choice's error, in public words
@@ -199,20 +91,3 @@ async def run_choices(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def usage_dict(jobs: list[ChoiceJob]) -> dict:
-    """OpenAI usage: each prompt counted once, every choice's completion tokens counted."""
-    first_of_prompt: dict[int, ChoiceJob] = {}
-    for job in jobs:
-        first_of_prompt.setdefault(job.prompt_index, job)
-    prompt_tokens = sum(len(j.add.prompt_token_ids) for j in first_of_prompt.values())
-    completion_tokens = sum(len(j.output.token_ids) for j in jobs)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {
-            "cached_tokens": sum(j.output.num_cached_tokens for j in first_of_prompt.values())
-        },
-    }

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from tokenizers import Tokenizer
 
 from frontend.errors import model_not_found
 from frontend.limits import InputLimits
 from frontend.offload import OFFLOAD_MIN_SIZE
-from frontend.sampling_params import build_sampling_params
 from frontend.serving.chat_template import ChatTemplate
-from frontend.structured_check import GrammarDryRun, check_structured_spec, spec_param
-from protocol.messages import Ready, SamplingParams
+from frontend.serving.input_processor import InputProcessor
+from frontend.structured_check import GrammarDryRun
+from protocol.messages import Ready
 
 
 @dataclass
@@ -63,22 +62,10 @@ class ModelContext:
             raise model_not_found(name)
         return name
 
-    def sampling_params(self, req: Any, num_prompt_tokens: int, **options: Any) -> SamplingParams:
-        """The wire sampling settings of `req` for a prompt of this length on this model (400s on bad
-        values); fields the request leaves unset take the model's generation-config defaults."""
-        params = build_sampling_params(
-            req,
-            num_prompt_tokens=num_prompt_tokens,
-            max_model_len=self.max_model_len,
-            vocab_size=self.ready.vocab_size,
-            eos_token_ids=self.ready.eos_token_ids,
-            model_defaults=self.ready.default_sampling,
-            max_logprobs=self.ready.max_logprobs,
-            **options,
-        )
-        if params.structured is not None and self.grammar_dry_run is not None:
-            check_structured_spec(params.structured, spec_param(req), self.grammar_dry_run)
-        return params
+    @property
+    def inputs(self) -> InputProcessor:
+        """The input processor for requests to this model (or, on an adapter's view, this adapter)."""
+        return InputProcessor(self.ready, self.grammar_dry_run, self.lora_name)
 
     def decode_prompt(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)

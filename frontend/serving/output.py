@@ -3,11 +3,13 @@ finish reasons, the same for streaming and non-streaming responses."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
 from contract.finish_reasons import FINISH_REASON_NAMES
+from frontend.sampling_params import SamplingRequest
 from frontend.serving.detokenizer import IncrementalDetokenizer, token_bytes, token_text
 from frontend.serving.stop_strings import StopStringMatcher
 from protocol.messages import FinishReason, RequestDelta, TokenLogprob
@@ -154,3 +156,19 @@ class ChoiceOutput:
                 self.stop_reason = delta.stop_reason
         out.finish_reason, out.stop_reason = self.finish_reason, self.stop_reason
         return out
+
+
+def output_factory(tokenizer: Tokenizer, settings: SamplingRequest) -> Callable[[list[int]], ChoiceOutput]:
+    """Builds each choice's output processor (given its prompt's ids) from the request's stop and
+    detokenization settings."""
+
+    def make(prompt_token_ids: list[int]) -> ChoiceOutput:
+        return ChoiceOutput(
+            tokenizer,
+            prompt_token_ids,
+            stop=settings.stop,
+            include_stop_str_in_output=settings.include_stop_str_in_output,
+            skip_special_tokens=settings.skip_special_tokens,
+        )
+
+    return make

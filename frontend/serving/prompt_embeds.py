@@ -18,7 +18,7 @@ from typing import Any
 
 from frontend.errors import invalid_request
 from frontend.serving.chat_template import PROMPT_EMBEDS_PLACEHOLDER
-from frontend.serving.generation import PreparedPrompt
+from frontend.serving.input_processor import PreparedPrompt
 from frontend.serving.model_context import ModelContext
 from protocol.messages import EmbedSpan
 

@@ -9,46 +9,10 @@ from typing import Any, TypeVar
 from starlette.responses import Response, StreamingResponse
 
 from frontend.errors import APIError, choice_error
-from frontend.serving.generation import ChoiceJob, usage_dict
 from frontend.serving.output import ChoiceDelta
 from frontend.sse import SSE_DONE, json_bytes, sse_data, sse_error
 
 T = TypeVar("T")
-
-
-def usage_flags(stream_options: Any) -> tuple[bool, bool]:
-    """(final usage chunk, usage on every chunk); as vLLM, per-chunk usage only with the final one."""
-    include_usage = bool(stream_options and stream_options.include_usage)
-    return include_usage, include_usage and bool(stream_options.continuous_usage_stats)
-
-
-class StreamUsage:
-    """What a stream has told the client so far: `continuous_usage_stats` counts and `return_token_ids`.
-
-    The choices' outputs run ahead of the stream (their deltas are processed as they arrive, before
-    the consumer writes them), so each chunk's usage counts only the deltas consumed up to it: the
-    role chunk reports 0 completion tokens and later counts grow with every chunk. Token ids of deltas
-    that produced no chunk (text held back) go out with the choice's next chunk.
-    """
-
-    def __init__(self, jobs: list[ChoiceJob]) -> None:
-        self.jobs = jobs
-        self.num_completion_tokens = 0
-        self.pending_ids: dict[int, list[int]] = {job.index: [] for job in jobs}
-
-    def add(self, index: int, delta: ChoiceDelta) -> None:
-        self.num_completion_tokens += len(delta.token_ids)
-        self.pending_ids[index].extend(delta.token_ids)
-
-    def take_token_ids(self, index: int) -> list[int]:
-        ids, self.pending_ids[index] = self.pending_ids[index], []
-        return ids
-
-    def current(self) -> dict[str, Any]:
-        usage = usage_dict(self.jobs)
-        usage["completion_tokens"] = self.num_completion_tokens
-        usage["total_tokens"] = usage["prompt_tokens"] + self.num_completion_tokens
-        return usage
 
 
 def json_response(body: Any, status: int = 200) -> Response:

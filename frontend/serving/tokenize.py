@@ -9,11 +9,11 @@ import msgspec
 from frontend.errors import invalid_request
 from frontend.schemas import ChatCompletionRequest, ChatMessage
 from frontend.schemas.checks import check_chat_request
-from frontend.schemas.requests import Request
+from frontend.schemas.requests import OpenAIBody
 from frontend.serving.model_context import ModelContext
 
 
-class TokenizeRequest(Request):
+class TokenizeRequest(OpenAIBody):
     """vLLM's TokenizeCompletionRequest and TokenizeChatRequest in one: exactly one of prompt / messages."""
 
     model: str | None = None
@@ -27,7 +27,7 @@ class TokenizeRequest(Request):
     tools: list[dict[str, Any]] | None = None
 
 
-class DetokenizeRequest(Request):
+class DetokenizeRequest(OpenAIBody):
     tokens: list[int]
     model: str | None = None
 

@@ -10,7 +10,10 @@ import pytest
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
-from frontend.serving.generation import PreparedPrompt, output_factory, plan_choices, run_choices
+from frontend.sampling_params import SamplingRequest
+from frontend.serving.generation import run_choices
+from frontend.serving.input_processor import PreparedPrompt, plan_choices
+from frontend.serving.output import output_factory
 from protocol.messages import FinishReason, RequestDelta, SamplingParams
 from tests.frontend.test_engine_client import _until, two_engines  # noqa: F401 - the fixture
 
@@ -22,17 +25,11 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class _Req:
-    stop = None
-    include_stop_str_in_output = None
-    skip_special_tokens = None
-
-
 def _jobs(count: int) -> list:
     tokenizer = Tokenizer(WordLevel({"a": 0, "b": 1, "c": 2, "d": 3}, unk_token="a"))
     prompts = [PreparedPrompt([1, 2, 3], "x") for _ in range(count)]
     params = [SamplingParams(max_tokens=4) for _ in range(count)]
-    return plan_choices("fan", prompts, params, 1, output_factory(tokenizer, _Req()))
+    return plan_choices("fan", prompts, params, 1, output_factory(tokenizer, SamplingRequest()))
 
 
 async def test_only_a_window_of_requests_is_in_the_engines(two_engines) -> None:  # noqa: ANN001, F811

@@ -10,6 +10,7 @@ import msgspec
 
 from frontend.sampling_params import build_sampling_params
 from frontend.schemas import decode_chat_request, decode_completion_request
+from frontend.schemas.to_sampling import from_openai
 from frontend.serving.model_context import ModelContext
 from protocol.framing import decode, encode
 from protocol.messages import Ready, SamplingParams
@@ -24,7 +25,7 @@ def _chat(**fields: Any) -> Any:
 
 def _params(req: Any, defaults: dict[str, float], max_model_len: int = 100, **options: Any) -> SamplingParams:
     return build_sampling_params(
-        req,
+        from_openai(req),
         num_prompt_tokens=10,
         max_model_len=max_model_len,
         vocab_size=512,
@@ -72,9 +73,9 @@ def test_defaults_travel_in_ready_and_model_context_applies_them() -> None:
     received, _ = decode(encode(sent))
     assert received.default_sampling == {"temperature": 0.0, "top_k": 1.0, "max_tokens": 5.0}
     ctx = ModelContext(received, tokenizer=None, chat_template=None, served_model_names=["m"])  # type: ignore[arg-type]
-    params = ctx.sampling_params(_chat(), 10)
+    params = ctx.inputs.sampling(from_openai(_chat()), 10)
     assert (params.temperature, params.top_k, params.max_tokens) == (0.0, 1, 5)
-    assert ctx.sampling_params(_chat(temperature=0.8, max_tokens=9), 10).temperature == 0.8
+    assert ctx.inputs.sampling(from_openai(_chat(temperature=0.8, max_tokens=9)), 10).temperature == 0.8
 
 
 def test_a_ready_without_the_field_means_no_defaults() -> None:
@@ -82,4 +83,4 @@ def test_a_ready_without_the_field_means_no_defaults() -> None:
     old = msgspec.msgpack.decode(msgspec.msgpack.encode(_ready()), type=Ready)
     assert old.default_sampling == {}
     ctx = ModelContext(old, tokenizer=None, chat_template=None, served_model_names=["m"])  # type: ignore[arg-type]
-    assert ctx.sampling_params(_chat(), 10) == SamplingParams(max_tokens=90)
+    assert ctx.inputs.sampling(from_openai(_chat()), 10) == SamplingParams(max_tokens=90)

@@ -10,6 +10,7 @@ import pytest
 from frontend.errors import APIError
 from frontend.sampling_params import build_sampling_params, check_prompt_token_ids
 from frontend.schemas import decode_chat_request, decode_completion_request
+from frontend.schemas.to_sampling import from_openai
 from protocol.messages import SamplingParams, StructuredSpec
 
 VOCAB = 512
@@ -19,7 +20,7 @@ EOS = [2]
 def chat_params(num_prompt_tokens: int = 10, max_model_len: int = 100, **fields: Any) -> SamplingParams:
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
     return build_sampling_params(
-        decode_chat_request(body),
+        from_openai(decode_chat_request(body)),
         num_prompt_tokens=num_prompt_tokens,
         max_model_len=max_model_len,
         vocab_size=VOCAB,
@@ -30,7 +31,7 @@ def chat_params(num_prompt_tokens: int = 10, max_model_len: int = 100, **fields:
 def completion_params(num_prompt_tokens: int = 10, **fields: Any) -> SamplingParams:
     body = json.dumps({"model": "m", "prompt": "hi", **fields}).encode()
     return build_sampling_params(
-        decode_completion_request(body),
+        from_openai(decode_completion_request(body)),
         num_prompt_tokens=num_prompt_tokens,
         max_model_len=100,
         vocab_size=VOCAB,
@@ -92,7 +93,7 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
 
 def test_default_max_tokens_is_clamped_to_the_room_left() -> None:
     body = json.dumps({"model": "m", "prompt": "hi"}).encode()
-    req = decode_completion_request(body)
+    req = from_openai(decode_completion_request(body))
     kwargs: dict[str, Any] = {"max_model_len": 100, "vocab_size": VOCAB, "eos_token_ids": EOS}
     assert build_sampling_params(req, num_prompt_tokens=10, default_max_tokens=16, **kwargs).max_tokens == 16
     assert build_sampling_params(req, num_prompt_tokens=95, default_max_tokens=16, **kwargs).max_tokens == 5
@@ -159,11 +160,11 @@ def test_minus_one_is_the_whole_vocabulary_when_the_server_allows_it() -> None:
     body = json.dumps({"model": "m", "prompt": "hi", "logprobs": -1, "prompt_logprobs": -1}).encode()
     options: dict[str, Any] = {"num_prompt_tokens": 3, "max_model_len": 100, "eos_token_ids": EOS}
     everything = build_sampling_params(
-        decode_completion_request(body), vocab_size=VOCAB, max_logprobs=-1, **options
+        from_openai(decode_completion_request(body)), vocab_size=VOCAB, max_logprobs=-1, **options
     )
     assert (everything.logprobs, everything.prompt_logprobs) == (VOCAB, VOCAB)
     wide = build_sampling_params(
-        decode_completion_request(body), vocab_size=VOCAB, max_logprobs=600, **options
+        from_openai(decode_completion_request(body)), vocab_size=VOCAB, max_logprobs=600, **options
     )
     assert wide.logprobs == VOCAB
 
@@ -236,7 +237,7 @@ def test_structured_outputs_mapping(fields: dict[str, Any], spec: StructuredSpec
 
 def test_structured_override_is_the_tool_hook() -> None:
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    req = decode_chat_request(body)
+    req = from_openai(decode_chat_request(body))
     tool_spec = StructuredSpec(json_schema='{"type":"object"}')
     kwargs: dict[str, Any] = {
         "num_prompt_tokens": 1,
@@ -247,5 +248,5 @@ def test_structured_override_is_the_tool_hook() -> None:
     assert build_sampling_params(req, structured_override=tool_spec, **kwargs).structured == tool_spec
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "guided_regex": "a"}).encode()
     with pytest.raises(APIError) as caught:
-        build_sampling_params(decode_chat_request(body), structured_override=tool_spec, **kwargs)
+        build_sampling_params(from_openai(decode_chat_request(body)), structured_override=tool_spec, **kwargs)
     assert caught.value.param == "tool_choice"
