@@ -11,10 +11,9 @@ of processes:
   leaves the model, the client when its text arrives: the difference is what the engine loop, ZeroMQ,
   the API process and HTTP add to every token.
 
-The load generator runs on the same machine (a minimal asyncio HTTP client, benchmarks/raw_sse_client.py,
-by default), so on a small machine it takes CPU from
-the API process; the numbers are a lower bound of what the API process can serve. The requests/s run
-therefore also prints the CPU time each process used per request (API process, stub engine, load
+The load generator runs on the same machine (by default a minimal asyncio HTTP client,
+benchmarks/raw_sse_client.py), so on a small machine it takes CPU from the API process; the numbers are
+a lower bound of what the API process can serve. The requests/s run therefore also prints the CPU time each process used per request (API process, stub engine, load
 generator): the API process's share is what one API process costs, whoever else shares its cores.
 
     .venv/bin/python benchmarks/frontend_overhead.py

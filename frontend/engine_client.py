@@ -1,4 +1,4 @@
-"""The API process's side of the wire: one DEALER socket per engine, a receive task each, heartbeats,
+"""The API process's side of the wire: one DEALER socket per engine, read from the event loop, heartbeats,
 routing by least outstanding work, and per-request delta queues. Engines that die or go silent are
 marked down; their requests end with an explicit error or, with no token yet, are retried elsewhere."""
 
