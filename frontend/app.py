@@ -21,13 +21,7 @@ from frontend.engine_client import EngineClient, EngineUnavailable
 from frontend.errors import NO_ENGINE_MESSAGE, APIError, engine_unavailable, internal_error
 from frontend.limits import InputLimits
 from frontend.metrics import setup_metrics, start_request_metrics
-from frontend.middleware import (
-    REQUEST_ID_KEY,
-    ApiKeyMiddleware,
-    DisconnectMiddleware,
-    InFlightMiddleware,
-    RequestIdMiddleware,
-)
+from frontend.middleware import REQUEST_ID_KEY, ApiKeyMiddleware, RequestMiddleware
 from frontend.model_registry import ModelRegistry
 from frontend.routes import extra_routes, lora_routes, openai_routes, sagemaker_routes, system_routes
 from frontend.serving.streaming import json_response
@@ -76,7 +70,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("request %s failed", request_id)
         err = internal_error(request_id)
         response = json_response(err.body(), err.status)
-    # Starlette answers unhandled errors outside the user middleware, so RequestIdMiddleware never
+    # Starlette answers unhandled errors outside the user middleware, so RequestMiddleware never
     # sees this response: set the header here.
     response.headers["X-Request-Id"] = request_id
     return response
@@ -118,11 +112,7 @@ def build_app(config: FrontendConfig) -> Starlette:
             state.accepting = False
             await client.close()
 
-    middleware = [
-        Middleware(RequestIdMiddleware, log_requests=not config.disable_log_requests),
-        Middleware(DisconnectMiddleware),
-        Middleware(InFlightMiddleware, state=state),
-    ]
+    middleware = [Middleware(RequestMiddleware, state=state, log_requests=not config.disable_log_requests)]
     if config.allowed_origins:
         middleware.append(
             Middleware(

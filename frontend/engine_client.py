@@ -1,4 +1,4 @@
-"""The API process's side of the wire: one DEALER socket per engine, a receive task each, heartbeats,
+"""The API process's side of the wire: one DEALER socket per engine, read from the event loop, heartbeats,
 routing by least outstanding work, and per-request delta queues. Engines that die or go silent are
 marked down; their requests end with an explicit error or, with no token yet, are retried elsewhere."""
 
@@ -12,10 +12,8 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from contract.finish_reasons import FINISH_REASON_NAMES
@@ -23,6 +21,7 @@ from frontend.delta_mailbox import DeltaMailbox
 from frontend.errors import ENGINE_LOST_MESSAGE
 from frontend.lora_ops import LoraOps
 from frontend.request_timing import RequestMetricsSink, RequestTiming
+from frontend.zmq_reader import SocketReader
 from protocol.framing import FrameError, decode, encode
 from protocol.log_limit import RateLimitedWarning
 from protocol.messages import (
@@ -70,15 +69,15 @@ class EngineLost:
 class EngineConnection:
     address: str
     index: int
-    socket: zmq.asyncio.Socket | None = None
+    socket: zmq.Socket | None = None
     ready: Ready | None = None
     alive: bool = False
     refused: str | None = None
     last_heard: float = 0.0
     stats: SchedulerStats | None = None
     pending: dict[str, DeltaMailbox[EngineLost]] = field(default_factory=dict)
-    recv_task: asyncio.Task[None] | None = None
-    monitor_task: asyncio.Task[None] | None = None
+    reader: SocketReader | None = None  # the socket's messages, read from the event loop
+    monitor: SocketReader | None = None  # its connection events
     num_served: int = 0
     last_hello: float = 0.0
     # The model this engine serves: its announced first served name (engines of one model share it).
@@ -107,7 +106,8 @@ class EngineClient:
     ) -> None:
         if not addresses:
             raise ValueError("at least one engine address is needed")
-        self.ctx = zmq.asyncio.Context()
+        # Plain sockets, read by SocketReader from the event loop (cheaper per message than zmq.asyncio).
+        self.ctx = zmq.Context()
         self.client_name = client_name or f"api-{os.getpid()}"
         self.heartbeat_interval_s = heartbeat_interval_s
         self.dead_after_s = dead_after_s
@@ -156,7 +156,7 @@ class EngineClient:
         return any(c.alive for c in self.engines)
 
     def _open(self, conn: EngineConnection) -> None:
-        sock: zmq.asyncio.Socket = self.ctx.socket(zmq.DEALER)
+        sock: zmq.Socket = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, f"{self.client_name}-{uuid.uuid4().hex[:8]}".encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -168,15 +168,20 @@ class EngineClient:
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         sock.connect(conn.address)
         conn.socket = sock
-        conn.recv_task = asyncio.create_task(self._recv_loop(conn, sock))
-        conn.monitor_task = asyncio.create_task(self._monitor_loop(conn, sock, monitor))
+        conn.reader = SocketReader(sock, lambda frames: self._on_frames(conn, frames), conn.address)
+        conn.monitor = SocketReader(
+            monitor, lambda frames: self._on_monitor_event(conn, sock, frames), conn.address
+        )
         conn.last_hello = time.monotonic()
         self._send(conn, Hello(PROTOCOL_VERSION, self.client_name))
 
     def _close_socket(self, conn: EngineConnection) -> None:
-        for task in (conn.recv_task, conn.monitor_task):
-            if task is not None:
-                task.cancel()
+        if conn.reader is not None:
+            conn.reader.close()
+        if conn.monitor is not None:
+            conn.monitor.close()
+            conn.monitor.sock.close(0)
+        conn.reader = conn.monitor = None
         if conn.socket is not None:
             conn.socket.close(0)
         conn.socket = None
@@ -191,52 +196,37 @@ class EngineClient:
         if conn.socket is None:
             return False
         try:
-            # An asyncio socket tries a NOBLOCK send at once and reports the outcome on a finished
-            # future, not by raising: zmq.Again (no connected peer, a full queue) is found there.
-            sent = cast("asyncio.Future[object]", conn.socket.send_multipart(frames, flags=zmq.NOBLOCK))
-            error = sent.exception() if sent.done() else None
-        except zmq.ZMQError as exc:
-            error = exc
-        return error is None
+            conn.socket.send_multipart(frames, flags=zmq.NOBLOCK)  # zmq.Again: no connected peer
+        except zmq.ZMQError:
+            return False
+        finally:
+            if conn.reader is not None:
+                conn.reader.after_send()
+        return True
 
     # -- receiving ------------------------------------------------------------------------------------
-    async def _recv_loop(self, conn: EngineConnection, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            try:
-                frames = await sock.recv_multipart()
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
-            try:
-                message, _extra = decode(frames)
-            except FrameError as exc:
-                self.num_bad_messages += 1
-                self._bad_message_warning.warn(
-                    "dropped an undecodable message from engine %s: %.300s", conn.address, exc
-                )
-                continue
-            conn.last_heard = time.monotonic()
-            self._dispatch(conn, message)
-
-    async def _monitor_loop(
-        self, conn: EngineConnection, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket
-    ) -> None:
+    def _on_frames(self, conn: EngineConnection, frames: list[bytes]) -> None:
         try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if conn.socket is not sock:
-                    return  # a newer socket took over this engine
-                if event["event"] == zmq.EVENT_DISCONNECTED and conn.alive:
-                    self._mark_dead(conn, f"engine {conn.address} closed its connection")
-                    return
-                if event["event"] != zmq.EVENT_DISCONNECTED and conn.refused is None:
-                    conn.refused = (
-                        "CurveZMQ authentication failed: the engine does not accept this client key"
-                    )
-                    logger.error("engine %s: %s", conn.address, conn.refused)
-        except (zmq.ZMQError, asyncio.CancelledError):
+            message, _extra = decode(frames)
+        except FrameError as exc:
+            self.num_bad_messages += 1
+            self._bad_message_warning.warn(
+                "dropped an undecodable message from engine %s: %.300s", conn.address, exc
+            )
             return
-        finally:
-            monitor.close(0)
+        conn.last_heard = time.monotonic()
+        self._dispatch(conn, message)
+
+    def _on_monitor_event(self, conn: EngineConnection, sock: zmq.Socket, frames: list[bytes]) -> None:
+        event = parse_monitor_message(frames)
+        if conn.socket is not sock:
+            return  # a newer socket took over this engine
+        if event["event"] == zmq.EVENT_DISCONNECTED and conn.alive:
+            self._mark_dead(conn, f"engine {conn.address} closed its connection")
+            return
+        if event["event"] != zmq.EVENT_DISCONNECTED and conn.refused is None:
+            conn.refused = "CurveZMQ authentication failed: the engine does not accept this client key"
+            logger.error("engine %s: %s", conn.address, conn.refused)
 
     def _dispatch(self, conn: EngineConnection, message: object) -> None:
         if isinstance(message, Outputs):

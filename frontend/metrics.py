@@ -10,7 +10,7 @@ sets), summed over all API processes.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -143,6 +143,7 @@ class RequestMetrics:
             self.num_preemptions,
         ]
         self._engines_seen: set[str] = set()
+        self._series_cache: dict[tuple[str, str], _Series] = {}
 
     def ensure_series(self, engine: str, model_name: str | None = None) -> None:
         """Creates every series of an engine at zero, so dashboards and alerts see 0 before the first
@@ -156,30 +157,65 @@ class RequestMetrics:
         for reason in FINISHED_REASONS:
             self.request_success.labels(*labels, reason)
 
+    def _series(self, model_name: str, engine: str) -> _Series:
+        """One (model, engine)'s children, looked up once: `labels()` validates and locks on every call,
+        14 times per request otherwise."""
+        key = (model_name, engine)
+        series = self._series_cache.get(key)
+        if series is None:
+            success = {r: self.request_success.labels(*key, r) for r in FINISHED_REASONS}
+            children: list[Any] = [metric.labels(*key) for metric in self._labelled]
+            series = _Series._make([*children, success])
+            self._series_cache[key] = series
+        return series
+
     def record_request(self, timing: RequestTiming, finished_at: float) -> None:
-        labels = (timing.model_name or self.model_name, timing.engine)
-        self.prompt_tokens.labels(*labels).inc(timing.num_prompt_tokens)
-        self.generation_tokens.labels(*labels).inc(timing.num_generation_tokens)
-        self.request_success.labels(*labels, timing.finish_reason).inc()
-        self.e2e.labels(*labels).observe(max(finished_at - timing.arrival_time, 0.0))
-        self.request_prompt_tokens.labels(*labels).observe(timing.num_prompt_tokens)
-        self.request_generation_tokens.labels(*labels).observe(timing.num_generation_tokens)
-        self.params_n.labels(*labels).observe(timing.n)
-        self.params_max_tokens.labels(*labels).observe(timing.max_tokens)
-        self.num_preemptions.labels(*labels).observe(timing.num_preemptions)
+        s = self._series(timing.model_name or self.model_name, timing.engine)
+        s.prompt_tokens.inc(timing.num_prompt_tokens)
+        s.generation_tokens.inc(timing.num_generation_tokens)
+        success = s.request_success.get(timing.finish_reason)
+        if success is None:  # not one of FINISHED_REASONS: its own series, as before
+            key = (timing.model_name or self.model_name, timing.engine, timing.finish_reason)
+            success = self.request_success.labels(*key)
+        success.inc()
+        s.e2e.observe(max(finished_at - timing.arrival_time, 0.0))
+        s.request_prompt_tokens.observe(timing.num_prompt_tokens)
+        s.request_generation_tokens.observe(timing.num_generation_tokens)
+        s.params_n.observe(timing.n)
+        s.params_max_tokens.observe(timing.max_tokens)
+        s.num_preemptions.observe(timing.num_preemptions)
         if timing.queue_time_s is not None:
-            self.queue_time.labels(*labels).observe(max(timing.queue_time_s, 0.0))
+            s.queue_time.observe(max(timing.queue_time_s, 0.0))
             first_scheduled = timing.arrival_time + timing.queue_time_s
-            self.inference_time.labels(*labels).observe(max(finished_at - first_scheduled, 0.0))
+            s.inference_time.observe(max(finished_at - first_scheduled, 0.0))
             if timing.first_token_at is not None:
-                self.prefill_time.labels(*labels).observe(max(timing.first_token_at - first_scheduled, 0.0))
+                s.prefill_time.observe(max(timing.first_token_at - first_scheduled, 0.0))
         if timing.first_token_at is not None:
-            self.ttft.labels(*labels).observe(max(timing.first_token_at - timing.arrival_time, 0.0))
+            s.ttft.observe(max(timing.first_token_at - timing.arrival_time, 0.0))
             last = timing.last_token_at if timing.last_token_at is not None else timing.first_token_at
-            self.decode_time.labels(*labels).observe(max(last - timing.first_token_at, 0.0))
-        itl = self.itl.labels(*labels)
+            s.decode_time.observe(max(last - timing.first_token_at, 0.0))
         for gap in timing.inter_token_s:
-            itl.observe(gap)
+            s.itl.observe(gap)
+
+
+class _Series(NamedTuple):
+    """RequestMetrics' children for one (model, engine), in the order of RequestMetrics._labelled."""
+
+    prompt_tokens: Any
+    generation_tokens: Any
+    ttft: Any
+    itl: Any
+    e2e: Any
+    request_prompt_tokens: Any
+    request_generation_tokens: Any
+    queue_time: Any
+    decode_time: Any
+    inference_time: Any
+    prefill_time: Any
+    params_n: Any
+    params_max_tokens: Any
+    num_preemptions: Any
+    request_success: dict[str, Any]  # by finish reason
 
 
 def engine_label(conn: EngineConnection) -> str:

@@ -1,15 +1,14 @@
-"""Pure-ASGI middleware: request ids and request logging, cancelling handlers whose client went away,
-and API-key checks on every route but the open operational ones."""
+"""Pure-ASGI middleware: request ids and request logging, in-flight counting and cancelling handlers
+whose client went away (one layer), and API-key checks on every route but the open operational ones."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from starlette.routing import BaseRoute, Match, Route
@@ -31,11 +30,25 @@ request_logger = logging.getLogger("tandem.requests")
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/load", "/ping", "/openapi.json", "/docs"})
 
 
-class RequestIdMiddleware:
-    """Every response carries X-Request-Id: the client's own, or a fresh one; one log line per request."""
+class RequestMiddleware:
+    """What every request goes through, in one layer (each ASGI layer costs a call per message sent):
 
-    def __init__(self, app: ASGIApp, log_requests: bool = True) -> None:
+    - request ids: every response carries X-Request-Id, the client's own or a fresh one, and one log
+      line per request (unless disabled);
+    - disconnects: a POST handler is cancelled as soon as its client goes, so the engine aborts its
+      requests and frees their KV blocks at once (a non-streaming handler would otherwise generate to
+      the end for nobody);
+    - in-flight count: the POST requests being handled (generation, embeddings, tokenization), for
+      `/load`'s server_load, a load balancer's view of this API process; a streaming response counts
+      until its last chunk is sent or its client goes.
+
+    Because the disconnect watch below cancels the handler, POST handlers see ASGI spec 2.4: a
+    StreamingResponse then streams without a listener task of its own (a task group per response, ~10%
+    of the API process's CPU per streamed request)."""
+
+    def __init__(self, app: ASGIApp, state: InFlightCounter, log_requests: bool = True) -> None:
         self.app = app
+        self.state = state
         self.log_requests = log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -51,18 +64,28 @@ class RequestIdMiddleware:
         scope[REQUEST_ID_KEY] = request_id
         started = time.monotonic()
         status: int | None = None
+        response_done = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_done
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
+            elif not message.get("more_body", False):
+                response_done = True
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            if scope.get("method") == "POST":
+                self.state.num_requests_in_flight += 1
+                try:
+                    await _cancel_on_disconnect(self.app, scope, receive, send_with_id, lambda: response_done)
+                finally:
+                    self.state.num_requests_in_flight -= 1
+            else:
+                await self.app(scope, receive, send_with_id)
         finally:
             if self.log_requests:
                 client = scope.get("client")
@@ -77,78 +100,56 @@ class RequestIdMiddleware:
                 )
 
 
-class DisconnectMiddleware:
-    """Cancels a POST handler as soon as its client disconnects, so the engine aborts its requests and
-    frees their KV blocks at once. Streaming responses would notice on their next write; a non-streaming
-    handler would otherwise generate to the end for nobody."""
+async def _cancel_on_disconnect(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, response_done: Callable[[], bool]
+) -> None:
+    """Runs `app` in this task; once the request body is read, a watcher task owns `receive` and
+    cancels this task when the client disconnects before the response is complete."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = asyncio.Event()
+    watcher: asyncio.Task[None] | None = None
+    cancelled_here = False
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    async def watch() -> None:
+        nonlocal cancelled_here
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+        if not response_done():
+            cancelled_here = True
+            task.cancel()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
-            await self.app(scope, receive, send)
-            return
-        body_read = asyncio.Event()
-        gone = asyncio.Event()
-        response_done = False
-
-        async def app_receive() -> Message:
-            if body_read.is_set():  # the watcher owns the channel from here on
-                await gone.wait()
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                gone.set()
-            elif not message.get("more_body", False):
-                body_read.set()
-            return message
-
-        async def app_send(message: Message) -> None:
-            nonlocal response_done
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                response_done = True
-            await send(message)
-
-        async def watch() -> None:
-            await body_read.wait()
-            while (await receive())["type"] != "http.disconnect":
-                pass
+    async def app_receive() -> Message:
+        nonlocal watcher
+        if watcher is not None:  # the watcher owns the channel from here on
+            await gone.wait()
+            return {"type": "http.disconnect"}
+        message = await receive()
+        if message["type"] == "http.disconnect":
             gone.set()
+        elif not message.get("more_body", False):
+            watcher = asyncio.ensure_future(watch())
+        return message
 
-        handler = asyncio.ensure_future(self.app(scope, app_receive, app_send))
-        watcher = asyncio.ensure_future(watch())
-        try:
-            await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not handler.done() and not response_done:
-                handler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await handler
-        finally:
-            for task in (handler, watcher):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-
-
-class InFlightMiddleware:
-    """Counts the POST requests being handled (generation, embeddings, tokenization), for `/load`'s
-    server_load: a load balancer's view of this API process. A streaming response counts until its
-    last chunk is sent or its client goes."""
-
-    def __init__(self, app: ASGIApp, state: InFlightCounter) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
-            await self.app(scope, receive, send)
-            return
-        self.state.num_requests_in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.state.num_requests_in_flight -= 1
+    # The watcher stands in for the response's own disconnect listener (ASGI 2.4: a send after the
+    # client went is dropped by the server, and this task is cancelled right away).
+    scope["asgi"] = {**scope.get("asgi", {}), "spec_version": "2.4"}
+    try:
+        await app(scope, app_receive, send)
+    except asyncio.CancelledError:
+        if not cancelled_here:
+            raise
+        # Ours, for a client that went: the request ends here, quietly, unless the server cancelled
+        # this task too (shutdown).
+        cancelled_here = False
+        if task.uncancel() > 0:
+            raise
+    finally:
+        if cancelled_here:  # delivered, but the app swallowed it
+            task.uncancel()
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
 
 
 class ApiKeyMiddleware:

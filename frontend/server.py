@@ -35,7 +35,7 @@ def run_api_server(config: FrontendConfig) -> int:
         port=config.port,
         fd=None,
         log_level=config.log_level,
-        access_log=False,  # RequestIdMiddleware logs each request, with its id (unless --disable-log-requests)
+        access_log=False,  # RequestMiddleware logs each request, with its id (unless --disable-log-requests)
         # SIGTERM: stop accepting, let in-flight requests finish for this long, then cancel them.
         timeout_graceful_shutdown=math.ceil(config.shutdown_timeout_s),
         lifespan="on",
