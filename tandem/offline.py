@@ -34,8 +34,7 @@ from tandem.offline_params import (
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
-    from engine.embedding_runner import EmbeddingStepper
-    from engine.stepper import EngineStepper
+    from engine.step_protocol import Stepper
 
 _CLIENT = b"offline"
 Prompt = str | list[int]
@@ -66,7 +65,7 @@ class LLM:
             from engine.embedding_runner import EmbeddingStepper, build_embedding_parts
 
             embed_parts = build_embedding_parts(self.config)
-            self.stepper: EngineStepper | EmbeddingStepper = EmbeddingStepper(embed_parts)
+            self.stepper: Stepper = EmbeddingStepper(embed_parts)
             ready = embed_parts.ready
         else:
             from engine.engine_setup import build_engine_parts

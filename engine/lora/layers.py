@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.layers.linear import MergedLinear
+from engine.layers import row_routed
+from engine.layers.linear import Linear, MergedLinear
 from engine.lora.adapter import TargetModule
 
 # Tandem module leaf names that LoRA adapts (q/k/v are parts of qkv_proj, gate/up of gate_up_proj).
@@ -69,7 +70,7 @@ class LoraBatch:
 def _fusable(base: nn.Module) -> bool:
     """Whether the base layer is a plain linear whose weight (and bias) can become a view of [W; A]; other
     layers (the int8 decode copies, tensor-parallel shards) keep their weight and a separate shrink."""
-    return type(base) in (nn.Linear, MergedLinear)
+    return type(base) in (nn.Linear, Linear, MergedLinear)
 
 
 class LoraLinear(nn.Module):
@@ -122,7 +123,8 @@ class LoraLinear(nn.Module):
         if mask is None:
             return self.base(x)
         if self.fused:
-            y = F.linear(x, self.stacked, self.stacked_bias)  # [T, out + P * S * R]: base output, then h
+            # [T, out + P * S * R]: the base output, then h
+            y = row_routed.linear(x, self.stacked, self.stacked_bias)
             out, shrunk = y[:, : self.num_out], y[:, self.num_out :]
         else:
             out, shrunk = self.base(x), torch.mm(x, self.lora_a.t())
