@@ -48,8 +48,6 @@ class EngineCore:
         curve_keys = _curve_keys(config)  # before the model loads, so a missing key file fails fast
         self.parts: EngineParts | EmbeddingParts
         self.stepper: Stepper
-        if config.task == "embed" and config.tensor_parallel_size > 1:
-            raise ValueError("--tensor-parallel-size applies to text generation only, not --task embed")
         # Admission control is always on: Ready carries the flag's bound or the one from the KV cache.
         if parts is None and config.task == "embed":
             self.parts = build_embedding_parts(config)

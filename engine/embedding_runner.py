@@ -36,6 +36,8 @@ class EmbeddingParts:
 def build_embedding_parts(config: EngineConfig) -> EmbeddingParts:
     from engine.engine_setup import pick_device, ready_message
 
+    if config.tensor_parallel_size > 1:  # the encoder has no sharded layers
+        raise ValueError("--tensor-parallel-size applies to text generation only, not --task embed")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = pick_device(config.device)

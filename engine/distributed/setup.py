@@ -21,8 +21,6 @@ logger = logging.getLogger(__name__)
 def check_tensor_parallel(config: EngineConfig, device: torch.device) -> None:
     """ValueError for combinations that would otherwise fail later or give wrong output."""
     size = config.tensor_parallel_size
-    if config.task != "generate":
-        raise ValueError("--tensor-parallel-size applies to text generation only, not --task embed")
     if config.cpu_int8_weights:
         raise ValueError("--cpu-int8-weights cannot be combined with --tensor-parallel-size > 1")
     # LoRA wraps rank 0's projections only: the workers' shards would run without the adapters.

@@ -5,14 +5,15 @@ Every wrapper holds --max-loras slots of zero-padded A and B matrices. One step 
 h = x @ A_all^T over the slots, zeroes the columns of the slots a token does not use (a mask built once
 per step from the runner's per-token slots, shared by all layers), and adds h @ B to the base output. At
 decode sizes a thin matmul costs mostly its call (oneDNN's fixed ~15-25 us) and its bytes, so a step
-makes few calls, whatever the mix of adapters, and reads no padding between parts:
+makes few calls, whatever the mix of adapters:
 
 - the shrink runs in the base layer's matmul: the A rows sit under the base weight in one tensor [W; A]
   and the base layer's weight is a view of its first rows, so a step without adapter tokens runs the
   base layer alone, as before, and a step with some gets the base output and h from one call;
-- one multiply applies the mask; one matmul per output part (q/k/v, gate/up) expands that part's columns
-  of h with that part's B only (no block-diagonal zeros), over the slots up to the highest one in use;
-  one add puts the result on the base output (measured 10-20 us cheaper than addmm at these shapes).
+- one multiply applies the mask; one matmul expands every part at once against B laid out
+  block-diagonally by part (q/k/v, gate/up): the zero blocks are a few hundred KB, cheaper than a
+  matmul call per part and a cat; one add puts the result on the base output (measured 10-20 us cheaper
+  than addmm on the view at these shapes).
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ class LoraBatch:
         return mask
 
 
+def expand_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of B (and of the mask, so of h in the expand): float32 for a float16 model on CPU, whose
+    float16 GEMM at a few rows has no fast kernel (8 x 128 x 3072: 6.3 ms in float16, 0.15 ms through
+    float32 on the Zen 4 VM; benchmarks/RESULTS.md), else the model's dtype."""
+    return torch.float32 if dtype == torch.float16 and device.type == "cpu" else dtype
+
+
 def _fusable(base: nn.Module) -> bool:
     """Whether the base layer is a plain linear whose weight (and bias) can become a view of [W; A]; other
     layers (the int8 decode copies, tensor-parallel shards) keep their weight and a separate shrink."""
@@ -104,13 +112,18 @@ class LoraLinear(nn.Module):
                 if bias is not None:
                     self.stacked_bias = torch.cat([bias, bias.new_zeros(num_a)])
                     base.bias = nn.Parameter(self.stacked_bias[: self.num_out], requires_grad=False)
-        self.register_buffer("lora_b", torch.zeros(width * self.num_out, dtype=dtype, device=device))
-        # Part p's scaled B^T [S * R, out_p], contiguous: row block s is slot s.
+        # B^T of every part and slot, block-diagonal by part: [P * S * R, out], row block (p, s) holds slot
+        # s's scaled B^T of part p in part p's columns, zeros elsewhere. One addmm expands every part and
+        # adds the base output; the zero blocks cost less than a matmul call per part and a cat.
+        self.register_buffer(
+            "lora_b", torch.zeros(num_a, self.num_out, dtype=expand_dtype(dtype, device), device=device)
+        )
+        # Part p's [S * R, out_p] block of lora_b (a view: set_slot writes through it).
         self.parts_b: list[Tensor] = []
         start = 0
-        for size in self.output_sizes:
-            self.parts_b.append(self.lora_b[start : start + width * size].view(width, size))
-            start += width * size
+        for part, size in enumerate(self.output_sizes):
+            self.parts_b.append(self.lora_b[part * width : (part + 1) * width, start : start + size])
+            start += size
 
     @property
     def lora_a(self) -> Tensor:
@@ -127,22 +140,16 @@ class LoraLinear(nn.Module):
             y = row_routed.linear(x, self.stacked, self.stacked_bias)
             out, shrunk = y[:, : self.num_out], y[:, self.num_out :]
         else:
-            out, shrunk = self.base(x), torch.mm(x, self.lora_a.t())
+            out, shrunk = self.base(x), row_routed.linear(x, self.lora_a)
         num_threads = torch.get_num_threads()
         one_thread = x.device.type == "cpu" and x.shape[0] <= MAX_SINGLE_THREAD_ROWS and num_threads > 1
         if one_thread:
             torch.set_num_threads(1)
         try:
-            h = shrunk * mask  # [T, P * S * R]
-            width, used = (
-                self.batch.max_loras * self.batch.max_rank,
-                self.batch.num_slots * self.batch.max_rank,
-            )
-            deltas = [
-                torch.mm(h[:, p * width : p * width + used], b[:used]) for p, b in enumerate(self.parts_b)
-            ]
-            delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
-            return delta.add_(out)
+            # (h masked to each token's slot) @ B, plus the base output (cheaper than addmm on the view);
+            # a float16 model's h becomes float32 in the multiply by the float32 mask (see expand_dtype).
+            delta = torch.mm(shrunk * mask, self.lora_b).add_(out)
+            return delta if delta.dtype == out.dtype else delta.to(out.dtype)
         finally:
             if one_thread:
                 torch.set_num_threads(num_threads)

@@ -49,7 +49,7 @@ class LoraManager:
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no projections LoRA can adapt")
         self.targets = target_modules(self.layers)
-        self._dtype = next(iter(self.layers.values())).lora_a.dtype
+        self._dtype = next(iter(self.layers.values())).lora_b.dtype  # the mask scales h for the expand
         self._slot_range = torch.arange(max_loras, device=device)  # [S]
         self.adapters: dict[str, LoraAdapter] = {}  # registered, in load order
         self._uids: dict[str, int] = {}  # name -> the uid of its registration

@@ -75,7 +75,7 @@ def test_float16_engine_decodes_like_float32(tiny_model_dir: TinyModelDir) -> No
             parts.scheduler.add_request(request)
         while any(r.num_output_tokens < 8 for r in requests):
             out = parts.scheduler.schedule()
-            parts.scheduler.update_after_step(out, parts.runner.execute(out).sampled)
+            parts.scheduler.update_from_output(out, parts.runner.execute(out))
         return [list(r.output_token_ids) for r in requests]
 
     # One sequence decodes 1-row steps (float16 kernel); MAX_FP16_ROWS + 1 decode with the float32 upcast;

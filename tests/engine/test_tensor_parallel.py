@@ -183,7 +183,6 @@ def test_unshardable_head_layouts_are_refused(
     [
         ({"tensor_parallel_size": 3}, "must divide or be a multiple"),  # 2 KV heads over 3 ranks
         ({"cpu_int8_weights": True}, "--cpu-int8-weights"),
-        ({"task": "embed"}, "text generation only"),
         ({"enable_lora": True}, "--enable-lora"),
     ],
 )
@@ -193,6 +192,14 @@ def test_unsupported_combinations_fail_at_start_up(
     config = engine_config(tp_model_dirs["llama-2kv"], 2)
     with pytest.raises(ValueError, match=message):
         build_engine_parts(EngineConfig(**{**config.__dict__, **extra}))  # refused before any worker starts
+
+
+def test_embedding_engines_refuse_tensor_parallelism_before_loading() -> None:
+    from engine.embedding_runner import build_embedding_parts
+
+    config = EngineConfig(task="embed", device="cpu", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="text generation only"):
+        build_embedding_parts(config)
 
 
 HUNG_WORKER_SCRIPT = """
