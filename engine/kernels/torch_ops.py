@@ -103,14 +103,24 @@ def write_kv_cache(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
-def _gather_context(kv_cache: Tensor, block_ids: Tensor) -> Tensor:
-    """block_ids [B, num_blocks] -> K and V stacked as [2, B, Hkv, num_blocks * block_size, D]."""
+def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype attention computes in: float32 for a float16 cache on CPU, whose float16 SDPA has no fast
+    kernel without AVX512-FP16 (upcasting K, V and q was 1.7-2x faster on the Zen 4 VM and closer to the
+    float64 result; benchmarks/RESULTS.md), else the cache's own."""
+    return torch.float32 if dtype == torch.float16 and device.type == "cpu" else dtype
+
+
+def _gather_context(kv_cache: Tensor, block_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """block_ids [B, num_blocks] -> K and V stacked as [2, B, Hkv, num_blocks * block_size, D] in dtype."""
     batch, num_blocks = block_ids.shape
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     # index_select on the block axis gathers K and V in one pass; plain advanced indexing is slower.
     gathered = kv_cache.index_select(1, block_ids.reshape(-1))
-    gathered = gathered.view(2, batch, num_blocks * block_size, num_kv_heads, head_dim)
-    return gathered.transpose(2, 3).contiguous()
+    gathered = gathered.view(2, batch, num_blocks * block_size, num_kv_heads, head_dim).transpose(2, 3)
+    if dtype == kv_cache.dtype:
+        return gathered.contiguous()
+    # The new layout and the new dtype in one copy.
+    return torch.empty(gathered.shape, dtype=dtype, device=gathered.device).copy_(gathered)
 
 
 @dataclass
@@ -158,20 +168,22 @@ def _plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> _At
 def _decode_attention(q: Tensor, kv_cache: Tensor, plan: _DecodePlan, scale: float) -> Tensor:
     """All single-token decodes at once: q [B, Hq, D] -> [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
-    keys, values = _gather_context(kv_cache, plan.block_ids)  # each [B, Hkv, L, D]
+    dtype = attention_dtype(q.dtype, q.device)
+    keys, values = _gather_context(kv_cache, plan.block_ids, dtype)  # each [B, Hkv, L, D]
     num_kv_heads = keys.shape[1]
     # One query per sequence, so the `group` query heads sharing a KV head can stand in for
     # the query-length axis: GQA without repeating K/V.
-    grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).to(dtype)
     out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=plan.mask, scale=scale)
-    return out.reshape(batch, num_heads, head_dim)  # from [B, Hkv, group, D]
+    return out.to(q.dtype).reshape(batch, num_heads, head_dim)  # from [B, Hkv, group, D]
 
 
 def _prefill_attention(q: Tensor, kv_cache: Tensor, block_ids: Tensor, seq_len: int, scale: float) -> Tensor:
     """One sequence's chunk: q [Q, Hq, D] are the last Q positions of a seq_len-long context."""
     query_len = q.shape[0]
-    keys, values = _gather_context(kv_cache, block_ids.unsqueeze(0))[:, 0, :, :seq_len]  # [Hkv, S, D]
-    query = q.transpose(0, 1)  # [Hq, Q, D]
+    dtype = attention_dtype(q.dtype, q.device)
+    keys, values = _gather_context(kv_cache, block_ids.unsqueeze(0), dtype)[:, 0, :, :seq_len]  # [Hkv, S, D]
+    query = q.transpose(0, 1).to(dtype)  # [Hq, Q, D]
     if query_len == seq_len:
         out = F.scaled_dot_product_attention(
             query, keys, values, is_causal=True, scale=scale, enable_gqa=True
@@ -184,7 +196,7 @@ def _prefill_attention(q: Tensor, kv_cache: Tensor, block_ids: Tensor, seq_len: 
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )
-    return out.transpose(0, 1)
+    return out.transpose(0, 1).to(q.dtype)
 
 
 def paged_attention(q: Tensor, kv_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
