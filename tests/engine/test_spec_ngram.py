@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -70,9 +71,8 @@ def test_config_defaults_are_vllms() -> None:
     ) == SpeculativeConfig(2, 2, 2)
     assert parse_speculative_config(None) is None
     # The offline LLM passes a dict (or JSON text) through EngineConfig, which converts it.
-    config = EngineConfig(
-        speculative_config={"num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
-    )  # type: ignore[arg-type]
+    spec: Any = {"num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    config = EngineConfig(speculative_config=spec)
     assert config.speculative_config == SpeculativeConfig(4, 3, 1)
 
 
