@@ -221,4 +221,6 @@ class EngineStepper(Stepper):
             num_waiting_deferred=sum(1 for r in self.scheduler.waiting if r.is_waiting_for_grammar),
             iteration_tokens_counts=list(self.iteration_tokens_counts),
             iteration_tokens_sum=self.iteration_tokens_sum,
+            spec_decode_num_draft_tokens=self.scheduler.num_draft_tokens,
+            spec_decode_num_accepted_tokens=self.scheduler.num_accepted_tokens,
         )
