@@ -171,7 +171,7 @@ class Scheduler:
                 index += 1
                 continue
             if self.speculative is not None and num_new == 1:
-                row = self._speculative_row(request, budget - (len(self.running) - index - 1))
+                row = self._speculative_row(request, budget, len(self.running) - index - 1)
                 if row is not None:
                     out.rows.append(row)
                     budget -= row.num_new
@@ -195,10 +195,11 @@ class Scheduler:
                 index += 1
         return budget
 
-    def _speculative_row(self, request: Request, budget: int) -> ScheduledRequest | None:
-        """A decode row with drafts, or None (no drafts, or no free blocks for them: then the row decodes
-        one token as usual rather than preempting anything for guesses). budget already keeps one token
-        for each running request behind this one."""
+    def _speculative_row(self, request: Request, budget: int, num_behind: int) -> ScheduledRequest | None:
+        """A decode row with drafts, or None: no drafts, or no room for them, and the row decodes one token
+        as usual. Drafts never cost another request its step: one token of the budget and one free block
+        stay for each of the num_behind running requests after this one, so guesses never cause a
+        preemption."""
         spec = self.speculative
         assert spec is not None
         num_tokens = request.num_tokens
@@ -206,7 +207,7 @@ class Scheduler:
             return None
         room = min(
             spec.num_speculative_tokens,
-            budget - 1,
+            budget - 1 - num_behind,
             self.limits.max_model_len - num_tokens,  # the drafts' positions stay inside the context
             request.sampling.max_tokens - request.num_output_tokens - 1,  # the bonus token is one more
         )
@@ -219,9 +220,13 @@ class Scheduler:
             spec.prompt_lookup_min,
             spec.prompt_lookup_max,
         )
-        if not drafts or not self.kv_cache.allocate_slots(request, 1 + len(drafts)):
+        if not drafts:
             return None
         start = request.num_computed_tokens
+        kv = self.kv_cache
+        new_blocks = kv.blocks_needed(start + 1 + len(drafts)) - len(request.block_ids)
+        if kv.num_free_blocks - new_blocks < num_behind or not kv.allocate_slots(request, 1 + len(drafts)):
+            return None
         return ScheduledRequest(request, 1 + len(drafts), start, False, False, tuple(drafts))
 
     @staticmethod

@@ -190,3 +190,19 @@ def test_a_run_to_the_end_leaks_no_blocks() -> None:
     assert requests[0].output_token_ids == [13] + [cycle[(8 + i) % 4] for i in range(11)]
     assert scheduler.num_accepted_tokens == scheduler.num_draft_tokens > 0
     assert scheduler.kv_cache.num_free_blocks == 15
+
+
+def test_drafts_never_take_the_block_a_later_request_needs() -> None:
+    # Blocks of 4: a and b hold 2 blocks each (8 tokens); 1 block is free. a's drafts would need it, and
+    # so does b's next token in a later step: a decodes plainly and nobody is preempted.
+    scheduler = make_scheduler(num_blocks=6)
+    a, b = make_request("a"), make_request("b")
+    prefill(scheduler, a, b)
+    assert scheduler.kv_cache.num_free_blocks == 1
+    plan = scheduler.schedule()
+    assert [(row.request.request_id, row.num_new, row.drafts) for row in plan.rows] == [
+        ("a", 1, ()),
+        ("b", 4, (10, 11, 12)),
+    ]
+    assert plan.num_preempted == 0
+    assert_blocks_add_up(scheduler)
