@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from engine.spec.config import SpeculativeConfig, parse_speculative_config
 
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes of KV cache on CPU unless --kv-cache-memory says otherwise
 # ...or less: by default the CPU cache holds this many tokens (or one max_model_len, if longer) when that
@@ -55,3 +58,10 @@ class EngineConfig:
     max_loras: int = 1  # adapters in one batch (slots of the LoRA layers), vLLM's default
     max_lora_rank: int = 16  # vLLM's default
     max_cpu_loras: int | None = None  # adapters' weights held in memory; None: max_loras
+    # --speculative-config (docs/architecture.md, "Speculative decoding"). Also given as vLLM's JSON
+    # text or dict (the offline LLM's speculative_config={...}): checked and converted on construction.
+    speculative_config: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        raw: Any = self.speculative_config
+        object.__setattr__(self, "speculative_config", parse_speculative_config(raw))

@@ -184,7 +184,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         priority_policy=config.scheduling_policy == "priority",
         max_loras=config.max_loras if lora is not None else None,
     )
-    scheduler = Scheduler(limits, KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching))
+    kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    scheduler = Scheduler(limits, kv_cache, config.speculative_config)
     tok = loaded.tokenizer
     if chat_template is not None:
         tok = dataclasses.replace(tok, chat_template=chat_template)

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
@@ -113,6 +114,9 @@ class ModelRunner:
             request, num_new, start = row.request, row.num_new, row.start
             if num_new == 1:
                 token_ids.append(request.token_id_at(start))
+            elif row.drafts:  # the last known token, then the drafts the model checks
+                token_ids.append(request.token_id_at(start))
+                token_ids.extend(row.drafts)
             else:
                 token_ids.extend(request.all_token_ids[start : start + num_new])
             span = range(start, start + num_new)
@@ -169,6 +173,8 @@ class ModelRunner:
         inputs_embeds = self._input_embeds(out, input_ids, meta)
         if self.lora is not None:
             self.lora.prepare_step(out.scheduled)  # each token's adapter slot, read by the LoRA layers
+        # Graphs replay one token per row only: can_run refuses any step where a row has drafts
+        # (max_query_len > 1), so verify steps always run eagerly.
         if self.graphs is not None and self.graphs.can_run(meta, has_embeds=inputs_embeds is not None):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
@@ -182,6 +188,7 @@ class ModelRunner:
         # Rows that reach the end of their known tokens sample a new one; mid-prompt chunks do not.
         sample_rows = [meta.query_start_loc_cpu[i + 1] - 1 for i, row in enumerate(out.rows) if row.samples]
         sample_requests = [row.request for row in out.rows if row.samples]
+        verify = self._enqueue_verify(out, hidden, meta, readback)
         pending = None
         if sample_requests:
             last_hidden = hidden.index_select(0, to_device(sample_rows, torch.int64, self.device))
@@ -194,6 +201,13 @@ class ModelRunner:
             if pieces:
                 rows = [r for piece in pieces for r in self.sampler.prompt_logprob_rows(piece, readback)]
                 result.prompt_logprobs[request_id] = PromptLogprobChunk(pieces[0].start, rows)
+        if verify is not None:
+            slot, counts = verify
+            targets = readback.get(slot).astype(np.int64).tolist()
+            offset = 0
+            for request_id, count in counts:
+                result.draft_targets[request_id] = targets[offset : offset + count]
+                offset += count
         if pending is None:
             return result
         sampled: SampleResult = self.sampler.result(pending, readback)
@@ -203,6 +217,25 @@ class ModelRunner:
             if lp is not None:
                 result.logprobs[request.request_id] = lp
         return result
+
+    def _enqueue_verify(
+        self, out: SchedulerOutput, hidden: torch.Tensor, meta: AttentionMetadata, readback: DeviceReadback
+    ) -> tuple[int, list[tuple[str, int]]] | None:
+        """Greedy argmax at every position of the rows with drafts (their requests have no logit
+        processor: see engine/spec/eligibility.py), in one LM-head pass: (readback slot, per request
+        (id, 1 + drafts)), or None when no row has drafts."""
+        positions: list[int] = []
+        counts: list[tuple[str, int]] = []
+        for index, row in enumerate(out.rows):
+            if row.drafts:
+                flat0 = meta.query_start_loc_cpu[index]
+                positions.extend(range(flat0, flat0 + row.num_new))
+                counts.append((row.request.request_id, row.num_new))
+        if not positions:
+            return None
+        rows = hidden.index_select(0, to_device(positions, torch.int64, self.device))
+        logits = self.model.compute_logits(rows)[:, : self.sampler.vocab_size]  # [N, V] float32
+        return readback.add(logits.argmax(dim=-1)), counts
 
     def _prompt_logprobs(
         self, row: ScheduledRequest, hidden: torch.Tensor, flat0: int, readback: DeviceReadback

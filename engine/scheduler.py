@@ -16,6 +16,9 @@ from typing import NamedTuple, Protocol
 
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestStatus
+from engine.spec.config import SpeculativeConfig
+from engine.spec.eligibility import can_speculate
+from engine.spec.ngram import propose_ngram
 from engine.step_output import ModelRunnerOutput, PromptLogprobChunk, RequestUpdate
 from protocol.messages import FinishReason
 
@@ -44,6 +47,9 @@ class ScheduledRequest(NamedTuple):
     start: int  # position of the first of them (the request's computed tokens when scheduled)
     samples: bool  # the chunk reaches the end of the known tokens: the row samples a new one
     prompt_logprobs: bool  # the chunk's prompt positions need logprobs (asked for, not yet sent)
+    # Speculative decoding: draft tokens computed after the row's last known token (num_new = 1 + len);
+    # the runner returns the argmax at each of those 1 + len positions instead of sampling.
+    drafts: tuple[int, ...] = ()
 
 
 @dataclass
@@ -97,9 +103,14 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits, kv_cache: KVCacheManager) -> None:
+    def __init__(
+        self, limits: SchedulerLimits, kv_cache: KVCacheManager, speculative: SpeculativeConfig | None = None
+    ) -> None:
         self.limits = limits
         self.kv_cache = kv_cache
+        self.speculative = speculative
+        self.num_draft_tokens = 0  # cumulative: drafts verified, and those the model agreed with
+        self.num_accepted_tokens = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -159,6 +170,13 @@ class Scheduler:
             if num_new <= 0:
                 index += 1
                 continue
+            if self.speculative is not None and num_new == 1:
+                row = self._speculative_row(request, budget, len(self.running) - index - 1)
+                if row is not None:
+                    out.rows.append(row)
+                    budget -= row.num_new
+                    index += 1
+                    continue
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim_index = self._pick_victim()
                 victim = self.running.pop(victim_index)
@@ -176,6 +194,40 @@ class Scheduler:
                 budget -= num_new
                 index += 1
         return budget
+
+    def _speculative_row(self, request: Request, budget: int, num_behind: int) -> ScheduledRequest | None:
+        """A decode row with drafts, or None: no drafts, or no room for them, and the row decodes one token
+        as usual. Drafts never cost another request its step: one token of the budget and one free block
+        stay for each of the num_behind running requests after this one, so guesses never cause a
+        preemption."""
+        spec = self.speculative
+        assert spec is not None
+        num_tokens = request.num_tokens
+        if request.num_computed_tokens != num_tokens - 1 or not can_speculate(request):
+            return None
+        room = min(
+            spec.num_speculative_tokens,
+            budget - 1 - num_behind,
+            self.limits.max_model_len - num_tokens,  # the drafts' positions stay inside the context
+            request.sampling.max_tokens - request.num_output_tokens - 1,  # the bonus token is one more
+        )
+        if room <= 0:
+            return None
+        drafts = propose_ngram(
+            request.prompt_token_ids,
+            request.output_token_ids,
+            room,
+            spec.prompt_lookup_min,
+            spec.prompt_lookup_max,
+        )
+        if not drafts:
+            return None
+        start = request.num_computed_tokens
+        kv = self.kv_cache
+        new_blocks = kv.blocks_needed(start + 1 + len(drafts)) - len(request.block_ids)
+        if kv.num_free_blocks - new_blocks < num_behind or not kv.allocate_slots(request, 1 + len(drafts)):
+            return None
+        return ScheduledRequest(request, 1 + len(drafts), start, False, False, tuple(drafts))
 
     @staticmethod
     def _unschedule(out: SchedulerOutput, request: Request) -> int:
@@ -260,10 +312,15 @@ class Scheduler:
             rejected = self.grammars.advance(live, output.sampled)
         sampled, logprobs, prompt_chunks = output.sampled, output.logprobs, output.prompt_logprobs
         updates: list[RequestUpdate] = []
-        for request, num_new, _, _, wants_prompt_logprobs in plan.rows:
+        for request, num_new, start, _, wants_prompt_logprobs, drafts in plan.rows:
             if request.status is RequestStatus.FINISHED:
                 continue  # failed above, or aborted while the step ran
             request_id = request.request_id
+            if drafts:
+                targets = output.draft_targets.get(request_id)
+                if targets is not None:
+                    updates.append(self._accept_drafts(request, start, drafts, targets))
+                continue
             request.num_computed_tokens += num_new
             self.kv_cache.cache_full_blocks(request)
             if prompt_chunks:
@@ -279,7 +336,7 @@ class Scheduler:
                 self._finish(request, FinishReason.ERROR)
                 errors.append(RequestUpdate(request, error=GRAMMAR_CONTRADICTION, error_status=400))
                 continue
-            update = RequestUpdate(request, token_id, logprobs.get(request_id))
+            update = RequestUpdate(request, [token_id], logprobs.get(request_id))
             if wants_prompt_logprobs:
                 # Sent once, with the first token: a recompute after preemption does not redo them.
                 update.prompt_logprobs = request.prompt_logprob_rows or [None]
@@ -290,6 +347,33 @@ class Scheduler:
                 self._finish(request, reason)
             updates.append(update)
         return errors + updates
+
+    def _accept_drafts(
+        self, request: Request, start: int, drafts: tuple[int, ...], targets: list[int]
+    ) -> RequestUpdate:
+        """Keeps the drafts the model agrees with, then its own next token: targets[i] is the argmax after
+        the row's token i, so draft i + 1 stands when it equals targets[i], and the tokens emitted are
+        targets[: accepted + 1]. They are applied one by one with the usual stop checks."""
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
+            accepted += 1
+        self.num_draft_tokens += len(drafts)
+        self.num_accepted_tokens += accepted
+        emitted: list[int] = []
+        reason = None
+        for token_id in targets[: accepted + 1]:
+            request.output_token_ids.append(token_id)
+            emitted.append(token_id)
+            reason = self._stop_reason(request, token_id)
+            if reason is not None:
+                break
+        # KV is valid for the row's first token and the accepted drafts only: the rejected drafts' slots
+        # are overwritten by later steps, and prefix-cache hashing (cache_full_blocks) stops here too.
+        request.num_computed_tokens = min(start + 1 + accepted, request.num_tokens - 1)
+        self.kv_cache.cache_full_blocks(request)
+        if reason is not None:
+            self._finish(request, reason)
+        return RequestUpdate(request, emitted)
 
     def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
         sampling = request.sampling

@@ -30,6 +30,8 @@ class ModelRunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)  # request_id -> new token, rows that sampled
     logprobs: dict[str, LogprobRow] = field(default_factory=dict)
     prompt_logprobs: dict[str, PromptLogprobChunk] = field(default_factory=dict)  # this step's chunk
+    # Rows with drafts: the argmax token after each of the row's 1 + len(drafts) positions.
+    draft_targets: dict[str, list[int]] = field(default_factory=dict)
     # Requests whose step failed even when run alone (set by the stepper's isolation, never the runner).
     failed: list[str] = field(default_factory=list)
 
@@ -37,15 +39,17 @@ class ModelRunnerOutput:
         self.sampled.update(other.sampled)
         self.logprobs.update(other.logprobs)
         self.prompt_logprobs.update(other.prompt_logprobs)
+        self.draft_targets.update(other.draft_targets)
         self.failed += other.failed
 
 
 @dataclass(slots=True)
 class RequestUpdate:
-    """One request's news from a step: a token (with its logprobs), or an error that ended it."""
+    """One request's news from a step: its new tokens (one, with its logprobs if asked for; several when
+    drafts were accepted), or an error that ended it."""
 
     request: Request
-    token_id: int | None = None
+    token_ids: list[int] = field(default_factory=list)
     logprobs: LogprobRow | None = None
     prompt_logprobs: list[LogprobRow | None] | None = None  # the whole prompt's, with the first token
     error: str | None = None

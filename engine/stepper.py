@@ -43,20 +43,21 @@ def _prompt_logprobs(
 
 def _delta(update: RequestUpdate) -> RequestDelta:
     request = update.request
-    if update.error is not None or update.token_id is None:
+    token_ids = update.token_ids
+    if update.error is not None or not token_ids:
         return error_delta(request.request_id, update.error or "", update.error_status)
     lp = update.logprobs
-    token_id = update.token_id
+    token_id = token_ids[0]  # logprobs are asked for by requests that never speculate: one token
     return RequestDelta(
         request.request_id,
-        [token_id],
+        token_ids,
         finish_reason=request.finish_reason,
         stop_reason=request.stop_reason,
         num_cached_tokens=request.num_cached_tokens or 0,
         logprobs=[TokenLogprob(token_id, lp[0], lp[1], lp[2], lp[3])] if lp else None,
         prompt_logprobs=_prompt_logprobs(request, update.prompt_logprobs),
         num_prompt_tokens=request.num_prompt_tokens,
-        queue_time_s=request.queue_time_s if request.num_output_tokens == 1 else None,
+        queue_time_s=request.queue_time_s if request.num_output_tokens == len(token_ids) else None,
         num_preemptions=request.num_preemptions if request.finish_reason is not None else 0,
     )
 
@@ -220,4 +221,6 @@ class EngineStepper(Stepper):
             num_waiting_deferred=sum(1 for r in self.scheduler.waiting if r.is_waiting_for_grammar),
             iteration_tokens_counts=list(self.iteration_tokens_counts),
             iteration_tokens_sum=self.iteration_tokens_sum,
+            spec_decode_num_draft_tokens=self.scheduler.num_draft_tokens,
+            spec_decode_num_accepted_tokens=self.scheduler.num_accepted_tokens,
         )

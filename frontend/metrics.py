@@ -259,6 +259,12 @@ class EngineStatsCollector:
             "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=labels
         )
         preempt = CounterMetricFamily("vllm:num_preemptions", "Preemptions.", labels=labels)
+        drafts = CounterMetricFamily(
+            "vllm:spec_decode_num_draft_tokens", "Speculative draft tokens checked.", labels=labels
+        )
+        accepted = CounterMetricFamily(
+            "vllm:spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.", labels=labels
+        )
         iteration = HistogramMetricFamily(
             "vllm:iteration_tokens_total", "Tokens scheduled per engine step.", labels=labels
         )
@@ -285,10 +291,12 @@ class EngineStatsCollector:
             queries.add_metric(lv, s.prefix_cache_queries)
             hits.add_metric(lv, s.prefix_cache_hits)
             preempt.add_metric(lv, s.num_preemptions)
+            drafts.add_metric(lv, s.spec_decode_num_draft_tokens)
+            accepted.add_metric(lv, s.spec_decode_num_accepted_tokens)
             iteration.add_metric(lv, _iteration_buckets(s.iteration_tokens_counts), s.iteration_tokens_sum)
             max_seqs.add_metric(lv, s.max_step_num_seqs)
         yield from (running, waiting, by_reason, kv, queries, hits, preempt, iteration, cache_info)
-        yield from (max_seqs, alive)
+        yield from (drafts, accepted, max_seqs, alive)
 
 
 # vllm:cache_config_info's labels (vLLM's names; no model_name, as in vLLM).

@@ -222,6 +222,9 @@ class SchedulerStats(Wire):
     # steps (not cumulative); and the tokens of all steps. Cumulative since the engine started.
     iteration_tokens_counts: list[int] = []
     iteration_tokens_sum: int = 0
+    # Speculative decoding, cumulative: draft tokens the model checked, and those it agreed with.
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
 
 class Outputs(Wire):

@@ -138,7 +138,26 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="Most logprobs / prompt_logprobs a request may ask for; -1 allows the whole vocabulary "
         "(requests send -1 for 'all').",
     )
+    g.add_argument(
+        "--speculative-config",
+        type=_speculative_spec,
+        default=None,
+        help='Speculative decoding, vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": K, '
+        '"prompt_lookup_max": N, "prompt_lookup_min": M}\' (lookup bounds default to 5, or to each '
+        "other). Greedy requests without logit processors or logprobs speculate; others decode as usual.",
+    )
     add_lora_args(g)
+
+
+def _speculative_spec(text: str) -> str:
+    # Kept as text (checked here) so the launcher passes it on to engine processes unchanged.
+    from engine.spec.config import parse_speculative_config
+
+    try:
+        parse_speculative_config(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def add_lora_args(g: argparse._ArgumentGroup) -> None:
@@ -335,6 +354,7 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         max_loras=ns.max_loras,
         max_lora_rank=ns.max_lora_rank,
         max_cpu_loras=ns.max_cpu_loras,
+        speculative_config=ns.speculative_config,  # JSON text: EngineConfig parses it
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,15 @@ def _option_value(action: argparse.Action, key: str, value: Any, where: str) -> 
         if not values or not all(isinstance(v, str | int | float) for v in values):
             raise ModelConfigError(f"{where}: `{key}` must be a name or a list of names")
         return [str(v) for v in values]
+    if action.dest == "speculative_config" and isinstance(value, dict):
+        value = json.dumps(value)  # vLLM's JSON object, written as YAML; checked like the flag's text
+        from engine.spec.config import parse_speculative_config  # no torch: the flag's own check
+
+        try:
+            parse_speculative_config(value)
+        except ValueError as exc:
+            raise ModelConfigError(f"{where}: {exc}") from None
+        return value
     if isinstance(value, dict | list) or value is None:
         raise ModelConfigError(f"{where}: `{key}` must be a single value, got {value!r}")
     text = str(value).lower() if isinstance(value, bool) else str(value)

@@ -65,6 +65,8 @@ def test_engine_stats_become_vllm_series(state: AppState) -> None:
         num_waiting_deferred=1,
         iteration_tokens_counts=counts,
         iteration_tokens_sum=20_000,
+        spec_decode_num_draft_tokens=12,
+        spec_decode_num_accepted_tokens=7,
     )
     samples = _samples(state)
     e0 = {"model_name": "m", "engine": "engine-0"}
@@ -78,6 +80,8 @@ def test_engine_stats_become_vllm_series(state: AppState) -> None:
     assert _value(samples, bucket, **e0, le="+Inf") == 8
     assert _value(samples, "vllm:iteration_tokens_total_count", **e0) == 8
     assert _value(samples, "vllm:iteration_tokens_total_sum", **e0) == 20_000
+    assert _value(samples, "vllm:spec_decode_num_draft_tokens_total", **e0) == 12
+    assert _value(samples, "vllm:spec_decode_num_accepted_tokens_total", **e0) == 7
     info = _value(samples, "vllm:cache_config_info", engine="engine-1")
     assert info == 1
     (labels,) = [

@@ -83,3 +83,21 @@ def test_a_missing_file_is_refused(tmp_path: Path) -> None:
     parser, ns = _serve(["--model-config", str(tmp_path / "none.yaml")])
     with pytest.raises(ModelConfigError, match="cannot read"):
         load_model_specs(str(tmp_path / "none.yaml"), parser, ns)
+
+
+def test_speculative_config_may_be_a_mapping(tmp_path: Path) -> None:
+    config = tmp_path / "models.yaml"
+    config.write_text(
+        "- served_model_name: fast\n"
+        "  speculative_config: {method: ngram, num_speculative_tokens: 3, prompt_lookup_max: 3}\n"
+        "- served_model_name: text\n"
+        "  speculative_config: '{\"num_speculative_tokens\": 2}'\n"
+    )
+    parser, ns = _serve(["--model-config", str(config)])
+    fast, text = load_model_specs(str(config), parser, ns)
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}'
+    assert fast.engine_argv == ["--served-model-name", "fast", "--speculative-config", spec]
+    assert text.engine_argv[-2:] == ["--speculative-config", '{"num_speculative_tokens": 2}']
+    config.write_text("- speculative_config: {method: eagle, num_speculative_tokens: 3}\n")
+    with pytest.raises(ModelConfigError, match="model 1: --speculative-config: method 'eagle'"):
+        load_model_specs(str(config), parser, ns)

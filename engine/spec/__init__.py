@@ -1,0 +1,1 @@
+"""Speculative decoding: the --speculative-config flag and the n-gram (prompt lookup) proposer."""
