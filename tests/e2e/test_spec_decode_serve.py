@@ -55,7 +55,10 @@ def test_greedy_chat_is_the_same_with_speculation(
     assert plain.status_code == fast.status_code == 200, fast.text
     answer = plain.json()["choices"][0]["message"]["content"]
     assert fast.json()["choices"][0]["message"]["content"] == answer
-    assert fast.json()["usage"] == plain.json()["usage"]
+    # Token counts, not cached_tokens: the shared default server may hold this prompt's prefix from
+    # earlier tests.
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert [fast.json()["usage"][k] for k in counts] == [plain.json()["usage"][k] for k in counts]
     # Streamed: several tokens per step arrive as one chunk and add up to the same text.
     text, chunks = _streamed(spec_server.base_url)
     assert text == answer
