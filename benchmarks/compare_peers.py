@@ -71,8 +71,15 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float = 600.0) ->
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+    stop_all([proc])
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to every process group still running, then up to 30 s each before SIGKILL."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
         os.killpg(proc.pid, signal.SIGTERM)
+    for proc in running:
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import io
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.compare_peers import wait_healthy  # noqa: E402
+from benchmarks.compare_peers import stop_all, wait_healthy  # noqa: E402
 from benchmarks.frontend_overhead import Served, free_port, measure_throughput  # noqa: E402
 
 
@@ -91,14 +90,7 @@ def main() -> None:
                     f"engine {statistics.median(r[2] for r in rows):.3f} ms/req"
                 )
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            stop_all(procs)
 
 
 if __name__ == "__main__":

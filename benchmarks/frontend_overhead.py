@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -228,7 +227,7 @@ async def measure_latency(served: Served, args: argparse.Namespace) -> tuple[flo
 @contextlib.contextmanager
 def serving(step_ms: float, log_path: str | None) -> Iterator[Served]:
     """A stub engine process and one API process in front of it."""
-    from benchmarks.compare_peers import wait_healthy
+    from benchmarks.compare_peers import stop_all, wait_healthy
 
     folder = tempfile.TemporaryDirectory(prefix="tandem-overhead-")
     address = f"ipc://{folder.name}/engine.sock"
@@ -245,14 +244,7 @@ def serving(step_ms: float, log_path: str | None) -> Iterator[Served]:
         wait_healthy(port, procs[1], timeout_s=300)
         yield Served(port, procs[1].pid, procs[0].pid)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_all(procs)
         folder.cleanup()
 
 
