@@ -67,28 +67,33 @@ def structured_spec(req: SamplingFields) -> StructuredSpec | None:
         return StructuredSpec(json_schema=schema_text(fmt.json_schema.schema))
     if req.structured_outputs is not None:
         return from_structured_outputs(req.structured_outputs)
-    if req.guided_json is not None:
-        return StructuredSpec(json_schema=schema_text(req.guided_json))
-    if req.guided_regex is not None:
-        return StructuredSpec(regex=req.guided_regex)
-    if req.guided_choice is not None:
-        return StructuredSpec(choice=list(req.guided_choice))
-    if req.guided_grammar is not None:
-        return StructuredSpec(grammar=req.guided_grammar)
-    return None
+    return _constraint(req.guided_json, req.guided_regex, req.guided_choice, req.guided_grammar)
 
 
 def from_structured_outputs(so: StructuredOutputs) -> StructuredSpec:
     """A checked `structured_outputs` object (exactly one field set) as the engine's constraint."""
-    if so.json is not None:
-        return StructuredSpec(json_schema=schema_text(so.json))
-    if so.regex is not None:
-        return StructuredSpec(regex=so.regex)
-    if so.choice is not None:
-        return StructuredSpec(choice=list(so.choice))
-    if so.grammar is not None:
-        return StructuredSpec(grammar=so.grammar)
-    return StructuredSpec(any_json_object=True)  # json_object: the checks allow nothing else
+    spec = _constraint(so.json, so.regex, so.choice, so.grammar)
+    # None: json_object, the checks allow nothing else
+    return spec if spec is not None else StructuredSpec(any_json_object=True)
+
+
+def _constraint(
+    json_schema: str | dict[str, Any] | None,
+    regex: str | None,
+    choice: list[str] | None,
+    grammar: str | None,
+) -> StructuredSpec | None:
+    """The first of the four constraint kinds that is set (the `guided_*` fields and `structured_outputs`
+    spell the same four)."""
+    if json_schema is not None:
+        return StructuredSpec(json_schema=schema_text(json_schema))
+    if regex is not None:
+        return StructuredSpec(regex=regex)
+    if choice is not None:
+        return StructuredSpec(choice=list(choice))
+    if grammar is not None:
+        return StructuredSpec(grammar=grammar)
+    return None
 
 
 def schema_text(schema: str | dict[str, Any] | bool) -> str:
