@@ -11,15 +11,14 @@ makes few calls, whatever the mix of adapters:
   and the base layer's weight is a view of its first rows, so a step without adapter tokens runs the
   base layer alone, as before, and a step with some gets the base output and h from one call;
 - one multiply applies the mask; one matmul expands every part at once against B laid out
-  block-diagonally by part (q/k/v, gate/up): the zero blocks are a few hundred KB, cheaper than a
-  matmul call per part and a cat; one add puts the result on the base output (measured 10-20 us cheaper
+  block-diagonally by part (q/k/v, gate/up): the zero blocks are a few hundred KB, and one call measured
+  no slower than a matmul per part and a cat (benchmarks/RESULTS.md); one add puts the result on the base output (measured 10-20 us cheaper
   than addmm on the view at these shapes).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.layers import row_routed
@@ -40,15 +39,9 @@ class LoraBatch:
     def __init__(self, max_loras: int, max_rank: int) -> None:
         self.max_loras = max_loras
         self.max_rank = max_rank
-        # [T, n]: 1 where token t uses slot s, for the first n slots (the highest one in use and those
-        # below it); None: no token of the step uses an adapter.
+        # [T, S]: 1 where token t uses slot s; None: no token of the step uses an adapter.
         self.token_slots: Tensor | None = None
         self._masks: dict[int, Tensor] = {}
-
-    @property
-    def num_slots(self) -> int:
-        """n: the slots up to the highest one in use (0 when none is)."""
-        return 0 if self.token_slots is None else self.token_slots.shape[1]
 
     def set_step(self, token_slots: Tensor | None) -> None:
         self.token_slots = token_slots
@@ -61,8 +54,7 @@ class LoraBatch:
             return None
         mask = self._masks.get(num_parts)
         if mask is None:
-            per_slot = self.token_slots.repeat_interleave(self.max_rank, dim=1)  # [T, n * R]
-            per_slot = F.pad(per_slot, (0, (self.max_loras - self.num_slots) * self.max_rank))
+            per_slot = self.token_slots.repeat_interleave(self.max_rank, dim=1)  # [T, S * R]
             mask = per_slot.repeat(1, num_parts)
             self._masks[num_parts] = mask
         return mask

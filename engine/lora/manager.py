@@ -104,8 +104,7 @@ class LoraManager:
         """Puts this step's adapters into slots and sets the per-token slot mask the layers read."""
         self._num_steps += 1
         row_slots = [self._slot_for(r.lora) if r.lora is not None else None for r, _ in scheduled]
-        used = [slot for slot in row_slots if slot is not None]
-        if not used:
+        if all(slot is None for slot in row_slots):
             self.batch.set_step(None)
             return
         num_slots = self.max_loras
@@ -114,7 +113,7 @@ class LoraManager:
             token_slots += [num_slots if slot is None else slot] * num_new
         # Only the slot ids travel to the device (queued, like the step's other inputs).
         slot_ids = to_device(token_slots, torch.int64, self.device)  # [T]
-        per_token = slot_ids.unsqueeze(1) == self._slot_range[: max(used) + 1]  # [T, n]
+        per_token = slot_ids.unsqueeze(1) == self._slot_range  # [T, S]
         self.batch.set_step(per_token.to(self._dtype))
 
     def _slot_for(self, weights: LoraWeights) -> int:
