@@ -18,14 +18,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def child(batch: int, threads: list[int], iters: int) -> None:
+def child(dtype: str, batch: int, threads: list[int], iters: int) -> None:
     """In the measured process: ms per decode step for each thread count, one line."""
     sys.path.insert(0, ROOT)
     import torch
 
     from benchmarks.cpu_decode_step import tandem_step, time_steps
 
-    step, _ = tandem_step("bfloat16", batch, 128)
+    step, _ = tandem_step(dtype, batch, 128)
     out = []
     for n in threads:
         torch.set_num_threads(n)
@@ -38,12 +38,13 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=["OMP_WAIT_POLICY=PASSIVE", "GOMP_SPINCOUNT=300000"])
     p.add_argument("--threads", type=int, nargs="+", default=[2])
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.batch, args.threads, args.iters)
+        child(args.dtype, args.batch, args.threads, args.iters)
         return
     base = {
         k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -56,6 +57,8 @@ def main() -> None:
                 sys.executable,
                 __file__,
                 "--child",
+                "--dtype",
+                args.dtype,
                 "--batch",
                 str(args.batch),
                 "--iters",
@@ -65,7 +68,7 @@ def main() -> None:
             run = subprocess.run(argv, env={**base, key: value}, capture_output=True, text=True, check=True)
             results[setting].append(run.stdout.strip().splitlines()[-1])
     print(
-        f"bf16 decode step, batch {args.batch}, ms (median of {args.iters}) for threads {args.threads}, per round:"
+        f"{args.dtype} decode step, batch {args.batch}, ms (median of {args.iters}) for threads {args.threads}, per round:"
     )
     for setting, rounds in results.items():
         print(f"  {setting:<28} " + " | ".join(rounds))

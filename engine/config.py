@@ -48,6 +48,8 @@ class EngineConfig:
     max_logprobs: int = 20  # vLLM's default; -1 lets requests ask for the whole vocabulary
     # CPU + bfloat16 only: int8 weight copies for steps of a few rows (engine/layers/int8_linear.py).
     cpu_int8_weights: bool = False
+    # GGUF on CPU: keep each layer's quantized blocks for steps of few rows (engine/layers/gguf_packed.py).
+    gguf_cpu_kernels: bool = True
     # Ranks of this engine (1: no process group, no workers). Rank 0 is the engine process itself.
     tensor_parallel_size: int = 1
     # A tensor-parallel step (or collective) running longer than this means a hung rank: the engine exits.

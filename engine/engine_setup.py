@@ -80,6 +80,8 @@ def load_engine_model(config: EngineConfig, device: torch.device, tp: TensorPara
         device=str(device),
         seed=config.seed,
         tp=tp,
+        # --cpu-int8-weights replaces the linear layers, blocks and all.
+        gguf_cpu_kernels=config.gguf_cpu_kernels and not config.cpu_int8_weights,
     )
 
 

@@ -116,6 +116,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "see docs/benchmarking.md).",
     )
     g.add_argument(
+        "--gguf-cpu-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="GGUF models on CPU: multiply steps of at most 32 rows with the file's Q4_0/Q4_1/Q8_0 blocks "
+        "(float32 arithmetic, exact weights) instead of the dense copy; needs a C compiler at the first start.",
+    )
+    g.add_argument(
         "--enable-prompt-embeds", action="store_true", help="Accept prompt embeddings in requests."
     )
     g.add_argument("--served-model-name", nargs="+", default=None, help="Name(s) the model is served under.")
@@ -348,6 +355,7 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         generation_config=ns.generation_config,
         max_logprobs=ns.max_logprobs,
         cpu_int8_weights=ns.cpu_int8_weights,
+        gguf_cpu_kernels=ns.gguf_cpu_kernels,
         tensor_parallel_size=ns.tensor_parallel_size,
         enable_lora=ns.enable_lora,
         lora_modules=tuple(parse_lora_module(text) for text in ns.lora_modules or ()),

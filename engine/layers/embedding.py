@@ -3,11 +3,16 @@ vocabulary-parallel variants: each rank holds ceil(vocab / N) rows, the last ran
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from engine.distributed.comm import all_gather_last_dim, all_reduce_sum
 from engine.layers import row_routed
+
+if TYPE_CHECKING:
+    from engine.layers.gguf_packed import PackedWeight
 
 _CPU_VOCAB_BLOCK = 8192  # LM-head rows per matmul on CPU in bfloat16
 
@@ -17,6 +22,8 @@ class VocabEmbedding(nn.Embedding):
 
 
 class LMHead(nn.Module):
+    packed_weight: PackedWeight | None = None  # a GGUF head's blocks on CPU (engine/layers/gguf_packed.py)
+
     def __init__(self, hidden_size: int, vocab_size: int, tied_embedding: nn.Embedding | None = None) -> None:
         super().__init__()
         self.tied = tied_embedding is not None
@@ -29,6 +36,9 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden [N, H] -> logits [N, vocab] float32."""
+        packed = self.packed_weight
+        if packed is not None and hidden.shape[0] <= packed.max_rows:
+            return packed.logits(hidden)
         if hidden.is_cuda or hidden.dtype == torch.float32:
             return torch.nn.functional.linear(hidden, self.weight).float()
         if self.weight.dtype == torch.float16:

@@ -3,18 +3,29 @@ and the tensor-parallel variants that hold one rank's columns or rows of a proje
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from engine.distributed.comm import all_reduce_sum
 from engine.layers import row_routed
 
+if TYPE_CHECKING:
+    from engine.layers.gguf_packed import PackedWeight
+
 
 class Linear(nn.Linear):
     """nn.Linear whose float16 products on CPU are routed by row count (engine/layers/row_routed.py);
-    same `weight`, `bias` and results as nn.Linear otherwise."""
+    same `weight`, `bias` and results as nn.Linear otherwise. A GGUF model on CPU may also give it its
+    weight's quantized blocks (engine/layers/gguf_packed.py), used by steps of few rows."""
+
+    packed_weight: PackedWeight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        packed = self.packed_weight
+        if packed is not None and x.shape[0] <= packed.max_rows:
+            return packed.linear(x, self.bias)
         return row_routed.linear(x, self.weight, self.bias)
 
 

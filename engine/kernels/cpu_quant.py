@@ -1,0 +1,134 @@
+"""Builds and calls the CPU kernels of cpu_quant.c: products against GGUF block-quantized weights.
+
+Why a C file of our own: on CPU a decode step reads every weight once and does little arithmetic with each,
+and torch has no kernel that multiplies GGUF's 4-bit blocks directly (its int4/int8 weight-only ops ran the
+default model's layers only 1.1-1.9x faster than bf16 at one row; benchmarks/RESULTS.md). The file is
+small, has no torch headers and compiles in about a second with the system C compiler, as Triton builds
+its launchers. It is compiled once per CPU kind and source version, cached under the user's cache
+directory, and loaded with ctypes (which releases the GIL during the call). Without a compiler, or on a
+CPU without AVX2/FMA, `library()` returns None and the engine keeps its dense torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_quant.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+BLOCK = 32  # weights per quantization block
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "tandem" / "kernels"
+
+
+def _cpu_identity() -> str:
+    """The CPU model and feature flags: -march=native compiles for exactly these."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [line for line in f if line.startswith(("flags", "model name"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return ""
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: engines starting together never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        os.replace(built, target)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None where they cannot be built here."""
+    compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    if compiler is None:
+        logger.warning("no C compiler found: GGUF weights run through dense torch matmuls")
+        return None
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_identity().encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_quant-{key}.so"
+    try:
+        if not target.exists():
+            _compile(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except subprocess.CalledProcessError as exc:
+        logger.warning(
+            "GGUF CPU kernels not built (%s): dense torch matmuls instead", exc.stderr.strip()[:300]
+        )
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("GGUF CPU kernels not available (%s): dense torch matmuls instead", exc)
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.tandem_u4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr]
+    lib.tandem_u4_matmul.restype = None
+    lib.tandem_i8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
+    lib.tandem_i8_matmul.restype = None
+    return lib
+
+
+def _bias_ptr(bias: Tensor | None) -> int | None:
+    return None if bias is None else bias.data_ptr()
+
+
+def u4_matmul(x: Tensor, q: Tensor, scales: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [T, K] float32 contiguous @ W^T -> [T, N] float32, W[n, k] = scales * nibble + offsets per block;
+    q [N, K / 2] uint8, scales and offsets [N, K / 32] float32, bias [N] float32 or None."""
+    lib = library()
+    assert lib is not None, "call library() first"
+    rows, k = x.shape
+    n = q.shape[0]
+    out = torch.empty(rows, n, dtype=torch.float32)
+    block_sums = torch.empty(rows, k // BLOCK, dtype=torch.float32)
+    lib.tandem_u4_matmul(
+        x.data_ptr(),
+        rows,
+        k,
+        q.data_ptr(),
+        scales.data_ptr(),
+        offsets.data_ptr(),
+        n,
+        _bias_ptr(bias),
+        block_sums.data_ptr(),
+        out.data_ptr(),
+    )
+    return out
+
+
+def i8_matmul(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [T, K] float32 contiguous @ W^T -> [T, N] float32, W[n, k] = scales * q per block;
+    q [N, K] int8, scales [N, K / 32] float32, bias [N] float32 or None."""
+    lib = library()
+    assert lib is not None, "call library() first"
+    rows, k = x.shape
+    n = q.shape[0]
+    out = torch.empty(rows, n, dtype=torch.float32)
+    lib.tandem_i8_matmul(
+        x.data_ptr(), rows, k, q.data_ptr(), scales.data_ptr(), n, _bias_ptr(bias), out.data_ptr()
+    )
+    return out
