@@ -1,7 +1,8 @@
 """Fidelity of the CPU low-precision paths against float32, on the default model and a fixed prompt set:
 top-1 agreement and mean |dlogprob| per position (teacher forcing). Candidates: bf16 (also with a float32
-LM head, and with int8 decode weights), and float16 through each of its matmul paths
-(benchmarks/fp16_paths.py: the float16 GEMV/GEMM kernel, the float32 upcast, a bfloat16 copy).
+LM head, and with int8 decode weights), float16 through each of its matmul paths
+(benchmarks/fp16_paths.py: the float16 GEMV/GEMM kernel, the float32 upcast, a bfloat16 copy), and what
+`--dtype auto` gives with the GGUF block kernels (float32, block products, a float16 KV cache).
 
 For each prompt, every position's next-token distribution is computed by the float32 model (the
 reference, transformers-exact) and by the candidate; reported per candidate: the share of positions
@@ -75,10 +76,12 @@ def main() -> None:
     from engine.engine_setup import build_engine_parts
     from engine.layers.int8_linear import use_int8_for_small_batches
 
-    def parts(dtype: str) -> object:
-        return build_engine_parts(EngineConfig(dtype=dtype, kv_cache_memory=64 * 2**20))
+    def parts(dtype: str, gguf_cpu_kernels: bool = False) -> object:
+        # Dense weights unless asked: the float16/bfloat16 paths below are the dense matmuls'.
+        config = EngineConfig(dtype=dtype, kv_cache_memory=64 * 2**20, gguf_cpu_kernels=gguf_cpu_kernels)
+        return build_engine_parts(config)
 
-    reference = parts("float32")
+    reference = parts("float32")  # dense float32 weights, float32 cache: transformers-exact
     tokenizer = Tokenizer.from_str(reference.ready.tokenizer_json)
     prompts = [tokenizer.encode(p).ids for p in PROMPTS]
     ref = [prompt_logprobs(reference, ids) for ids in prompts]
@@ -96,6 +99,14 @@ def main() -> None:
             model.lm_head.forward = original
 
     candidates: dict[str, list[torch.Tensor]] = {}
+    # --dtype auto on CPU with the GGUF block kernels: float32 with a float16 KV cache, blocks for every row.
+    auto = parts("auto", gguf_cpu_kernels=True)
+    assert auto.runner.kv_caches[0].dtype == torch.float16  # type: ignore[attr-defined]
+    for module in auto.runner.model.modules():  # type: ignore[attr-defined]
+        if getattr(module, "packed_weight", None) is not None:
+            module.packed_weight.max_rows = 1 << 30
+    candidates["auto: f32 + blocks + f16 KV"] = [prompt_logprobs(auto, ids) for ids in prompts]
+    del auto
     low = parts("bfloat16")
     candidates["bfloat16"] = [prompt_logprobs(low, ids) for ids in prompts]
     candidates["bfloat16 + float32 LM head"] = with_f32_head(low)

@@ -21,6 +21,9 @@ class EngineConfig:
     task: str = "generate"  # "generate" or "embed"
     load_format: str = "auto"
     dtype: str = "auto"
+    # The KV cache's dtype: "auto" (the model's, but float16 for a GGUF model on CPU that --dtype auto made
+    # float32; engine/loader/model_loader.choose_kv_cache_dtype) or float16 / bfloat16 / float32.
+    kv_cache_dtype: str = "auto"
     device: str = "auto"  # "auto": cuda when available, else cpu
     seed: int = 0
     max_model_len: int | None = None

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from engine.config import DEFAULT_KV_CACHE_MEMORY, DEFAULT_KV_CACHE_TOKENS, EngineConfig
+from engine.cpu_threads import StepThreads
 from engine.kv_cache import KVCacheManager
+from engine.layers.embedding import LMHead
 from engine.loader.tokenizer_info import TokenizerInfo, load_chat_template
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.scheduler import Scheduler, SchedulerLimits
@@ -85,6 +87,26 @@ def load_engine_model(config: EngineConfig, device: torch.device, tp: TensorPara
     )
 
 
+def kv_cache_dtype(config: EngineConfig, loaded: LoadedModel, device: torch.device) -> torch.dtype:
+    """--kv-cache-dtype for this model; a dtype other than the model's is refused on CUDA, whose Triton
+    attention reads the cache in the model's dtype."""
+    if config.kv_cache_dtype == "auto":
+        return loaded.auto_kv_cache_dtype
+    from engine.loader.model_loader import DTYPES
+
+    if config.kv_cache_dtype not in DTYPES:
+        raise ValueError(
+            f"kv_cache_dtype {config.kv_cache_dtype!r} is not supported (supported: auto, {', '.join(DTYPES)})"
+        )
+    dtype = DTYPES[config.kv_cache_dtype]
+    if device.type != "cpu" and dtype != loaded.dtype:
+        raise ValueError(
+            f"--kv-cache-dtype {config.kv_cache_dtype} differs from the model dtype "
+            f"({str(loaded.dtype).removeprefix('torch.')}): supported on CPU only"
+        )
+    return dtype
+
+
 def local_num_kv_blocks(
     config: EngineConfig, arch: ModelArchConfig, num_kv_heads: int, dtype: torch.dtype, device: torch.device
 ) -> int:
@@ -107,6 +129,15 @@ def _use_int8_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.
     logger.info("int8 weight copies for %d linear layers, used by steps of at most 4 rows", num)
 
 
+def _step_threads(model: torch.nn.Module, device: torch.device) -> StepThreads | None:
+    """CPU: small steps on one thread (engine/cpu_threads.py); the multiply-adds a row costs are the
+    linear layers' and the LM head's weights (one each per row)."""
+    if device.type != "cpu":
+        return None
+    macs = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear | LMHead))
+    return StepThreads(macs)
+
+
 def build_engine_parts(config: EngineConfig) -> EngineParts:
 
     # Flags that name files are read before the model, so a mistake fails at once.
@@ -127,15 +158,16 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if config.cpu_int8_weights:
         _use_int8_weights(loaded.model, loaded.dtype, device)
     num_kv_heads = loaded.model.num_kv_heads  # this rank's, under tensor parallelism
+    kv_dtype = kv_cache_dtype(config, loaded, device)
     lora = None
     if config.enable_lora:
         from engine.lora.setup import build_lora_manager
 
         lora = build_lora_manager(loaded.model, config, device)
     per_block = kv_cache_bytes_per_block(
-        arch.num_hidden_layers, config.block_size, num_kv_heads, arch.head_dim, loaded.dtype
+        arch.num_hidden_layers, config.block_size, num_kv_heads, arch.head_dim, kv_dtype
     )
-    num_blocks = local_num_kv_blocks(config, arch, num_kv_heads, loaded.dtype, device)
+    num_blocks = local_num_kv_blocks(config, arch, num_kv_heads, kv_dtype, device)
     model = loaded.model
     if workers is not None:
         from engine.distributed.setup import tensor_parallel_model
@@ -154,9 +186,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
             capacity,
         )
     logger.info(
-        "model dtype %s; KV cache: %d blocks of %d tokens (%.1f MiB); max_model_len %d; "
+        "model dtype %s; KV cache: %s, %d blocks of %d tokens (%.1f MiB); max_model_len %d; "
         "at most %.1f sequences of that length at once",
         str(loaded.dtype).removeprefix("torch."),
+        str(kv_dtype).removeprefix("torch."),
         num_blocks,
         config.block_size,
         num_blocks * per_block / 2**20,
@@ -168,7 +201,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         arch,
         num_blocks=num_blocks,
         block_size=config.block_size,
-        dtype=loaded.dtype,
+        kv_cache_dtype=kv_dtype,
         device=device,
         max_num_seqs=config.max_num_seqs,
         max_model_len=max_model_len,
@@ -176,6 +209,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         enforce_eager=config.enforce_eager or config.enable_lora,
         seed=config.seed,
         num_kv_heads=num_kv_heads,
+        # Tensor-parallel ranks keep their share of the cores for every step.
+        step_threads=_step_threads(loaded.model, device) if workers is None else None,
     )
     runner.lora = lora
     limits = SchedulerLimits(

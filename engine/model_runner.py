@@ -24,6 +24,7 @@ from engine.scheduler import ScheduledRequest, SchedulerOutput
 from engine.step_output import ModelRunnerOutput, PromptLogprobChunk
 
 if TYPE_CHECKING:
+    from engine.cpu_threads import StepThreads
     from engine.lora.manager import LoraManager
     from engine.models.config import ModelArchConfig
     from engine.models.llama import LlamaForCausalLM
@@ -45,25 +46,29 @@ class ModelRunner:
         *,
         num_blocks: int,
         block_size: int,
-        dtype: torch.dtype,
+        kv_cache_dtype: torch.dtype,
         device: torch.device,
         max_num_seqs: int = 256,
         max_model_len: int = 2048,
         enforce_eager: bool = False,
         seed: int = 0,
         num_kv_heads: int | None = None,  # this rank's KV heads under tensor parallelism; None: the model's
+        step_threads: StepThreads | None = None,  # CPU: each step's thread count from its size
     ) -> None:
         self.model = model
         self.arch = arch
         self.block_size = block_size
-        self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype  # may differ from the model's on CPU (--kv-cache-dtype)
         self.device = device
         num_layers = arch.num_hidden_layers
         kv_shape = (2, num_blocks, block_size, num_kv_heads or arch.num_key_value_heads, arch.head_dim)
         # [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim] per layer
-        self.kv_caches = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.kv_caches = [
+            torch.zeros(kv_shape, dtype=kv_cache_dtype, device=device) for _ in range(num_layers)
+        ]
         self.sampler = Sampler(arch.vocab_size, device, seed)
         self.lora: LoraManager | None = None  # set by engine_setup with --enable-lora
+        self.step_threads = step_threads
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager:
             self.graphs = build_decode_graphs(
@@ -160,8 +165,17 @@ class ModelRunner:
                     embeds[flat0 + lo - start : flat0 + hi - start] = rows
         return embeds
 
-    @torch.inference_mode()
     def execute(
+        self, out: SchedulerOutput, bitmask_for: Callable[[list[Request]], TokenBitmask | None] | None = None
+    ) -> ModelRunnerOutput:
+        """Runs one step (on CPU, small ones on one thread: engine/cpu_threads.py); see _execute."""
+        if self.step_threads is None:
+            return self._execute(out, bitmask_for)
+        with self.step_threads.step(sum(row.num_new for row in out.rows)):
+            return self._execute(out, bitmask_for)
+
+    @torch.inference_mode()
+    def _execute(
         self, out: SchedulerOutput, bitmask_for: Callable[[list[Request]], TokenBitmask | None] | None = None
     ) -> ModelRunnerOutput:
         """Runs one step. bitmask_for(requests that sample) gives their structured-output masks; it is called

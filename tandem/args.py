@@ -47,8 +47,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
         help="Model weights and activations dtype. 'auto': the config's dtype for HF folders (float32 ones "
-        "run in bfloat16 on GPUs); for GGUF, bfloat16 on GPUs and on CPUs with native bf16 "
-        "(AVX512-BF16/AMX), else float32.",
+        "run in bfloat16 on GPUs); for GGUF, bfloat16 on GPUs, float32 on CPUs (with the GGUF block "
+        "kernels; without them float16 on CPUs with AVX512-BF16/AMX, else float32).",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        default="auto",
+        help="KV cache dtype. 'auto': the model's dtype, but float16 for a GGUF model on CPU that --dtype auto "
+        "made float32. Other dtypes than the model's are CPU-only.",
     )
     g.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
     g.add_argument("--seed", type=int, default=0, help="Seed for dummy weights and unseeded sampling.")
@@ -356,6 +363,7 @@ def engine_config(ns: argparse.Namespace, *, listen: str, engine_id: str):  # no
         max_logprobs=ns.max_logprobs,
         cpu_int8_weights=ns.cpu_int8_weights,
         gguf_cpu_kernels=ns.gguf_cpu_kernels,
+        kv_cache_dtype=ns.kv_cache_dtype,
         tensor_parallel_size=ns.tensor_parallel_size,
         enable_lora=ns.enable_lora,
         lora_modules=tuple(parse_lora_module(text) for text in ns.lora_modules or ()),

@@ -17,7 +17,7 @@ def default_server() -> Iterator[ServerProcess]:
     """`tandem serve` with the default model; shared by every end-to-end test that needs no special flags."""
     # --enable-prompt-embeds only adds an input kind; requests without embeddings behave the same.
     # The tool flags only change requests that send `tools` (tool_choice auto is parsed, not refused).
-    # float32 (the default is float16 on CPUs with AVX512-BF16 or AMX): the tests compare tokens with
+    # An explicit float32 (the default also keeps a float16 KV cache): the tests compare tokens with
     # transformers in float32 and rely on the exact greedy behaviour of the dequantized weights.
     server = serve(
         [

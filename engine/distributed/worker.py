@@ -58,7 +58,7 @@ def _serve(config: EngineConfig, rank: int, port: int, pipe: Connection) -> None
     from engine.distributed.channel import Command, CommandChannel
     from engine.distributed.group import join_group, propose_num_blocks, rank_device, threads_per_rank
     from engine.distributed.shard import TensorParallel
-    from engine.engine_setup import load_engine_model, local_num_kv_blocks, pick_device
+    from engine.engine_setup import kv_cache_dtype, load_engine_model, local_num_kv_blocks, pick_device
 
     size = config.tensor_parallel_size
     torch.set_num_threads(threads_per_rank(config.num_threads, size))
@@ -68,13 +68,10 @@ def _serve(config: EngineConfig, rank: int, port: int, pipe: Connection) -> None
     loaded = load_engine_model(config, device, tp)
     model, arch = loaded.model, loaded.arch
     num_kv_heads = model.num_kv_heads
-    num_blocks = propose_num_blocks(
-        pipe, local_num_kv_blocks(config, arch, num_kv_heads, loaded.dtype, device)
-    )
+    kv_dtype = kv_cache_dtype(config, loaded, device)
+    num_blocks = propose_num_blocks(pipe, local_num_kv_blocks(config, arch, num_kv_heads, kv_dtype, device))
     kv_shape = (2, num_blocks, config.block_size, num_kv_heads, arch.head_dim)
-    kv_caches = [
-        torch.zeros(kv_shape, dtype=loaded.dtype, device=device) for _ in range(arch.num_hidden_layers)
-    ]
+    kv_caches = [torch.zeros(kv_shape, dtype=kv_dtype, device=device) for _ in range(arch.num_hidden_layers)]
     logger.info("rank %d of %d ready: %d KV heads, %d KV blocks", rank, size, num_kv_heads, num_blocks)
     channel = CommandChannel(device, loaded.dtype, arch.hidden_size, [pipe])
     with torch.inference_mode():

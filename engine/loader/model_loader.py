@@ -41,6 +41,9 @@ class LoadedModel:
     tokenizer: TokenizerInfo
     default_served_name: str
     dtype: torch.dtype
+    # What `--kv-cache-dtype auto` gives this model: its dtype, except where --dtype auto chose float32
+    # for a GGUF file on CPU because of the block kernels: float16 there (choose_kv_cache_dtype).
+    auto_kv_cache_dtype: torch.dtype
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -72,19 +75,28 @@ def _gguf_in(path: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _choose_dtype(dtype: str, arch: ModelArchConfig, is_gguf: bool, device: str) -> torch.dtype:
+def _choose_dtype(
+    dtype: str, arch: ModelArchConfig, is_gguf: bool, device: str, block_kernels: bool = False
+) -> torch.dtype:
+    """The model's dtype for --dtype; block_kernels: a GGUF model on CPU will get its block kernels."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported (supported: auto, {', '.join(DTYPES)})")
         return DTYPES[dtype]
     if is_gguf:
-        # Dequantized weights are float32; 16 bits halve memory and bandwidth. GPUs: bf16. CPUs of the
-        # AVX-512 class measured (avx512_bf16): float16, whose products are routed by row count
-        # (engine/layers/row_routed.py). bf16 was faster at big batches but misses issue 14's fidelity
-        # bound (97.1% top-1 agreement with float32 against float16's 99.6%; benchmarks/RESULTS.md).
-        # Other CPUs keep float32 (float16 unmeasured there).
+        # Dequantized weights are float32; 16 bits halve memory and bandwidth. GPUs: bf16.
         if torch.device(device).type != "cpu":
             return torch.bfloat16
+        # CPU with the block kernels (engine/layers/gguf_packed.py): float32. Few-row steps read the
+        # file's blocks whatever the dtype, and float32 then beat float16 at 1-64 rows on the Zen 4 VM
+        # (no conversions around every op), with exact weights; the KV cache is float16 (see
+        # choose_kv_cache_dtype), which kept issue 14's fidelity bound (benchmarks/RESULTS.md).
+        if block_kernels:
+            return torch.float32
+        # Without them, CPUs of the AVX-512 class measured (avx512_bf16): float16, whose products are
+        # routed by row count (engine/layers/row_routed.py). bf16 was faster at big batches but misses
+        # the fidelity bound (97.1% top-1 agreement with float32 against float16's 99.6%). Other CPUs keep
+        # float32 (float16 unmeasured there).
         return torch.float16 if cpu_has_native_bf16() else torch.float32
     config_dtype = DTYPES.get(arch.torch_dtype, torch.float32)
     if config_dtype == torch.float32 and torch.device(device).type != "cpu":
@@ -94,14 +106,28 @@ def _choose_dtype(dtype: str, arch: ModelArchConfig, is_gguf: bool, device: str)
     return config_dtype
 
 
-def _attach_packed_weights(model: torch.nn.Module, reader: object, metadata: dict[str, object]) -> None:
+def _block_kernels_built() -> bool:
     from engine.kernels import cpu_quant
+
+    return cpu_quant.library() is not None  # else logged there: the dense path serves every step
+
+
+def _attach_packed_weights(model: torch.nn.Module, reader: object, metadata: dict[str, object]) -> None:
     from engine.layers.gguf_packed import attach_packed_weights
 
-    if cpu_quant.library() is None:
-        return  # logged there; the dense path serves every step
     num = attach_packed_weights(model, reader, metadata)
     logger.info("GGUF blocks kept for %d layers: steps of few rows multiply with them", num)
+
+
+def choose_kv_cache_dtype(dtype: str, model_dtype: torch.dtype, is_gguf: bool, device: str) -> torch.dtype:
+    """What `--kv-cache-dtype auto` means: the model's dtype, except for a GGUF model on CPU that
+    `--dtype auto` made float32: a float16 cache there halves the cache's memory (the engine's biggest
+    allocation: 32,768 tokens of the default model are 1.5 GB in float32), and attention reads it back in
+    float32 (kernels/torch_ops.py). An explicit --dtype float32 keeps a float32 cache: exact."""
+    cpu = torch.device(device).type == "cpu"
+    if dtype == "auto" and is_gguf and cpu and model_dtype == torch.float32:
+        return torch.float16
+    return model_dtype
 
 
 def cpu_has_native_bf16() -> bool:
@@ -193,14 +219,18 @@ def load_model(
         served_name = _served_name(path, is_gguf=False)
 
     model_cls = get_model_class(arch.architecture)
-    torch_dtype = _choose_dtype(dtype, arch, gguf_path is not None, device)
+    is_cpu = torch.device(device).type == "cpu"
+    block_kernels = gguf_path is not None and gguf_cpu_kernels and tp is None and is_cpu
+    block_kernels = block_kernels and load_format != "dummy" and _block_kernels_built()
+    torch_dtype = _choose_dtype(dtype, arch, gguf_path is not None, device, block_kernels)
     torch.manual_seed(seed)  # dummy weights are the seeded default initialization
     with _default_dtype(torch_dtype), torch.device(device):
         module = model_cls(arch) if tp is None else model_cls(arch, tp)
     if load_format != "dummy":
         module.load_weights(weights)
-        if gguf_path is not None and gguf_cpu_kernels and tp is None and torch.device(device).type == "cpu":
+        if block_kernels:
             _attach_packed_weights(module, reader, metadata)
     module.eval()
     module.requires_grad_(False)
-    return LoadedModel(module, arch, tokenizer, served_name, torch_dtype)
+    kv_dtype = choose_kv_cache_dtype(dtype, torch_dtype, gguf_path is not None, device)
+    return LoadedModel(module, arch, tokenizer, served_name, torch_dtype, kv_dtype)

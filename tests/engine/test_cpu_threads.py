@@ -51,3 +51,47 @@ def test_the_engine_entry_point_loads_torch_only_after_setting_the_policy() -> N
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "False"
+
+
+def test_small_steps_run_on_one_thread_and_the_count_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from engine.cpu_threads import SINGLE_THREAD_MAX_MACS, StepThreads
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads = StepThreads(macs_per_row=SINGLE_THREAD_MAX_MACS // 4)
+        seen = []
+        for rows in (1, 4, 5, 64):
+            with threads.step(rows):
+                seen.append(torch.get_num_threads())
+            assert torch.get_num_threads() == 2  # restored after every step
+        assert seen == [1, 1, 2, 2]
+        # A step that raises still gets the count back.
+        with pytest.raises(RuntimeError), threads.step(1):
+            raise RuntimeError("step failed")
+        assert torch.get_num_threads() == 2
+        # Spinning threads (a policy the user chose) keep the configured count.
+        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+        assert not StepThreads(1).single_thread(1)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_the_default_models_decode_steps_of_up_to_4_rows_take_one_thread(
+    monkeypatch: pytest.MonkeyPatch, default_loaded_model: object
+) -> None:
+    import torch
+
+    from engine.engine_setup import _step_threads
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    model = default_loaded_model.model  # type: ignore[attr-defined]
+    threads = _step_threads(model, torch.device("cpu"))
+    assert threads is not None
+    # About 1.35e8 multiply-adds a row: the 30 layers' projections and the 49,152 x 576 LM head.
+    assert 1.3e8 < threads.macs_per_row < 1.4e8
+    assert [threads.single_thread(rows) for rows in (1, 4, 5, 16)] == [True, True, False, False]
+    assert _step_threads(model, torch.device("cuda")) is None

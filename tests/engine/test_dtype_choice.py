@@ -1,10 +1,10 @@
-"""`--dtype auto`: which dtype each kind of model gets on each device."""
+"""`--dtype auto` and `--kv-cache-dtype auto`: which dtypes each kind of model gets on each device."""
 
 from __future__ import annotations
 
 import torch
 
-from engine.loader.model_loader import _choose_dtype, cpu_has_native_bf16
+from engine.loader.model_loader import _choose_dtype, choose_kv_cache_dtype, cpu_has_native_bf16
 from engine.models.config import ModelArchConfig
 
 
@@ -45,3 +45,14 @@ def test_cpu_flag_reading_matches_proc_cpuinfo() -> None:
     with open("/proc/cpuinfo") as f:
         text = f.read()
     assert cpu_has_native_bf16() == ("avx512_bf16" in text or "amx_bf16" in text)
+
+
+def test_gguf_on_cpu_with_block_kernels_is_float32_with_a_float16_cache() -> None:
+    # The block kernels read the file's blocks whatever the dtype: float32 was faster and exact.
+    assert _choose_dtype("auto", _arch("float32"), True, "cpu", block_kernels=True) is torch.float32
+    assert choose_kv_cache_dtype("auto", torch.float32, True, "cpu") is torch.float16
+    # An explicit float32 keeps a float32 cache (exact); folders, GPUs and 16-bit models keep their own.
+    assert choose_kv_cache_dtype("float32", torch.float32, True, "cpu") is torch.float32
+    assert choose_kv_cache_dtype("auto", torch.float32, False, "cpu") is torch.float32
+    assert choose_kv_cache_dtype("auto", torch.bfloat16, True, "cuda") is torch.bfloat16
+    assert choose_kv_cache_dtype("auto", torch.float16, True, "cpu") is torch.float16
