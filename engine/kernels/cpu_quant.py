@@ -1,4 +1,6 @@
-"""Builds and calls the CPU kernels of cpu_quant.c: products against GGUF block-quantized weights.
+"""Builds and calls the CPU kernels of cpu_quant.c: products against GGUF block-quantized weights, and
+fused RMSNorm, rotary embedding and decode attention for float32 rows (used through
+engine/kernels/cpu_ops.py).
 
 Why a C file of our own: on CPU a decode step reads every weight once and does little arithmetic with each,
 and torch has no kernel that multiplies GGUF's 4-bit blocks directly (its int4/int8 weight-only ops ran the
@@ -52,7 +54,7 @@ def _compile(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+            [compiler, *FLAGS, str(SOURCE), "-lm", "-o", str(built)],
             check=True,
             capture_output=True,
             text=True,
@@ -89,6 +91,29 @@ def library() -> ctypes.CDLL | None:
     lib.tandem_u4_matmul.restype = None
     lib.tandem_i8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
     lib.tandem_i8_matmul.restype = None
+    lib.tandem_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr, ptr]
+    lib.tandem_rms_norm.restype = None
+    lib.tandem_rotary_neox.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr]
+    lib.tandem_rotary_neox.restype = None
+    lib.tandem_decode_attention.argtypes = [
+        ptr,
+        i64,
+        i64,
+        i64,
+        i64,
+        ptr,
+        ctypes.c_int,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        ctypes.c_float,
+        ptr,
+        i64,
+        ptr,
+    ]
+    lib.tandem_decode_attention.restype = None
     return lib
 
 
@@ -130,5 +155,86 @@ def i8_matmul(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) 
     out = torch.empty(rows, n, dtype=torch.float32)
     lib.tandem_i8_matmul(
         x.data_ptr(), rows, k, q.data_ptr(), scales.data_ptr(), n, _bias_ptr(bias), out.data_ptr()
+    )
+    return out
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x [T, H] float32 contiguous (plus residual, same layout) -> (rms_norm(s) * weight, s), where s is x
+    or x + residual (then a new tensor)."""
+    lib = library()
+    assert lib is not None, "call library() first"
+    rows, hidden = x.shape
+    out = torch.empty_like(x)
+    summed = x if residual is None else torch.empty_like(x)
+    lib.tandem_rms_norm(
+        x.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        weight.data_ptr(),
+        eps,
+        rows,
+        hidden,
+        out.data_ptr(),
+        None if residual is None else summed.data_ptr(),
+    )
+    return out, summed
+
+
+def rotary_neox(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
+    """q [T, Hq, D], k [T, Hk, D] float32, each head's D floats contiguous (tokens may be strided, as views
+    of the merged qkv output); positions [T] int64; cos_sin_cache [P, rot] float32 -> new contiguous q, k."""
+    lib = library()
+    assert lib is not None, "call library() first"
+    tokens, q_heads, head_dim = q.shape
+    rot = cos_sin_cache.shape[1]
+    q_out = torch.empty(q.shape, dtype=q.dtype)
+    k_out = torch.empty(k.shape, dtype=k.dtype)
+    lib.tandem_rotary_neox(
+        positions.data_ptr(),
+        tokens,
+        q.data_ptr(),
+        q.stride(0),
+        q_heads,
+        k.data_ptr(),
+        k.stride(0),
+        k.shape[1],
+        head_dim,
+        cos_sin_cache.data_ptr(),
+        rot,
+        q_out.data_ptr(),
+        k_out.data_ptr(),
+    )
+    return q_out, k_out
+
+
+def decode_attention(
+    q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, max_len: int, scale: float
+) -> Tensor:
+    """One query token per sequence: q [B, Hq, D] float32 contiguous, kv_cache [2, num_blocks, block_size,
+    Hkv, D] float16 or float32 contiguous, block_table [B, max_blocks] int32 (rows contiguous), seq_lens [B]
+    int32, max_len >= every seq_len -> [B, Hq, D] float32."""
+    lib = library()
+    assert lib is not None, "call library() first"
+    batch, q_heads, head_dim = q.shape
+    _, num_blocks, block_size, kv_heads, _ = kv_cache.shape
+    scores = torch.empty(batch * q_heads * max_len, dtype=torch.float32)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    lib.tandem_decode_attention(
+        q.data_ptr(),
+        batch,
+        q_heads,
+        kv_heads,
+        head_dim,
+        kv_cache.data_ptr(),
+        int(kv_cache.dtype == torch.float16),
+        num_blocks * block_size * kv_heads * head_dim,
+        block_size,
+        block_table.data_ptr(),
+        block_table.stride(0),
+        seq_lens.data_ptr(),
+        scale,
+        scores.data_ptr(),
+        max_len,
+        out.data_ptr(),
     )
     return out

@@ -1,4 +1,5 @@
-"""The one place that picks Triton kernels for CUDA tensors and the torch ops otherwise.
+"""The one place that picks Triton kernels for CUDA tensors and the CPU ops (cpu_ops: torch ops, a few of
+them fused in C) otherwise.
 
 Layers call only these functions; `triton_ops` is imported lazily because CPU hosts may lack it.
 """
@@ -10,7 +11,7 @@ from types import ModuleType
 from torch import Tensor
 
 from engine.attention import AttentionMetadata
-from engine.kernels import torch_ops
+from engine.kernels import cpu_ops
 
 
 def _ops_for(x: Tensor) -> ModuleType:
@@ -18,7 +19,7 @@ def _ops_for(x: Tensor) -> ModuleType:
         from engine.kernels import triton_ops
 
         return triton_ops
-    return torch_ops
+    return cpu_ops
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -1,0 +1,94 @@
+"""The CPU ops `dispatch` picks for CPU tensors: torch_ops', except RMSNorm (plain and fused with the
+residual add), neox rotary and decode-only attention with float32 activations, which run as one C call
+each (cpu_quant.c) when the CPU kernels are built.
+
+Why: in a one-stream decode step of a small model those ops were most of the time outside the matmuls.
+torch runs RMSNorm as about ten small ops (30 us a call on the Zen 4 VM), rotary as about eight per
+tensor, and decode attention as a block gather, an upcast copy, a mask and SDPA; each C call is one pass
+(benchmarks/RESULTS.md). Results equal torch_ops' up to float32 rounding. Other dtypes and layouts, steps
+with a prefill, and hosts without a C compiler use torch_ops unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engine.attention import AttentionMetadata
+from engine.kernels import cpu_quant, torch_ops
+from engine.kernels.torch_ops import silu_and_mul, write_kv_cache
+
+__all__ = [
+    "fused_add_rms_norm",
+    "paged_attention",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "write_kv_cache",
+]
+
+
+def _fast(*tensors: Tensor) -> bool:
+    """float32 CPU tensors whose rows are contiguous, with the kernels built."""
+    return (
+        all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
+        and cpu_quant.library() is not None
+    )
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if x.dim() == 2 and x.is_contiguous() and _fast(x, weight) and weight.is_contiguous():
+        return cpu_quant.rms_norm(x, weight, eps)[0]
+    return torch_ops.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Returns (rms_norm(x + residual), x + residual)."""
+    contiguous = x.is_contiguous() and residual.is_contiguous() and weight.is_contiguous()
+    if x.dim() == 2 and x.shape == residual.shape and contiguous and _fast(x, residual, weight):
+        return cpu_quant.rms_norm(x, weight, eps, residual)
+    return torch_ops.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(
+    positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor, is_neox: bool
+) -> tuple[Tensor, Tensor]:
+    """Rotates the first rot_dim dims of every head of q [T, Hq, D] and k [T, Hkv, D]."""
+    heads_packed = q.stride(1) == q.shape[2] and k.stride(1) == k.shape[2]
+    if (
+        is_neox
+        and heads_packed
+        and positions.dtype == torch.int64
+        and positions.is_contiguous()
+        and cos_sin_cache.is_contiguous()
+        and _fast(q, k, cos_sin_cache)
+    ):
+        return cpu_quant.rotary_neox(positions, q, k, cos_sin_cache)
+    return torch_ops.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+
+
+def paged_attention(q: Tensor, kv_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
+    """Causal attention for a mixed prefill + decode batch, reading K/V from the paged cache (torch_ops'
+    contract); a decode-only step of float32 queries runs in C."""
+    tokens, q_heads, head_dim = q.shape
+    decode_only = (
+        meta.max_query_len == 1 and bool(meta.query_start_loc_cpu) and meta.query_start_loc_cpu[-1] == tokens
+    )
+    if (
+        decode_only
+        and head_dim % 16 == 0
+        and head_dim <= 256
+        and q_heads % kv_cache.shape[3] == 0
+        and q.is_contiguous()
+        and kv_cache.dtype in (torch.float16, torch.float32)
+        and kv_cache.is_contiguous()
+        and meta.block_table.dtype == torch.int32
+        and meta.block_table.stride(1) == 1
+        and meta.seq_lens.dtype == torch.int32
+        and meta.seq_lens.is_contiguous()
+        and _fast(q)
+    ):
+        return cpu_quant.decode_attention(
+            q, kv_cache, meta.block_table, meta.seq_lens, max(meta.seq_lens_cpu), scale
+        )
+    return torch_ops.paged_attention(q, kv_cache, meta, scale)

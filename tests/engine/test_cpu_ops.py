@@ -1,0 +1,106 @@
+"""The CPU ops dispatch uses (engine/kernels/cpu_ops.py): RMSNorm, RMSNorm fused with the residual add, and
+neox rotary run in C for float32 rows and equal torch_ops' results up to float32 rounding; other layouts
+and dtypes take torch_ops' path unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import cpu_ops, cpu_quant, dispatch, torch_ops
+from engine.layers.rotary import build_cos_sin_cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels() -> None:
+    if cpu_quant.library() is None:  # pragma: no cover - CI and dev hosts have gcc and AVX2
+        pytest.fail("the CPU kernels did not build on this host (a C compiler and AVX2 are expected)")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 100])  # 100: split across threads
+@pytest.mark.parametrize("hidden", [576, 37])  # 37: a tail past the last full vector
+def test_rms_norm_and_the_fused_residual_add_match_torch(rows: int, hidden: int) -> None:
+    torch.manual_seed(rows)
+    x, residual, weight = torch.randn(rows, hidden), torch.randn(rows, hidden), torch.randn(hidden)
+    torch.testing.assert_close(cpu_ops.rms_norm(x, weight, 1e-5), torch_ops.rms_norm(x, weight, 1e-5))
+    normed, summed = cpu_ops.fused_add_rms_norm(x, residual, weight, 1e-6)
+    ref_normed, ref_summed = torch_ops.fused_add_rms_norm(x, residual, weight, 1e-6)
+    assert torch.equal(summed, ref_summed)  # one float32 add per element, as torch
+    torch.testing.assert_close(normed, ref_normed)
+    assert summed.data_ptr() not in (x.data_ptr(), residual.data_ptr())  # the inputs are left as they were
+
+
+@pytest.mark.parametrize("rot_dim", [64, 32])  # 32: rotary on the first half of each head only
+@pytest.mark.parametrize("tokens", [1, 5, 80])
+def test_neox_rotary_matches_torch_on_views_of_the_merged_projection(rot_dim: int, tokens: int) -> None:
+    torch.manual_seed(tokens)
+    head_dim, q_heads, kv_heads = 64, 9, 3
+    cache = build_cos_sin_cache(rot_dim, 4096, 10000.0, None)
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim)  # as the qkv projection's output
+    q, k, _ = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, q_heads, head_dim), k.view(tokens, kv_heads, head_dim)  # strided token rows
+    positions = torch.randint(0, 4096, (tokens,))
+    got_q, got_k = cpu_ops.rotary_embedding(positions, q, k, cache, True)
+    ref_q, ref_k = torch_ops.rotary_embedding(positions, q, k, cache, True)
+    torch.testing.assert_close(got_q, ref_q)
+    torch.testing.assert_close(got_k, ref_k)
+
+
+def test_other_dtypes_and_layouts_take_the_torch_path() -> None:
+    torch.manual_seed(0)
+    x, weight = torch.randn(4, 64).half(), torch.randn(64).half()
+    assert torch.equal(cpu_ops.rms_norm(x, weight, 1e-5), torch_ops.rms_norm(x, weight, 1e-5))
+    strided = torch.randn(64, 4).t()  # not contiguous
+    w32 = weight.float()
+    assert torch.equal(cpu_ops.rms_norm(strided, w32, 1e-5), torch_ops.rms_norm(strided, w32, 1e-5))
+    cache = build_cos_sin_cache(64, 128, 10000.0, None)
+    q, k, positions = torch.randn(3, 2, 64), torch.randn(3, 1, 64), torch.tensor([0, 5, 7])
+    for got, ref in zip(
+        cpu_ops.rotary_embedding(positions, q, k, cache, False),  # interleaved (GPT-J) rotary
+        torch_ops.rotary_embedding(positions, q, k, cache, False),
+        strict=True,
+    ):
+        assert torch.equal(got, ref)
+
+
+def test_dispatch_sends_cpu_tensors_to_the_cpu_ops() -> None:
+    x, weight = torch.randn(2, 8), torch.randn(8)
+    torch.testing.assert_close(dispatch.rms_norm(x, weight, 1e-5), torch_ops.rms_norm(x, weight, 1e-5))
+    assert dispatch._ops_for(x) is cpu_ops
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+def test_decode_attention_matches_torch(
+    cache_dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequences of 1, 16, 17 and 70 tokens (one block, a full block, one past it, several), read through
+    shuffled block ids of a random cache."""
+    from tests.engine.conftest import PagedBatchBuilder
+
+    torch.manual_seed(head_dim)
+    builder = PagedBatchBuilder(num_blocks=32, block_size=16, seed=1)
+    lengths = {0: 1, 1: 16, 2: 17, 3: 70}
+    builder.step({s: n - 1 for s, n in lengths.items() if n > 1})  # their contexts, cached before
+    meta, _ = builder.step({s: 1 for s in lengths})  # then one decode step for all four
+    cache = torch.randn(2, 32, 16, kv_heads, head_dim).to(cache_dtype)
+    q = torch.randn(len(lengths), q_heads, head_dim)
+    calls = []
+    kernel = cpu_quant.decode_attention
+    monkeypatch.setattr(cpu_quant, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    got = cpu_ops.paged_attention(q, cache, meta, head_dim**-0.5)
+    assert calls == [1]  # the C kernel ran
+    ref = torch_ops.paged_attention(q, cache, meta, head_dim**-0.5)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_steps_with_a_prefill_take_the_torch_attention() -> None:
+    from tests.engine.conftest import PagedBatchBuilder
+
+    builder = PagedBatchBuilder(num_blocks=8, block_size=16, seed=2)
+    meta, _ = builder.step({0: 5, 1: 1})
+    cache = torch.randn(2, 8, 16, 1, 16)
+    q = torch.randn(6, 2, 16)
+    assert torch.equal(
+        cpu_ops.paged_attention(q, cache, meta, 0.25), torch_ops.paged_attention(q, cache, meta, 0.25)
+    )
