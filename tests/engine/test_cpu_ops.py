@@ -9,12 +9,12 @@ import torch
 
 from engine.kernels import cpu_ops, cpu_quant, dispatch, torch_ops
 from engine.layers.rotary import build_cos_sin_cache
+from tests.engine.cpu_kernels import require_cpu_kernels
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels() -> None:
-    if cpu_quant.library() is None:  # pragma: no cover - CI and dev hosts have gcc and AVX2
-        pytest.fail("the CPU kernels did not build on this host (a C compiler and AVX2 are expected)")
+    require_cpu_kernels()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 100])  # 100: split across threads

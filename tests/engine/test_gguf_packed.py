@@ -15,6 +15,7 @@ from engine.kernels import cpu_quant
 from engine.layers.gguf_packed import PackedWeight, attach_packed_weights, pack_gguf_tensor
 from engine.layers.linear import Linear, MergedLinear
 from engine.loader import LoadedModel, load_model
+from tests.engine.cpu_kernels import require_cpu_kernels
 
 TYPES = ["Q4_0", "Q4_1", "Q8_0"]
 
@@ -44,8 +45,7 @@ def _dequantized(tensor: Any) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def kernels() -> None:
-    if cpu_quant.library() is None:  # pragma: no cover - CI and dev hosts have gcc and AVX2
-        pytest.fail("the GGUF CPU kernels did not build on this host (a C compiler and AVX2 are expected)")
+    require_cpu_kernels()
 
 
 @pytest.mark.parametrize("kind", TYPES)
