@@ -6,9 +6,10 @@ Why a C file of our own: on CPU a decode step reads every weight once and does l
 and torch has no kernel that multiplies GGUF's 4-bit blocks directly (its int4/int8 weight-only ops ran the
 default model's layers only 1.1-1.9x faster than bf16 at one row; benchmarks/RESULTS.md). The file is
 small, has no torch headers and compiles in about a second with the system C compiler, as Triton builds
-its launchers. It is compiled once per CPU kind and source version, cached under the user's cache
-directory, and loaded with ctypes (which releases the GIL during the call). Without a compiler, or on a
-CPU without AVX2/FMA, `library()` returns None and the engine keeps its dense torch path.
+its launchers. It is compiled once per CPU kind and source version, cached (systemd's CacheDirectory=,
+else the user's cache directory, else the temp directory) and loaded with ctypes, which releases the GIL
+during the call. Without a compiler, or on a CPU without AVX2/FMA/F16C, `library()` returns None and the
+engine keeps its dense torch path.
 """
 
 from __future__ import annotations
@@ -33,9 +34,17 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 BLOCK = 32  # weights per quantization block
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "tandem" / "kernels"
+def _cache_dirs() -> list[Path]:
+    """Where the built library may live, in order: systemd's CacheDirectory= (deploy/systemd, whose unit
+    hides /home), the XDG cache, ~/.cache, and last a per-user folder in the temp directory."""
+    roots = []
+    if os.environ.get("CACHE_DIRECTORY"):
+        roots.append(Path(os.environ["CACHE_DIRECTORY"].split(":")[0]))
+    if os.environ.get("XDG_CACHE_HOME"):
+        roots.append(Path(os.environ["XDG_CACHE_HOME"]) / "tandem")
+    roots.append(Path(os.path.expanduser("~")) / ".cache" / "tandem")
+    roots.append(Path(tempfile.gettempdir()) / f"tandem-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    return [root / "kernels" for root in roots]
 
 
 def _cpu_identity() -> str:
@@ -63,6 +72,22 @@ def _compile(compiler: str, target: Path) -> None:
         os.replace(built, target)
 
 
+def _built(compiler: str, name: str) -> Path:
+    """The library's path, built into the first cache folder that can be written to if none has it."""
+    folders = _cache_dirs()
+    for folder in folders:
+        if (folder / name).exists():
+            return folder / name
+    for folder in folders[:-1]:
+        try:
+            _compile(compiler, folder / name)
+            return folder / name
+        except OSError:  # not writable here (read-only home, ProtectHome=): try the next one
+            continue
+    _compile(compiler, folders[-1] / name)
+    return folders[-1] / name
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None where they cannot be built here."""
@@ -73,11 +98,8 @@ def library() -> ctypes.CDLL | None:
     key = hashlib.sha256(
         SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_identity().encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_quant-{key}.so"
     try:
-        if not target.exists():
-            _compile(compiler, target)
-        lib = ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(_built(compiler, f"cpu_quant-{key}.so")))
     except subprocess.CalledProcessError as exc:
         logger.warning(
             "GGUF CPU kernels not built (%s): dense torch matmuls instead", exc.stderr.strip()[:300]

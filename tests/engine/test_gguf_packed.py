@@ -195,3 +195,28 @@ def test_attach_skips_a_model_without_matching_layers(kernels: None, tmp_path: P
     model = torch.nn.Module()
     metadata = {"general.architecture": "qwen2", "qwen2.attention.head_count": 1}
     assert attach_packed_weights(model, Reader(), metadata) == 0
+
+
+def test_the_library_is_built_where_it_can_be_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """systemd's CacheDirectory= first (the engine unit hides /home); a home that cannot be written to
+    (here: a file where the folder should be) falls through to the temp directory."""
+    require_cpu_kernels()
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path / "unit-cache"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no build from earlier runs to find
+    monkeypatch.setattr(cpu_quant.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    cpu_quant.library.cache_clear()
+    try:
+        assert cpu_quant.library() is not None
+        assert list((tmp_path / "unit-cache" / "kernels").glob("cpu_quant-*.so"))
+        monkeypatch.delenv("CACHE_DIRECTORY")
+        blocked_home = tmp_path / "home"
+        blocked_home.write_text("not a folder")
+        monkeypatch.setenv("HOME", str(blocked_home))
+        cpu_quant.library.cache_clear()
+        assert cpu_quant.library() is not None
+        assert list((tmp_path / "tmp").glob("tandem-*/kernels/cpu_quant-*.so"))
+    finally:
+        cpu_quant.library.cache_clear()
