@@ -92,13 +92,9 @@ def kv_cache_dtype(config: EngineConfig, loaded: LoadedModel, device: torch.devi
     attention reads the cache in the model's dtype."""
     if config.kv_cache_dtype == "auto":
         return loaded.auto_kv_cache_dtype
-    from engine.loader.model_loader import DTYPES
+    from engine.loader.model_loader import named_dtype
 
-    if config.kv_cache_dtype not in DTYPES:
-        raise ValueError(
-            f"kv_cache_dtype {config.kv_cache_dtype!r} is not supported (supported: auto, {', '.join(DTYPES)})"
-        )
-    dtype = DTYPES[config.kv_cache_dtype]
+    dtype = named_dtype(config.kv_cache_dtype, "kv_cache_dtype")
     if device.type != "cpu" and dtype != loaded.dtype:
         raise ValueError(
             f"--kv-cache-dtype {config.kv_cache_dtype} differs from the model dtype "

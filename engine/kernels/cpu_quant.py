@@ -73,19 +73,20 @@ def _compile(compiler: str, target: Path) -> None:
 
 
 def _built(compiler: str, name: str) -> Path:
-    """The library's path, built into the first cache folder that can be written to if none has it."""
+    """The library's path, built into the first cache folder that can be written to if none has it;
+    raises the last folder's OSError when none can."""
     folders = _cache_dirs()
     for folder in folders:
         if (folder / name).exists():
             return folder / name
-    for folder in folders[:-1]:
+    error = OSError(f"no cache folder for {name}")
+    for folder in folders:
         try:
             _compile(compiler, folder / name)
             return folder / name
-        except OSError:  # not writable here (read-only home, ProtectHome=): try the next one
-            continue
-    _compile(compiler, folders[-1] / name)
-    return folders[-1] / name
+        except OSError as exc:  # not writable here (read-only home, ProtectHome=): try the next one
+            error = exc
+    raise error
 
 
 @functools.cache
@@ -139,6 +140,12 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    assert lib is not None, "the kernels are not built: check library() before calling them"
+    return lib
+
+
 def _bias_ptr(bias: Tensor | None) -> int | None:
     return None if bias is None else bias.data_ptr()
 
@@ -146,8 +153,7 @@ def _bias_ptr(bias: Tensor | None) -> int | None:
 def u4_matmul(x: Tensor, q: Tensor, scales: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [T, K] float32 contiguous @ W^T -> [T, N] float32, W[n, k] = scales * nibble + offsets per block;
     q [N, K / 2] uint8, scales and offsets [N, K / 32] float32, bias [N] float32 or None."""
-    lib = library()
-    assert lib is not None, "call library() first"
+    lib = _lib()
     rows, k = x.shape
     n = q.shape[0]
     out = torch.empty(rows, n, dtype=torch.float32)
@@ -170,8 +176,7 @@ def u4_matmul(x: Tensor, q: Tensor, scales: Tensor, offsets: Tensor, bias: Tenso
 def i8_matmul(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [T, K] float32 contiguous @ W^T -> [T, N] float32, W[n, k] = scales * q per block;
     q [N, K] int8, scales [N, K / 32] float32, bias [N] float32 or None."""
-    lib = library()
-    assert lib is not None, "call library() first"
+    lib = _lib()
     rows, k = x.shape
     n = q.shape[0]
     out = torch.empty(rows, n, dtype=torch.float32)
@@ -184,8 +189,7 @@ def i8_matmul(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x [T, H] float32 contiguous (plus residual, same layout) -> (rms_norm(s) * weight, s), where s is x
     or x + residual (then a new tensor)."""
-    lib = library()
-    assert lib is not None, "call library() first"
+    lib = _lib()
     rows, hidden = x.shape
     out = torch.empty_like(x)
     summed = x if residual is None else torch.empty_like(x)
@@ -205,8 +209,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
 def rotary_neox(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
     """q [T, Hq, D], k [T, Hk, D] float32, each head's D floats contiguous (tokens may be strided, as views
     of the merged qkv output); positions [T] int64; cos_sin_cache [P, rot] float32 -> new contiguous q, k."""
-    lib = library()
-    assert lib is not None, "call library() first"
+    lib = _lib()
     tokens, q_heads, head_dim = q.shape
     rot = cos_sin_cache.shape[1]
     q_out = torch.empty(q.shape, dtype=q.dtype)
@@ -235,8 +238,7 @@ def decode_attention(
     """One query token per sequence: q [B, Hq, D] float32 contiguous, kv_cache [2, num_blocks, block_size,
     Hkv, D] float16 or float32 contiguous, block_table [B, max_blocks] int32 (rows contiguous), seq_lens [B]
     int32, max_len >= every seq_len -> [B, Hq, D] float32."""
-    lib = library()
-    assert lib is not None, "call library() first"
+    lib = _lib()
     batch, q_heads, head_dim = q.shape
     _, num_blocks, block_size, kv_heads, _ = kv_cache.shape
     scores = torch.empty(batch * q_heads * max_len, dtype=torch.float32)

