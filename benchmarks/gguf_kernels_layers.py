@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    model = load_model(None, dtype="float32").model
+    model = load_model(None).model  # --dtype auto: float32 activations, the blocks attached
     layers = [m for m in model.model.modules() if getattr(m, "packed_weight", None) is not None]
     head = model.lm_head.packed_weight
     assert head is not None and layers, "the block kernels did not build here"

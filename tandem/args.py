@@ -126,8 +126,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--gguf-cpu-kernels",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="GGUF models on CPU: multiply steps of at most 32 rows with the file's Q4_0/Q4_1/Q8_0 blocks "
-        "(float32 arithmetic, exact weights) instead of the dense copy; needs a C compiler at the first start.",
+        help="GGUF models on CPU with --dtype auto: multiply with the file's Q4_0/Q4_1/Q8_0 blocks (integer "
+        "dot products, activations rounded to ~15 bits per block of 32) instead of the dense copy; needs a C "
+        "compiler at the first start. An explicit --dtype keeps dense matmuls.",
     )
     g.add_argument(
         "--enable-prompt-embeds", action="store_true", help="Accept prompt embeddings in requests."

@@ -1,5 +1,5 @@
-"""Builds and calls the CPU kernels of cpu_quant.c: products against GGUF block-quantized weights, and
-fused RMSNorm, rotary embedding and decode attention for float32 rows (used through
+"""Builds and calls the CPU kernels: cpu_quant.c, products against GGUF block-quantized weights, and
+cpu_ops.c, fused RMSNorm, rotary embedding and decode attention for float32 rows (used through
 engine/kernels/cpu_ops.py).
 
 Why a C file of our own: on CPU a decode step reads every weight once and does little arithmetic with each,
@@ -29,8 +29,16 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_quant.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.c", "cpu_ops.c")]
+HEADERS = [Path(__file__).with_name("cpu_simd.h")]
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+]  # no FMA contraction: arithmetic as written
 BLOCK = 32  # weights per quantization block
 
 
@@ -63,7 +71,7 @@ def _compile(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-lm", "-o", str(built)],
+            [compiler, *FLAGS, *map(str, SOURCES), "-lm", "-o", str(built)],
             check=True,
             capture_output=True,
             text=True,
@@ -97,7 +105,9 @@ def library() -> ctypes.CDLL | None:
         logger.warning("no C compiler found: GGUF weights run through dense torch matmuls")
         return None
     key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_identity().encode()
+        b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+        + " ".join([compiler, *FLAGS]).encode()
+        + _cpu_identity().encode()
     ).hexdigest()[:16]
     try:
         lib = ctypes.CDLL(str(_built(compiler, f"cpu_quant-{key}.so")))
@@ -110,10 +120,10 @@ def library() -> ctypes.CDLL | None:
         logger.warning("GGUF CPU kernels not available (%s): dense torch matmuls instead", exc)
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.tandem_u4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr]
-    lib.tandem_u4_matmul.restype = None
-    lib.tandem_i8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
-    lib.tandem_i8_matmul.restype = None
+    lib.tandem_block_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.tandem_block_matmul.restype = ctypes.c_int
+    lib.tandem_block_vnni.argtypes = []
+    lib.tandem_block_vnni.restype = ctypes.c_int
     lib.tandem_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr, ptr]
     lib.tandem_rms_norm.restype = None
     lib.tandem_rotary_neox.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr]
@@ -150,39 +160,33 @@ def _bias_ptr(bias: Tensor | None) -> int | None:
     return None if bias is None else bias.data_ptr()
 
 
-def u4_matmul(x: Tensor, q: Tensor, scales: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [T, K] float32 contiguous @ W^T -> [T, N] float32, W[n, k] = scales * nibble + offsets per block;
-    q [N, K / 2] uint8, scales and offsets [N, K / 32] float32, bias [N] float32 or None."""
+def has_vnni() -> bool:
+    """Whether the built block products use AVX-512 VNNI (else AVX2)."""
+    return bool(_lib().tandem_block_vnni())
+
+
+def block_matmul(
+    x: Tensor, q: Tensor, scales: Tensor, offsets: Tensor | None, n: int, bias: Tensor | None = None
+) -> Tensor:
+    """x [T, K] float32 contiguous @ W^T -> [T, n] float32. W in cpu_quant.c's g16 layout (made by
+    engine/layers/gguf_packed.py): q uint8, scales and offsets (None for int8 weights) float16
+    [ceil(n / 16), K / 32, 16]; bias [n] float32 or None."""
     lib = _lib()
     rows, k = x.shape
-    n = q.shape[0]
     out = torch.empty(rows, n, dtype=torch.float32)
-    block_sums = torch.empty(rows, k // BLOCK, dtype=torch.float32)
-    lib.tandem_u4_matmul(
+    status = lib.tandem_block_matmul(
         x.data_ptr(),
         rows,
         k,
         q.data_ptr(),
         scales.data_ptr(),
-        offsets.data_ptr(),
+        None if offsets is None else offsets.data_ptr(),
         n,
         _bias_ptr(bias),
-        block_sums.data_ptr(),
         out.data_ptr(),
     )
-    return out
-
-
-def i8_matmul(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [T, K] float32 contiguous @ W^T -> [T, N] float32, W[n, k] = scales * q per block;
-    q [N, K] int8, scales [N, K / 32] float32, bias [N] float32 or None."""
-    lib = _lib()
-    rows, k = x.shape
-    n = q.shape[0]
-    out = torch.empty(rows, n, dtype=torch.float32)
-    lib.tandem_i8_matmul(
-        x.data_ptr(), rows, k, q.data_ptr(), scales.data_ptr(), n, _bias_ptr(bias), out.data_ptr()
-    )
+    if status:
+        raise MemoryError(f"no scratch memory for {rows} x {k} quantized activations")
     return out
 
 

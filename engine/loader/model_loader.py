@@ -92,10 +92,11 @@ def _choose_dtype(
         # Dequantized weights are float32; 16 bits halve memory and bandwidth. GPUs: bf16.
         if torch.device(device).type != "cpu":
             return torch.bfloat16
-        # CPU with the block kernels (engine/layers/gguf_packed.py): float32. Few-row steps read the
-        # file's blocks whatever the dtype, and float32 then beat float16 at 1-64 rows on the Zen 4 VM
-        # (no conversions around every op), with exact weights; the KV cache is float16 (see
-        # choose_kv_cache_dtype), which kept issue 14's fidelity bound (benchmarks/RESULTS.md).
+        # CPU with the block kernels (engine/layers/gguf_packed.py): float32 activations. The products
+        # read the file's blocks whatever the dtype, and float32 then beat float16 at 1-64 rows on the
+        # Zen 4 VM (no conversions around every op); the KV cache is float16 (see choose_kv_cache_dtype).
+        # The kernels round activations to ~15 bits per block: together that kept issue 14's fidelity
+        # bound (100% top-1 agreement with exact float32, benchmarks/RESULTS.md).
         if block_kernels:
             return torch.float32
         # Without them, CPUs of the AVX-512 class measured (avx512_bf16): float16, whose products are
@@ -191,8 +192,8 @@ def load_model(
 
     With `tp`, the model holds one rank's shard: checkpoint tensors are read one at a time and narrowed
     to that rank's rows or columns before the copy (GGUF ones after dequantizing the whole tensor).
-    With `gguf_cpu_kernels`, a GGUF model on CPU (whole, not sharded) also keeps its layers' quantized
-    blocks for steps of few rows (engine/layers/gguf_packed.py)."""
+    With `gguf_cpu_kernels` and dtype "auto", a GGUF model on CPU (whole, not sharded) also keeps its
+    layers' quantized blocks and multiplies with them (engine/layers/gguf_packed.py)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(
             f"load_format {load_format!r} is not supported (supported: {', '.join(LOAD_FORMATS)})"
@@ -225,7 +226,9 @@ def load_model(
 
     model_cls = get_model_class(arch.architecture)
     is_cpu = torch.device(device).type == "cpu"
-    block_kernels = gguf_path is not None and gguf_cpu_kernels and tp is None and is_cpu
+    # Only for --dtype auto: an explicit dtype asks for its own dense arithmetic (float32: transformers-exact),
+    # and the kernels round activations (within issue 14's fidelity bound, not exactly).
+    block_kernels = gguf_path is not None and gguf_cpu_kernels and dtype == "auto" and tp is None and is_cpu
     block_kernels = block_kernels and load_format != "dummy" and _block_kernels_built()
     torch_dtype = _choose_dtype(dtype, arch, gguf_path is not None, device, block_kernels)
     torch.manual_seed(seed)  # dummy weights are the seeded default initialization

@@ -1,0 +1,123 @@
+/* Fused elementwise ops and decode attention on float32 rows (engine/kernels/cpu_ops.py): one call where
+   torch runs five to fifteen small ops. Built into the same library as cpu_quant.c. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cpu_simd.h"
+
+/* RMSNorm of each row of H floats: out = s * rsqrt(mean(s^2) + eps) * w, where s = x, or s = x + residual
+   (then also written to sum_out). Rows are split across threads only when there are many. */
+void tandem_rms_norm(const float *x, const float *residual, const float *w, float eps, int64_t rows,
+                     int64_t H, float *out, float *sum_out) {
+#pragma omp parallel for schedule(static) if (rows > 64)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * H;
+        const float *src = xr;
+        if (residual) {
+            float *sr = sum_out + r * H;
+            const float *rr = residual + r * H;
+            for (int64_t i = 0; i < H; i++) sr[i] = xr[i] + rr[i];
+            src = sr;
+        }
+        vf acc = vzero();
+        int64_t i = 0;
+        for (; i + W <= H; i += W) {
+            const vf v = vload(src + i);
+            acc = vfma(v, v, acc);
+        }
+        float ss = vsum(acc);
+        for (; i < H; i++) ss += src[i] * src[i];
+        const float scale = 1.0f / sqrtf(ss / (float)H + eps);
+        float *o = out + r * H;
+        for (i = 0; i < H; i++) o[i] = src[i] * scale * w[i];
+    }
+}
+
+/* Neox-style rotary embedding of the first `rot` dims of every head: for token t at position p, with
+   cos = cache[p, :rot/2] and sin = cache[p, rot/2:rot], x1 = x[:rot/2], x2 = x[rot/2:rot]:
+   out = (x1 cos - x2 sin, x2 cos + x1 sin, x[rot:]). x is [T, heads, D] with token stride x_stride (a view
+   into the merged qkv output); out is contiguous [T, heads, D]. */
+static void rotate_neox(const int64_t *positions, int64_t T, const float *x, int64_t x_stride, int64_t heads,
+                        int64_t D, const float *cache, int64_t rot, float *out) {
+    const int64_t half = rot / 2;
+#pragma omp parallel for schedule(static) if (T > 64)
+    for (int64_t t = 0; t < T; t++) {
+        const float *cos_t = cache + positions[t] * rot;
+        const float *sin_t = cos_t + half;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *xh = x + t * x_stride + h * D;
+            float *oh = out + (t * heads + h) * D;
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = xh[i], x2 = xh[i + half];
+                oh[i] = x1 * cos_t[i] - x2 * sin_t[i];
+                oh[i + half] = x2 * cos_t[i] + x1 * sin_t[i];
+            }
+            for (int64_t i = rot; i < D; i++) oh[i] = xh[i];
+        }
+    }
+}
+
+void tandem_rotary_neox(const int64_t *positions, int64_t T, const float *q, int64_t q_stride, int64_t q_heads,
+                        const float *k, int64_t k_stride, int64_t k_heads, int64_t D, const float *cache,
+                        int64_t rot, float *q_out, float *k_out) {
+    rotate_neox(positions, T, q, q_stride, q_heads, D, cache, rot, q_out);
+    rotate_neox(positions, T, k, k_stride, k_heads, D, cache, rot, k_out);
+}
+
+/* Decode attention over the paged cache, one query token per sequence (every row of the step a decode).
+   q [B, Hq, D] float32; the cache holds K then V, each [num_blocks, block_size, Hkv, D] in float16
+   (is_f16) or float32, `half` elements apart; block_table [B, bt_stride] int32; seq_lens [B] int32.
+   The `Hq / Hkv` query heads of a KV head share its K/V reads. Softmax in float32, as the torch path
+   computes it after upcasting the cache. scores: scratch of B * Hq * max_len floats. D % W == 0, D <= 256. */
+static inline vf load_row(const void *cache, int is_f16, int64_t off, int64_t i) {
+    return is_f16 ? vload_h((const uint16_t *)cache + off + i) : vload((const float *)cache + off + i);
+}
+
+void tandem_decode_attention(const float *q, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, const void *cache,
+                             int is_f16, int64_t half, int64_t block_size, const int32_t *block_table,
+                             int64_t bt_stride, const int32_t *seq_lens, float scale, float *scores,
+                             int64_t max_len, float *out) {
+    const int64_t group = Hq / Hkv, nv = D / W;
+#pragma omp parallel for schedule(static) if (B > 1)
+    for (int64_t item = 0; item < B * Hkv; item++) {
+        const int64_t b = item / Hkv, h = item % Hkv, len = seq_lens[b];
+        const int32_t *blocks = block_table + b * bt_stride;
+        const int64_t head0 = b * Hq + h * group; /* first query head of this KV head, flat */
+        for (int64_t p = 0; p < len; p++) {
+            const int64_t slot = (int64_t)blocks[p / block_size] * block_size + p % block_size;
+            const int64_t off = (slot * Hkv + h) * D;
+            for (int64_t g = 0; g < group; g++) {
+                const float *qh = q + (head0 + g) * D;
+                vf acc = vzero();
+                for (int64_t i = 0; i < nv; i++) acc = vfma(vload(qh + W * i), load_row(cache, is_f16, off, W * i), acc);
+                scores[(head0 + g) * max_len + p] = vsum(acc) * scale;
+            }
+        }
+        for (int64_t g = 0; g < group; g++) {
+            float *s = scores + (head0 + g) * max_len;
+            float top = s[0];
+            for (int64_t p = 1; p < len; p++) top = s[p] > top ? s[p] : top;
+            float total = 0.0f;
+            for (int64_t p = 0; p < len; p++) {
+                s[p] = expf(s[p] - top);
+                total += s[p];
+            }
+            vf acc[256 / W];
+            for (int64_t i = 0; i < nv; i++) acc[i] = vzero();
+            for (int64_t p = 0; p < len; p++) {
+                const int64_t slot = (int64_t)blocks[p / block_size] * block_size + p % block_size;
+                const int64_t off = half + (slot * Hkv + h) * D;
+                const vf weight = vset1(s[p]);
+                for (int64_t i = 0; i < nv; i++) acc[i] = vfma(weight, load_row(cache, is_f16, off, W * i), acc[i]);
+            }
+            const vf inv = vset1(1.0f / total);
+            float *o = out + (head0 + g) * D;
+            for (int64_t i = 0; i < nv; i++) {
+                const vf v = vmul(acc[i], inv);
+                memcpy(o + W * i, &v, sizeof v);
+            }
+        }
+    }
+}
