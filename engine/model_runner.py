@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.cpu_graphs import CpuDecodeGraphs
 from engine.cuda_graphs import DecodeGraphs, build_decode_graphs
 from engine.kv_cache import NULL_BLOCK_ID
 from engine.readback import DeviceReadback, tensor_to_device, to_device
@@ -36,6 +37,12 @@ def kv_cache_bytes_per_block(
     num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> int:
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def _all_kernels(model: torch.nn.Module) -> bool:
+    """Whether the model's linear layers multiply with GGUF blocks (so a decode step may be all C kernels:
+    engine/cpu_graphs.py checks the rest while capturing)."""
+    return any(getattr(m, "packed_weight", None) is not None for m in model.modules())
 
 
 class ModelRunner:
@@ -69,7 +76,17 @@ class ModelRunner:
         self.sampler = Sampler(arch.vocab_size, device, seed)
         self.lora: LoraManager | None = None  # set by engine_setup with --enable-lora
         self.step_threads = step_threads
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: DecodeGraphs | CpuDecodeGraphs | None = None
+        if device.type == "cpu" and not enforce_eager and _all_kernels(model):
+            self.graphs = CpuDecodeGraphs(
+                model,
+                self.kv_caches,
+                max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len,
+                block_size=block_size,
+                hidden_size=arch.hidden_size,
+                dtype=model.model.embed_tokens.weight.dtype,
+            )
         if device.type == "cuda" and not enforce_eager:
             self.graphs = build_decode_graphs(
                 lambda: DecodeGraphs(
@@ -189,9 +206,10 @@ class ModelRunner:
             self.lora.prepare_step(out.scheduled)  # each token's adapter slot, read by the LoRA layers
         # Graphs replay one token per row only: can_run refuses any step where a row has drafts
         # (max_query_len > 1), so verify steps always run eagerly.
+        hidden = None
         if self.graphs is not None and self.graphs.can_run(meta, has_embeds=inputs_embeds is not None):
             hidden = self.graphs.run(input_ids, positions, meta)
-        else:
+        if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, meta, inputs_embeds=inputs_embeds)
         readback = DeviceReadback()
         prompt_pending: dict[str, list[PendingPromptLogprobs]] = {}

@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu_simd.h"
@@ -69,17 +70,25 @@ void tandem_rotary_neox(const int64_t *positions, int64_t T, const float *q, int
 /* Decode attention over the paged cache, one query token per sequence (every row of the step a decode).
    q [B, Hq, D] float32; the cache holds K then V, each [num_blocks, block_size, Hkv, D] in float16
    (is_f16) or float32, `half` elements apart; block_table [B, bt_stride] int32; seq_lens [B] int32.
-   The `Hq / Hkv` query heads of a KV head share its K/V reads. Softmax in float32, as the torch path
-   computes it after upcasting the cache. scores: scratch of B * Hq * max_len floats. D % W == 0, D <= 256. */
+   Softmax in float32, as the torch path computes it after upcasting the cache. D % W == 0, D <= 256.
+   Each K and V row is read (and converted from float16) once for the `Hq / Hkv` query heads sharing it.
+   Everything it reads is behind the pointers (lengths too), so a recorded call replays on new contents
+   (engine/cpu_graphs.py). Returns 0, or -1 when the scores scratch cannot be allocated. */
 static inline vf load_row(const void *cache, int is_f16, int64_t off, int64_t i) {
     return is_f16 ? vload_h((const uint16_t *)cache + off + i) : vload((const float *)cache + off + i);
 }
 
-void tandem_decode_attention(const float *q, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, const void *cache,
-                             int is_f16, int64_t half, int64_t block_size, const int32_t *block_table,
-                             int64_t bt_stride, const int32_t *seq_lens, float scale, float *scores,
-                             int64_t max_len, float *out) {
+#define HEADS_PER_PASS 4 /* query heads whose V sums stay in registers together */
+
+int tandem_decode_attention(const float *q, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, const void *cache,
+                            int is_f16, int64_t half, int64_t block_size, const int32_t *block_table,
+                            int64_t bt_stride, const int32_t *seq_lens, float scale, float *out) {
     const int64_t group = Hq / Hkv, nv = D / W;
+    int64_t max_len = 0;
+    for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    max_len = (max_len + W - 1) / W * W; /* score rows padded to whole vectors */
+    float *scores = malloc((size_t)(B * Hq * max_len) * sizeof(float));
+    if (scores == NULL) return -1;
 #pragma omp parallel for schedule(static) if (B > 1)
     for (int64_t item = 0; item < B * Hkv; item++) {
         const int64_t b = item / Hkv, h = item % Hkv, len = seq_lens[b];
@@ -88,35 +97,86 @@ void tandem_decode_attention(const float *q, int64_t B, int64_t Hq, int64_t Hkv,
         for (int64_t p = 0; p < len; p++) {
             const int64_t slot = (int64_t)blocks[p / block_size] * block_size + p % block_size;
             const int64_t off = (slot * Hkv + h) * D;
+            vf k[256 / W];
+            for (int64_t i = 0; i < nv; i++) k[i] = load_row(cache, is_f16, off, W * i);
             for (int64_t g = 0; g < group; g++) {
                 const float *qh = q + (head0 + g) * D;
                 vf acc = vzero();
-                for (int64_t i = 0; i < nv; i++) acc = vfma(vload(qh + W * i), load_row(cache, is_f16, off, W * i), acc);
+                for (int64_t i = 0; i < nv; i++) acc = vfma(vload(qh + W * i), k[i], acc);
                 scores[(head0 + g) * max_len + p] = vsum(acc) * scale;
             }
         }
-        for (int64_t g = 0; g < group; g++) {
-            float *s = scores + (head0 + g) * max_len;
-            float top = s[0];
-            for (int64_t p = 1; p < len; p++) top = s[p] > top ? s[p] : top;
-            float total = 0.0f;
-            for (int64_t p = 0; p < len; p++) {
-                s[p] = expf(s[p] - top);
-                total += s[p];
+        float inv_total[HEADS_PER_PASS];
+        for (int64_t g0 = 0; g0 < group; g0 += HEADS_PER_PASS) {
+            const int64_t heads = group - g0 < HEADS_PER_PASS ? group - g0 : HEADS_PER_PASS;
+            for (int64_t g = 0; g < heads; g++) { /* softmax numerators, vectorized past the tail */
+                float *s = scores + (head0 + g0 + g) * max_len;
+                for (int64_t p = len; p % W; p++) s[p] = -INFINITY;
+                vf top = vset1(-INFINITY), total = vzero();
+                for (int64_t p = 0; p < len; p += W) top = vmax(top, vload(s + p));
+                float m = -INFINITY, lanes[W];
+                vstore(lanes, top);
+                for (int i = 0; i < W; i++) m = lanes[i] > m ? lanes[i] : m;
+                for (int64_t p = 0; p < len; p += W) {
+                    const vf e = vexp(vadd(vload(s + p), vset1(-m)));
+                    vstore(s + p, e);
+                    total = vadd(total, e);
+                }
+                inv_total[g] = 1.0f / vsum(total); /* the tail's exp(-inf - m) clamps to ~1e-38: unseen */
             }
-            vf acc[256 / W];
-            for (int64_t i = 0; i < nv; i++) acc[i] = vzero();
+            vf acc[HEADS_PER_PASS][256 / W];
+            for (int64_t g = 0; g < heads; g++)
+                for (int64_t i = 0; i < nv; i++) acc[g][i] = vzero();
             for (int64_t p = 0; p < len; p++) {
                 const int64_t slot = (int64_t)blocks[p / block_size] * block_size + p % block_size;
                 const int64_t off = half + (slot * Hkv + h) * D;
-                const vf weight = vset1(s[p]);
-                for (int64_t i = 0; i < nv; i++) acc[i] = vfma(weight, load_row(cache, is_f16, off, W * i), acc[i]);
+                vf v[256 / W];
+                for (int64_t i = 0; i < nv; i++) v[i] = load_row(cache, is_f16, off, W * i);
+                for (int64_t g = 0; g < heads; g++) {
+                    const vf weight = vset1(scores[(head0 + g0 + g) * max_len + p]);
+                    for (int64_t i = 0; i < nv; i++) acc[g][i] = vfma(weight, v[i], acc[g][i]);
+                }
             }
-            const vf inv = vset1(1.0f / total);
-            float *o = out + (head0 + g) * D;
-            for (int64_t i = 0; i < nv; i++) {
-                const vf v = vmul(acc[i], inv);
-                memcpy(o + W * i, &v, sizeof v);
+            for (int64_t g = 0; g < heads; g++) {
+                const vf inv = vset1(inv_total[g]);
+                float *o = out + (head0 + g0 + g) * D;
+                for (int64_t i = 0; i < nv; i++) vstore(o + W * i, vmul(acc[g][i], inv));
+            }
+        }
+    }
+    free(scores);
+    return 0;
+}
+
+/* silu(x[:, :I]) * x[:, I:] for x [T, 2I] float32 (I % W == 0) -> out [T, I]. */
+void tandem_silu_and_mul(const float *x, int64_t T, int64_t I, float *out) {
+#pragma omp parallel for schedule(static) if (T > 64)
+    for (int64_t t = 0; t < T; t++) {
+        const float *gate = x + t * 2 * I, *up = gate + I;
+        for (int64_t i = 0; i < I; i += W) {
+            const vf g = vload(gate + i);
+            const vf silu = vdiv(g, vadd(vset1(1.0f), vexp(vmul(g, vset1(-1.0f)))));
+            vstore(out + t * I + i, vmul(silu, vload(up + i)));
+        }
+    }
+}
+
+/* This step's k and v [T, Hkv, D] float32 (token strides k_stride, v_stride; each token's heads
+   contiguous) into the paged cache [2, num_blocks, block_size, Hkv, D] (float16 when is_f16, rounded to
+   nearest as torch's .to() rounds, else float32) at slots[t]. D % W == 0. */
+void tandem_write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride, int64_t T,
+                     int64_t Hkv, int64_t D, void *cache, int is_f16, int64_t half, const int64_t *slots) {
+    const int64_t row = Hkv * D;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t off = slots[t] * row;
+        const float *src[2] = {k + t * k_stride, v + t * v_stride};
+        for (int kv = 0; kv < 2; kv++) {
+            const int64_t dst = kv * half + off;
+            if (is_f16) {
+                uint16_t *c = (uint16_t *)cache + dst;
+                for (int64_t i = 0; i < row; i += W) vstore_h(c + i, vload(src[kv] + i));
+            } else {
+                memcpy((float *)cache + dst, src[kv], (size_t)row * sizeof(float));
             }
         }
     }

@@ -1,6 +1,6 @@
 """The CPU ops `dispatch` picks for CPU tensors: torch_ops', except RMSNorm (plain and fused with the
-residual add), neox rotary and decode-only attention with float32 activations, which run as one C call
-each (cpu_quant.c) when the CPU kernels are built.
+residual add), neox rotary, SiLU-and-multiply, the KV cache write and decode-only attention with float32
+activations, which run as one C call each (cpu_ops.c) when the CPU kernels are built.
 
 Why: in a one-stream decode step of a small model those ops were most of the time outside the matmuls.
 torch runs RMSNorm as about ten small ops (30 us a call on the Zen 4 VM), rotary as about eight per
@@ -16,7 +16,6 @@ from torch import Tensor
 
 from engine.attention import AttentionMetadata
 from engine.kernels import cpu_quant, torch_ops
-from engine.kernels.torch_ops import silu_and_mul, write_kv_cache
 
 __all__ = [
     "fused_add_rms_norm",
@@ -48,6 +47,30 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) 
     if x.dim() == 2 and x.shape == residual.shape and contiguous and _fast(x, residual, weight):
         return cpu_quant.rms_norm(x, weight, eps, residual)
     return torch_ops.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """x [T, 2I] -> silu(x[:, :I]) * x[:, I:]  [T, I]."""
+    if x.dim() == 2 and x.is_contiguous() and x.shape[1] % 32 == 0 and _fast(x):
+        return cpu_quant.silu_and_mul(x)
+    return torch_ops.silu_and_mul(x)
+
+
+def write_kv_cache(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Scatters this step's k, v [T, Hkv, D] into the paged cache [2, num_blocks, block_size, Hkv, D]."""
+    heads_packed = k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]
+    if (
+        heads_packed
+        and k.shape[2] % 16 == 0
+        and kv_cache.dtype in (torch.float16, torch.float32)
+        and kv_cache.is_contiguous()
+        and slot_mapping.dtype == torch.int64
+        and slot_mapping.is_contiguous()
+        and _fast(k, v)
+    ):
+        cpu_quant.write_kv(k, v, kv_cache, slot_mapping)
+        return
+    torch_ops.write_kv_cache(k, v, kv_cache, slot_mapping)
 
 
 def rotary_embedding(
@@ -88,7 +111,5 @@ def paged_attention(q: Tensor, kv_cache: Tensor, meta: AttentionMetadata, scale:
         and meta.seq_lens.is_contiguous()
         and _fast(q)
     ):
-        return cpu_quant.decode_attention(
-            q, kv_cache, meta.block_table, meta.seq_lens, max(meta.seq_lens_cpu), scale
-        )
+        return cpu_quant.decode_attention(q, kv_cache, meta.block_table, meta.seq_lens, scale)
     return torch_ops.paged_attention(q, kv_cache, meta, scale)

@@ -14,6 +14,7 @@ engine keeps its dense torch path.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -22,7 +23,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -128,25 +131,13 @@ def library() -> ctypes.CDLL | None:
     lib.tandem_rms_norm.restype = None
     lib.tandem_rotary_neox.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr]
     lib.tandem_rotary_neox.restype = None
-    lib.tandem_decode_attention.argtypes = [
-        ptr,
-        i64,
-        i64,
-        i64,
-        i64,
-        ptr,
-        ctypes.c_int,
-        i64,
-        i64,
-        ptr,
-        i64,
-        ptr,
-        ctypes.c_float,
-        ptr,
-        i64,
-        ptr,
-    ]
-    lib.tandem_decode_attention.restype = None
+    lib.tandem_decode_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr]
+    lib.tandem_decode_attention.argtypes += [ctypes.c_float, ptr]
+    lib.tandem_decode_attention.restype = ctypes.c_int
+    lib.tandem_silu_and_mul.argtypes = [ptr, i64, i64, ptr]
+    lib.tandem_silu_and_mul.restype = None
+    lib.tandem_write_kv.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ctypes.c_int, i64, ptr]
+    lib.tandem_write_kv.restype = None
     return lib
 
 
@@ -154,6 +145,39 @@ def _lib() -> ctypes.CDLL:
     lib = library()
     assert lib is not None, "the kernels are not built: check library() before calling them"
     return lib
+
+
+# The calls of the CPU-graph capture in progress (engine/cpu_graphs.py), or None.
+_recording: list[tuple[Any, tuple[Any, ...]]] | None = None
+
+
+def _call(name: str, *args: Any) -> None:
+    """Runs one kernel; records it while a CPU graph is captured. Kernels that allocate scratch return
+    nonzero when they could not."""
+    fn = getattr(_lib(), name)
+    if fn(*args):
+        raise MemoryError(f"{name}: no memory for its scratch")
+    if _recording is not None:
+        _recording.append((fn, args))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[Any, tuple[Any, ...]]]]:
+    """Records every kernel call made inside it (the calls run as usual), for `replay`."""
+    global _recording
+    calls: list[tuple[Any, tuple[Any, ...]]] = []
+    _recording = calls
+    try:
+        yield calls
+    finally:
+        _recording = None
+
+
+def replay(calls: list[tuple[Any, tuple[Any, ...]]]) -> None:
+    """Runs recorded calls again, in order, on whatever their buffers now hold."""
+    for fn, args in calls:
+        if fn(*args):
+            raise MemoryError("a CPU kernel found no memory for its scratch")
 
 
 def _bias_ptr(bias: Tensor | None) -> int | None:
@@ -171,10 +195,10 @@ def block_matmul(
     """x [T, K] float32 contiguous @ W^T -> [T, n] float32. W in cpu_quant.c's g16 layout (made by
     engine/layers/gguf_packed.py): q uint8, scales and offsets (None for int8 weights) float16
     [ceil(n / 16), K / 32, 16]; bias [n] float32 or None."""
-    lib = _lib()
     rows, k = x.shape
     out = torch.empty(rows, n, dtype=torch.float32)
-    status = lib.tandem_block_matmul(
+    _call(
+        "tandem_block_matmul",
         x.data_ptr(),
         rows,
         k,
@@ -185,19 +209,17 @@ def block_matmul(
         _bias_ptr(bias),
         out.data_ptr(),
     )
-    if status:
-        raise MemoryError(f"no scratch memory for {rows} x {k} quantized activations")
     return out
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x [T, H] float32 contiguous (plus residual, same layout) -> (rms_norm(s) * weight, s), where s is x
     or x + residual (then a new tensor)."""
-    lib = _lib()
     rows, hidden = x.shape
     out = torch.empty_like(x)
     summed = x if residual is None else torch.empty_like(x)
-    lib.tandem_rms_norm(
+    _call(
+        "tandem_rms_norm",
         x.data_ptr(),
         None if residual is None else residual.data_ptr(),
         weight.data_ptr(),
@@ -213,12 +235,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
 def rotary_neox(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
     """q [T, Hq, D], k [T, Hk, D] float32, each head's D floats contiguous (tokens may be strided, as views
     of the merged qkv output); positions [T] int64; cos_sin_cache [P, rot] float32 -> new contiguous q, k."""
-    lib = _lib()
     tokens, q_heads, head_dim = q.shape
     rot = cos_sin_cache.shape[1]
     q_out = torch.empty(q.shape, dtype=q.dtype)
     k_out = torch.empty(k.shape, dtype=k.dtype)
-    lib.tandem_rotary_neox(
+    _call(
+        "tandem_rotary_neox",
         positions.data_ptr(),
         tokens,
         q.data_ptr(),
@@ -236,18 +258,15 @@ def rotary_neox(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor) 
     return q_out, k_out
 
 
-def decode_attention(
-    q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, max_len: int, scale: float
-) -> Tensor:
+def decode_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float) -> Tensor:
     """One query token per sequence: q [B, Hq, D] float32 contiguous, kv_cache [2, num_blocks, block_size,
     Hkv, D] float16 or float32 contiguous, block_table [B, max_blocks] int32 (rows contiguous), seq_lens [B]
-    int32, max_len >= every seq_len -> [B, Hq, D] float32."""
-    lib = _lib()
+    int32 -> [B, Hq, D] float32."""
     batch, q_heads, head_dim = q.shape
     _, num_blocks, block_size, kv_heads, _ = kv_cache.shape
-    scores = torch.empty(batch * q_heads * max_len, dtype=torch.float32)
     out = torch.empty(q.shape, dtype=torch.float32)
-    lib.tandem_decode_attention(
+    _call(
+        "tandem_decode_attention",
         q.data_ptr(),
         batch,
         q_heads,
@@ -261,8 +280,34 @@ def decode_attention(
         block_table.stride(0),
         seq_lens.data_ptr(),
         scale,
-        scores.data_ptr(),
-        max_len,
         out.data_ptr(),
     )
     return out
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """x [T, 2I] float32 contiguous, I a multiple of 16 -> silu(x[:, :I]) * x[:, I:] [T, I]."""
+    tokens, width = x.shape
+    out = torch.empty(tokens, width // 2, dtype=torch.float32)
+    _call("tandem_silu_and_mul", x.data_ptr(), tokens, width // 2, out.data_ptr())
+    return out
+
+
+def write_kv(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+    """k, v [T, Hkv, D] float32 (each token's heads contiguous, tokens may be strided) into kv_cache
+    [2, num_blocks, block_size, Hkv, D] float16 or float32 contiguous at slot_mapping [T] int64."""
+    tokens, kv_heads, head_dim = k.shape
+    _call(
+        "tandem_write_kv",
+        k.data_ptr(),
+        k.stride(0),
+        v.data_ptr(),
+        v.stride(0),
+        tokens,
+        kv_heads,
+        head_dim,
+        kv_cache.data_ptr(),
+        int(kv_cache.dtype == torch.float16),
+        kv_cache[0].numel(),
+        slot_mapping.data_ptr(),
+    )

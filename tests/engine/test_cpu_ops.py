@@ -1,6 +1,7 @@
-"""The CPU ops dispatch uses (engine/kernels/cpu_ops.py): RMSNorm, RMSNorm fused with the residual add, and
-neox rotary run in C for float32 rows and equal torch_ops' results up to float32 rounding; other layouts
-and dtypes take torch_ops' path unchanged."""
+"""The CPU ops dispatch uses (engine/kernels/cpu_ops.py): RMSNorm, RMSNorm fused with the residual add,
+neox rotary, SiLU-and-multiply, the KV cache write and decode attention run in C for float32 rows and equal
+torch_ops' results up to float32 rounding (the cache write exactly); other layouts and dtypes take
+torch_ops' path unchanged."""
 
 from __future__ import annotations
 
@@ -70,7 +71,9 @@ def test_dispatch_sends_cpu_tensors_to_the_cpu_ops() -> None:
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128), (12, 2, 64)]
+)
 def test_decode_attention_matches_torch(
     cache_dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -104,3 +107,40 @@ def test_steps_with_a_prefill_take_the_torch_attention() -> None:
     assert torch.equal(
         cpu_ops.paged_attention(q, cache, meta, 0.25), torch_ops.paged_attention(q, cache, meta, 0.25)
     )
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 100])  # 100: split across threads
+def test_silu_and_mul_matches_torch(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(tokens)
+    x = torch.randn(tokens, 2 * 1536) * 8  # gate values far into both tails of the sigmoid
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
+    calls = []
+    kernel = cpu_quant.silu_and_mul
+    monkeypatch.setattr(cpu_quant, "silu_and_mul", lambda *a: calls.append(1) or kernel(*a))
+    got = cpu_ops.silu_and_mul(x)
+    assert calls == [1]
+    torch.testing.assert_close(got, torch_ops.silu_and_mul(x), rtol=1e-6, atol=1e-6)
+    odd = torch.randn(3, 2 * 20)  # not whole vectors: torch's path
+    assert torch.equal(cpu_ops.silu_and_mul(odd), torch_ops.silu_and_mul(odd))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32])
+def test_kv_cache_write_matches_torch_exactly(
+    cache_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    tokens, q_heads, kv_heads, head_dim = 5, 9, 3, 64
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim) * 300  # float16 rounding and overflow
+    _, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    k, v = k.reshape(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)  # v: strided tokens
+    k[0, 0, 0] = 70000.0  # past float16's range: inf, as torch's cast gives
+    slots = torch.tensor([17, 3, 40, 41, 0])
+    got = torch.zeros(2, 4, 16, kv_heads, head_dim, dtype=cache_dtype)
+    ref = got.clone()
+    calls = []
+    kernel = cpu_quant.write_kv
+    monkeypatch.setattr(cpu_quant, "write_kv", lambda *a: calls.append(1) or kernel(*a))
+    cpu_ops.write_kv_cache(k, v, got, slots)
+    assert calls == [1]
+    torch_ops.write_kv_cache(k, v, ref, slots)
+    assert torch.equal(got, ref)
