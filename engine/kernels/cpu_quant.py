@@ -131,7 +131,20 @@ def library() -> ctypes.CDLL | None:
     lib.tandem_rms_norm.restype = None
     lib.tandem_rotary_neox.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr]
     lib.tandem_rotary_neox.restype = None
-    lib.tandem_decode_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr]
+    lib.tandem_decode_attention.argtypes = [
+        ptr,
+        i64,
+        i64,
+        i64,
+        i64,
+        ptr,
+        ctypes.c_int,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ptr,
+    ]
     lib.tandem_decode_attention.argtypes += [ctypes.c_float, ptr]
     lib.tandem_decode_attention.restype = ctypes.c_int
     lib.tandem_silu_and_mul.argtypes = [ptr, i64, i64, ptr]
@@ -258,7 +271,9 @@ def rotary_neox(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor) 
     return q_out, k_out
 
 
-def decode_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float) -> Tensor:
+def decode_attention(
+    q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float
+) -> Tensor:
     """One query token per sequence: q [B, Hq, D] float32 contiguous, kv_cache [2, num_blocks, block_size,
     Hkv, D] float16 or float32 contiguous, block_table [B, max_blocks] int32 (rows contiguous), seq_lens [B]
     int32 -> [B, Hq, D] float32."""
