@@ -111,12 +111,16 @@ static inline __attribute__((always_inline)) void group_tile(const acts_t *a, in
         if (is_u4) mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + 16 * b)));
         for (int r = 0; r < R; r++) {
             const int64_t at = (r0 + r) * a->K + 32 * b, blk = (r0 + r) * a->nb + b;
-            __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
+            /* four independent chains (even and odd quads), so the dot products' latency overlaps */
+            __m512i hi[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, lo[2] = {hi[0], hi[0]};
             for (int j = 0; j < 8; j++) {
-                hi = _mm512_dpbusd_epi32(hi, w[j], _mm512_set1_epi32(quad(a->a1 + at + 4 * j)));
-                lo = _mm512_dpbusd_epi32(lo, w[j], _mm512_set1_epi32(quad(a->a2 + at + 4 * j)));
+                const __m512i x1 = _mm512_broadcastd_epi32(_mm_loadu_si32(a->a1 + at + 4 * j));
+                const __m512i x2 = _mm512_broadcastd_epi32(_mm_loadu_si32(a->a2 + at + 4 * j));
+                hi[j & 1] = _mm512_dpbusd_epi32(hi[j & 1], w[j], x1);
+                lo[j & 1] = _mm512_dpbusd_epi32(lo[j & 1], w[j], x2);
             }
-            __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+            __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(hi[0], hi[1]), 8),
+                                           _mm512_add_epi32(lo[0], lo[1]));
             if (!is_u4) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(a->fix[blk]));
             const __m512 scale = _mm512_mul_ps(dv, _mm512_set1_ps(a->scale[blk]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
