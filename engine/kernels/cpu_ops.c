@@ -67,85 +67,108 @@ void tandem_rotary_neox(const int64_t *positions, int64_t T, const float *q, int
     rotate_neox(positions, T, k, k_stride, k_heads, D, cache, rot, k_out);
 }
 
-/* Decode attention over the paged cache, one query token per sequence (every row of the step a decode).
-   q [B, Hq, D] float32; the cache holds K then V, each [num_blocks, block_size, Hkv, D] in float16
-   (is_f16) or float32, `half` elements apart; block_table [B, bt_stride] int32; seq_lens [B] int32.
-   Softmax in float32, as the torch path computes it after upcasting the cache. D % W == 0, D <= 256.
-   Each K and V row is read (and converted from float16) once for the `Hq / Hkv` query heads sharing it.
-   Everything it reads is behind the pointers (lengths too), so a recorded call replays on new contents
-   (engine/cpu_graphs.py). Returns 0, or -1 when the scores scratch cannot be allocated. */
+/* Causal attention over the paged cache for a flat batch of T query tokens (decodes and prompt chunks
+   alike): token t belongs to sequence token_seq[t] (NULL: sequence t, as in a decode-only step) and attends
+   to that sequence's first token_len[t] positions (its own included; 0: a padding token, zeros out).
+   q [T, Hq, D] float32; the cache holds K then V, each [num_blocks, block_size, Hkv, D] in float16
+   (is_f16) or float32, `half` elements apart; block_table [B, bt_stride] int32. Softmax in float32, as
+   the torch path computes it after upcasting the cache. D % W == 0, D <= 256. Each K and V row is read
+   (and converted from float16) once for the `Hq / Hkv` query heads sharing it. Everything it reads is
+   behind the pointers (lengths too), so a recorded call replays on new contents (engine/cpu_graphs.py).
+   Returns 0, or -1 when the scores scratch cannot be allocated. */
 static inline vf load_row(const void *cache, int is_f16, int64_t off, int64_t i) {
     return is_f16 ? vload_h((const uint16_t *)cache + off + i) : vload((const float *)cache + off + i);
 }
 
 #define HEADS_PER_PASS 4 /* query heads whose V sums stay in registers together */
 
-int tandem_decode_attention(const float *q, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, const void *cache,
-                            int is_f16, int64_t half, int64_t block_size, const int32_t *block_table,
-                            int64_t bt_stride, const int32_t *seq_lens, float scale, float *out) {
-    const int64_t group = Hq / Hkv, nv = D / W;
-    int64_t max_len = 0;
-    for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
-    max_len = (max_len + W - 1) / W * W; /* score rows padded to whole vectors */
-    float *scores = malloc((size_t)(B * Hq * max_len) * sizeof(float));
-    if (scores == NULL) return -1;
-#pragma omp parallel for schedule(static) if (B > 1)
-    for (int64_t item = 0; item < B * Hkv; item++) {
-        const int64_t b = item / Hkv, h = item % Hkv, len = seq_lens[b];
-        const int32_t *blocks = block_table + b * bt_stride;
-        const int64_t head0 = b * Hq + h * group; /* first query head of this KV head, flat */
-        for (int64_t p = 0; p < len; p++) {
-            const int64_t slot = (int64_t)blocks[p / block_size] * block_size + p % block_size;
-            const int64_t off = (slot * Hkv + h) * D;
-            vf k[256 / W];
-            for (int64_t i = 0; i < nv; i++) k[i] = load_row(cache, is_f16, off, W * i);
-            for (int64_t g = 0; g < group; g++) {
-                const float *qh = q + (head0 + g) * D;
-                vf acc = vzero();
-                for (int64_t i = 0; i < nv; i++) acc = vfma(vload(qh + W * i), k[i], acc);
-                scores[(head0 + g) * max_len + p] = vsum(acc) * scale;
-            }
-        }
-        float inv_total[HEADS_PER_PASS];
-        for (int64_t g0 = 0; g0 < group; g0 += HEADS_PER_PASS) {
-            const int64_t heads = group - g0 < HEADS_PER_PASS ? group - g0 : HEADS_PER_PASS;
-            for (int64_t g = 0; g < heads; g++) { /* softmax numerators, vectorized past the tail */
-                float *s = scores + (head0 + g0 + g) * max_len;
-                for (int64_t p = len; p % W; p++) s[p] = -INFINITY;
-                vf top = vset1(-INFINITY), total = vzero();
-                for (int64_t p = 0; p < len; p += W) top = vmax(top, vload(s + p));
-                float m = -INFINITY, lanes[W];
-                vstore(lanes, top);
-                for (int i = 0; i < W; i++) m = lanes[i] > m ? lanes[i] : m;
-                for (int64_t p = 0; p < len; p += W) {
-                    const vf e = vexp(vadd(vload(s + p), vset1(-m)));
-                    vstore(s + p, e);
-                    total = vadd(total, e);
-                }
-                inv_total[g] = 1.0f / vsum(total); /* the tail's exp(-inf - m) clamps to ~1e-38: unseen */
-            }
-            vf acc[HEADS_PER_PASS][256 / W];
-            for (int64_t g = 0; g < heads; g++)
-                for (int64_t i = 0; i < nv; i++) acc[g][i] = vzero();
-            for (int64_t p = 0; p < len; p++) {
-                const int64_t slot = (int64_t)blocks[p / block_size] * block_size + p % block_size;
-                const int64_t off = half + (slot * Hkv + h) * D;
-                vf v[256 / W];
-                for (int64_t i = 0; i < nv; i++) v[i] = load_row(cache, is_f16, off, W * i);
-                for (int64_t g = 0; g < heads; g++) {
-                    const vf weight = vset1(scores[(head0 + g0 + g) * max_len + p]);
-                    for (int64_t i = 0; i < nv; i++) acc[g][i] = vfma(weight, v[i], acc[g][i]);
-                }
-            }
-            for (int64_t g = 0; g < heads; g++) {
-                const vf inv = vset1(inv_total[g]);
-                float *o = out + (head0 + g0 + g) * D;
-                for (int64_t i = 0; i < nv; i++) vstore(o + W * i, vmul(acc[g][i], inv));
-            }
+/* Query heads [head0, head0 + group) of one token against `len` positions of KV head h. */
+static void attend(const float *q, int64_t head0, int64_t group, int64_t D, int64_t Hkv, int64_t h,
+                   const void *cache, int is_f16, int64_t half, int64_t block_size, const int32_t *blocks,
+                   int64_t len, float scale, float *scores, int64_t stride, float *out) {
+    const int64_t nv = D / W;
+    if (len <= 0) {
+        memset(out + head0 * D, 0, (size_t)(group * D) * sizeof(float));
+        return;
+    }
+    for (int64_t p = 0; p < len; p++) {
+        const int64_t slot = (int64_t)blocks[p / block_size] * block_size + p % block_size;
+        const int64_t off = (slot * Hkv + h) * D;
+        vf k[256 / W];
+        for (int64_t i = 0; i < nv; i++) k[i] = load_row(cache, is_f16, off, W * i);
+        for (int64_t g = 0; g < group; g++) {
+            const float *qh = q + (head0 + g) * D;
+            vf acc = vzero();
+            for (int64_t i = 0; i < nv; i++) acc = vfma(vload(qh + W * i), k[i], acc);
+            scores[g * stride + p] = vsum(acc) * scale;
         }
     }
-    free(scores);
-    return 0;
+    float inv_total[HEADS_PER_PASS];
+    for (int64_t g0 = 0; g0 < group; g0 += HEADS_PER_PASS) {
+        const int64_t heads = group - g0 < HEADS_PER_PASS ? group - g0 : HEADS_PER_PASS;
+        for (int64_t g = 0; g < heads; g++) { /* softmax numerators, vectorized past the tail */
+            float *s = scores + (g0 + g) * stride;
+            for (int64_t p = len; p % W; p++) s[p] = -INFINITY;
+            vf top = vset1(-INFINITY), total = vzero();
+            for (int64_t p = 0; p < len; p += W) top = vmax(top, vload(s + p));
+            float m = -INFINITY, lanes[W];
+            vstore(lanes, top);
+            for (int i = 0; i < W; i++) m = lanes[i] > m ? lanes[i] : m;
+            for (int64_t p = 0; p < len; p += W) {
+                const vf e = vexp(vadd(vload(s + p), vset1(-m)));
+                vstore(s + p, e);
+                total = vadd(total, e);
+            }
+            inv_total[g] = 1.0f / vsum(total); /* the tail's exp(-inf - m) clamps to ~1e-38: unseen */
+        }
+        vf acc[HEADS_PER_PASS][256 / W];
+        for (int64_t g = 0; g < heads; g++)
+            for (int64_t i = 0; i < nv; i++) acc[g][i] = vzero();
+        for (int64_t p = 0; p < len; p++) {
+            const int64_t slot = (int64_t)blocks[p / block_size] * block_size + p % block_size;
+            const int64_t off = half + (slot * Hkv + h) * D;
+            vf v[256 / W];
+            for (int64_t i = 0; i < nv; i++) v[i] = load_row(cache, is_f16, off, W * i);
+            for (int64_t g = 0; g < heads; g++) {
+                const vf weight = vset1(scores[(g0 + g) * stride + p]);
+                for (int64_t i = 0; i < nv; i++) acc[g][i] = vfma(weight, v[i], acc[g][i]);
+            }
+        }
+        for (int64_t g = 0; g < heads; g++) {
+            const vf inv = vset1(inv_total[g]);
+            float *o = out + (head0 + g0 + g) * D;
+            for (int64_t i = 0; i < nv; i++) vstore(o + W * i, vmul(acc[g][i], inv));
+        }
+    }
+}
+
+int tandem_paged_attention(const float *q, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, const void *cache,
+                           int is_f16, int64_t half, int64_t block_size, const int32_t *block_table,
+                           int64_t bt_stride, const int32_t *token_seq, const int32_t *token_len, float scale,
+                           float *out) {
+    const int64_t group = Hq / Hkv;
+    int64_t max_len = 0;
+    for (int64_t t = 0; t < T; t++) max_len = token_len[t] > max_len ? token_len[t] : max_len;
+    const int64_t stride = (max_len + W - 1) / W * W; /* score rows padded to whole vectors */
+    int failed = 0;
+#pragma omp parallel if (T > 1)
+    {
+        float *scores = malloc((size_t)(group * stride + W) * sizeof(float));
+        if (scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < T * Hkv; item++) {
+            if (scores == NULL) continue;
+            const int64_t t = item / Hkv, h = item % Hkv;
+            const int32_t *blocks = block_table + (token_seq ? token_seq[t] : t) * bt_stride;
+            attend(q, t * Hq + h * group, group, D, Hkv, h, cache, is_f16, half, block_size, blocks, token_len[t],
+                   scale, scores, stride, out);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
 }
 
 /* silu(x[:, :I]) * x[:, I:] for x [T, 2I] float32 (I % W == 0) -> out [T, I]. */

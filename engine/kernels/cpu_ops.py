@@ -16,6 +16,7 @@ from torch import Tensor
 
 from engine.attention import AttentionMetadata
 from engine.kernels import cpu_quant, torch_ops
+from engine.kernels.torch_ops import _StepMemo
 
 __all__ = [
     "fused_add_rms_norm",
@@ -92,14 +93,10 @@ def rotary_embedding(
 
 def paged_attention(q: Tensor, kv_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
     """Causal attention for a mixed prefill + decode batch, reading K/V from the paged cache (torch_ops'
-    contract); a decode-only step of float32 queries runs in C."""
+    contract); float32 queries run in C, decode rows and prompt chunks alike."""
     tokens, q_heads, head_dim = q.shape
-    decode_only = (
-        meta.max_query_len == 1 and bool(meta.query_start_loc_cpu) and meta.query_start_loc_cpu[-1] == tokens
-    )
-    if (
-        decode_only
-        and head_dim % 16 == 0
+    if not (
+        head_dim % 16 == 0
         and head_dim <= 256
         and q_heads % kv_cache.shape[3] == 0
         and q.is_contiguous()
@@ -109,7 +106,32 @@ def paged_attention(q: Tensor, kv_cache: Tensor, meta: AttentionMetadata, scale:
         and meta.block_table.stride(1) == 1
         and meta.seq_lens.dtype == torch.int32
         and meta.seq_lens.is_contiguous()
+        and bool(meta.query_start_loc_cpu)
         and _fast(q)
     ):
-        return cpu_quant.decode_attention(q, kv_cache, meta.block_table, meta.seq_lens, scale)
-    return torch_ops.paged_attention(q, kv_cache, meta, scale)
+        return torch_ops.paged_attention(q, kv_cache, meta, scale)
+    num_seqs = len(meta.query_start_loc_cpu) - 1
+    if meta.max_query_len == 1 and meta.query_start_loc_cpu[-1] == tokens == num_seqs:
+        # Decode only: token i is sequence i and sees its whole length, read from the tensor itself (so a
+        # recorded CPU graph replays with each step's lengths).
+        return cpu_quant.paged_attention(q, kv_cache, meta.block_table, meta.seq_lens, scale)
+    token_seq, token_len = _spans_memo.get((meta,), lambda: _token_spans(meta, tokens))
+    return cpu_quant.paged_attention(q, kv_cache, meta.block_table, token_len, scale, token_seq)
+
+
+_spans_memo: _StepMemo[tuple[Tensor, Tensor]] = _StepMemo()  # every layer of a step shares its meta
+
+
+def _token_spans(meta: AttentionMetadata, tokens: int) -> tuple[Tensor, Tensor]:
+    """Each query token's sequence and how many positions it attends to (its own included); padding
+    tokens past query_start_loc[-1] get length 0."""
+    starts = torch.tensor(meta.query_start_loc_cpu, dtype=torch.int64)
+    counts = starts[1:] - starts[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    seq_lens = torch.tensor(meta.seq_lens_cpu, dtype=torch.int64)
+    offset = torch.arange(len(seq)) - starts[seq]  # the token's index among its sequence's new tokens
+    lengths = seq_lens[seq] - counts[seq] + offset + 1
+    pad = tokens - len(seq)
+    token_seq = torch.cat([seq, torch.zeros(pad, dtype=torch.int64)]).to(torch.int32)
+    token_len = torch.cat([lengths, torch.zeros(pad, dtype=torch.int64)]).to(torch.int32)
+    return token_seq, token_len

@@ -131,7 +131,8 @@ def library() -> ctypes.CDLL | None:
     lib.tandem_rms_norm.restype = None
     lib.tandem_rotary_neox.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr]
     lib.tandem_rotary_neox.restype = None
-    lib.tandem_decode_attention.argtypes = [
+    # q, T, Hq, Hkv, D, cache, is_f16, half, block_size, block_table, bt_stride, token_seq, token_len, scale, out
+    attention = [
         ptr,
         i64,
         i64,
@@ -144,9 +145,12 @@ def library() -> ctypes.CDLL | None:
         ptr,
         i64,
         ptr,
+        ptr,
+        ctypes.c_float,
+        ptr,
     ]
-    lib.tandem_decode_attention.argtypes += [ctypes.c_float, ptr]
-    lib.tandem_decode_attention.restype = ctypes.c_int
+    lib.tandem_paged_attention.argtypes = attention
+    lib.tandem_paged_attention.restype = ctypes.c_int
     lib.tandem_silu_and_mul.argtypes = [ptr, i64, i64, ptr]
     lib.tandem_silu_and_mul.restype = None
     lib.tandem_write_kv.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ctypes.c_int, i64, ptr]
@@ -271,19 +275,25 @@ def rotary_neox(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor) 
     return q_out, k_out
 
 
-def decode_attention(
-    q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float
+def paged_attention(
+    q: Tensor,
+    kv_cache: Tensor,
+    block_table: Tensor,
+    token_len: Tensor,
+    scale: float,
+    token_seq: Tensor | None = None,
 ) -> Tensor:
-    """One query token per sequence: q [B, Hq, D] float32 contiguous, kv_cache [2, num_blocks, block_size,
-    Hkv, D] float16 or float32 contiguous, block_table [B, max_blocks] int32 (rows contiguous), seq_lens [B]
-    int32 -> [B, Hq, D] float32."""
-    batch, q_heads, head_dim = q.shape
+    """Causal attention of T query tokens over the paged cache: q [T, Hq, D] float32 contiguous, kv_cache
+    [2, num_blocks, block_size, Hkv, D] float16 or float32 contiguous, block_table [B, max_blocks] int32
+    (rows contiguous); token t reads block_table row token_seq[t] (int32 [T]; None: row t) and attends to
+    its sequence's first token_len[t] positions (int32 [T]; 0: zeros out) -> [T, Hq, D] float32."""
+    tokens, q_heads, head_dim = q.shape
     _, num_blocks, block_size, kv_heads, _ = kv_cache.shape
     out = torch.empty(q.shape, dtype=torch.float32)
     _call(
-        "tandem_decode_attention",
+        "tandem_paged_attention",
         q.data_ptr(),
-        batch,
+        tokens,
         q_heads,
         kv_heads,
         head_dim,
@@ -293,7 +303,8 @@ def decode_attention(
         block_size,
         block_table.data_ptr(),
         block_table.stride(0),
-        seq_lens.data_ptr(),
+        None if token_seq is None else token_seq.data_ptr(),
+        token_len.data_ptr(),
         scale,
         out.data_ptr(),
     )

@@ -89,24 +89,41 @@ def test_decode_attention_matches_torch(
     cache = torch.randn(2, 32, 16, kv_heads, head_dim).to(cache_dtype)
     q = torch.randn(len(lengths), q_heads, head_dim)
     calls = []
-    kernel = cpu_quant.decode_attention
-    monkeypatch.setattr(cpu_quant, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    kernel = cpu_quant.paged_attention
+    monkeypatch.setattr(cpu_quant, "paged_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     got = cpu_ops.paged_attention(q, cache, meta, head_dim**-0.5)
     assert calls == [1]  # the C kernel ran
     ref = torch_ops.paged_attention(q, cache, meta, head_dim**-0.5)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_steps_with_a_prefill_take_the_torch_attention() -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32])
+def test_prompt_chunks_and_decodes_in_one_step_match_torch(
+    cache_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mixed step: a whole 37-token prompt, a 20-token chunk continuing 30 cached tokens, two decodes;
+    then padding rows past the real tokens, which come out as zeros."""
     from tests.engine.conftest import PagedBatchBuilder
 
-    builder = PagedBatchBuilder(num_blocks=8, block_size=16, seed=2)
-    meta, _ = builder.step({0: 5, 1: 1})
-    cache = torch.randn(2, 8, 16, 1, 16)
-    q = torch.randn(6, 2, 16)
-    assert torch.equal(
-        cpu_ops.paged_attention(q, cache, meta, 0.25), torch_ops.paged_attention(q, cache, meta, 0.25)
+    torch.manual_seed(5)
+    builder = PagedBatchBuilder(num_blocks=32, block_size=16, seed=4)
+    builder.step({1: 30, 2: 9, 3: 50})  # cached context of sequences 1-3
+    meta, _ = builder.step({0: 37, 1: 20, 2: 1, 3: 1})
+    q_heads, kv_heads, head_dim = 9, 3, 64
+    cache = torch.randn(2, 32, 16, kv_heads, head_dim).to(cache_dtype)
+    q = torch.randn(59, q_heads, head_dim)
+    calls = []
+    kernel = cpu_quant.paged_attention
+    monkeypatch.setattr(cpu_quant, "paged_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    got = cpu_ops.paged_attention(q, cache, meta, 0.125)
+    assert calls == [1]
+    torch.testing.assert_close(got, torch_ops.paged_attention(q, cache, meta, 0.125), rtol=1e-5, atol=1e-5)
+    padded = torch.cat([q, torch.randn(5, q_heads, head_dim)])
+    got = cpu_ops.paged_attention(padded, cache, meta, 0.125)
+    torch.testing.assert_close(
+        got, torch_ops.paged_attention(padded, cache, meta, 0.125), rtol=1e-5, atol=1e-5
     )
+    assert not got[59:].any()
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 100])  # 100: split across threads
