@@ -261,3 +261,25 @@ def test_the_library_is_built_where_it_can_be_written(
         assert list((tmp_path / "tmp").glob("tandem-*/kernels/cpu_quant-*.so"))
     finally:
         cpu_quant.library.cache_clear()
+
+
+def test_an_engine_frees_the_dense_weights_its_blocks_replace(kernels: None) -> None:
+    from engine.config import EngineConfig
+    from engine.engine_setup import build_engine_parts
+
+    def linear_sizes(enable_lora: bool) -> tuple[list[int], int]:
+        config = EngineConfig(dtype="auto", kv_cache_memory=32 * 2**20, enable_lora=enable_lora)
+        model = build_engine_parts(config).runner.model
+        sizes = [m.weight.numel() for m in model.modules() if isinstance(m, Linear)]
+        return sizes, model.lm_head.weight.numel()
+
+    sizes, head = linear_sizes(enable_lora=False)
+    arch = load_model(None).arch
+    assert head == arch.vocab_size * arch.hidden_size  # the head's weight is the embedding table: kept
+    assert len(sizes) == 4 * arch.num_hidden_layers
+    if cpu_quant.has_vnni():  # the blocks serve every row count: the dense copies are gone
+        assert set(sizes) == {0}
+    else:  # AVX2: steps past AVX2_MAX_ROWS rows still need them
+        assert 0 not in sizes
+    lora_sizes, _ = linear_sizes(enable_lora=True)  # LoRA adds to the dense weights: kept
+    assert 0 not in lora_sizes
