@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -134,10 +135,8 @@ def _return_free_heap() -> None:
     name = ctypes.util.find_library("c")
     if name is None:
         return
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _step_threads(model: torch.nn.Module, device: torch.device) -> StepThreads | None:
@@ -176,7 +175,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
 
         lora = build_lora_manager(loaded.model, config, device)
     # Tensor-parallel ranks keep their share of the cores for every step.
-    step_threads = _step_threads(loaded.model, device) if workers is None else None  # reads the weights' sizes
+    step_threads = (
+        _step_threads(loaded.model, device) if workers is None else None
+    )  # reads the weights' sizes
     if lora is None and device.type == "cpu":
         from engine.layers.gguf_packed import release_dense_weights
 
