@@ -132,7 +132,7 @@ def library() -> ctypes.CDLL | None:
     lib.tandem_rotary_neox.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr]
     lib.tandem_rotary_neox.restype = None
     # q, T, Hq, Hkv, D, cache, is_f16, half, block_size, block_table, bt_stride, token_seq, token_len, scale, out
-    attention = [
+    lib.tandem_paged_attention.argtypes = [
         ptr,
         i64,
         i64,
@@ -145,11 +145,8 @@ def library() -> ctypes.CDLL | None:
         ptr,
         i64,
         ptr,
-        ptr,
-        ctypes.c_float,
-        ptr,
     ]
-    lib.tandem_paged_attention.argtypes = attention
+    lib.tandem_paged_attention.argtypes += [ptr, ctypes.c_float, ptr]
     lib.tandem_paged_attention.restype = ctypes.c_int
     lib.tandem_silu_and_mul.argtypes = [ptr, i64, i64, ptr]
     lib.tandem_silu_and_mul.restype = None
