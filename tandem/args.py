@@ -126,9 +126,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--gguf-cpu-kernels",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="GGUF models on CPU with --dtype auto: multiply with the file's Q4_0/Q4_1/Q8_0 blocks (integer "
-        "dot products, activations rounded to ~15 bits per block of 32) instead of the dense copy; needs a C "
-        "compiler at the first start. An explicit --dtype keeps dense matmuls.",
+        help="GGUF models on CPU: multiply with the file's Q4_0/Q4_1/Q8_0 blocks instead of the dense copy "
+        "(--dtype auto: integer dot products, activations rounded to ~15 bits per block of 32; an explicit "
+        "--dtype: exact float32 arithmetic, steps of at most 32 rows); needs a C compiler at the first start.",
     )
     g.add_argument(
         "--enable-prompt-embeds", action="store_true", help="Accept prompt embeddings in requests."

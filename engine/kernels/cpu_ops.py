@@ -115,7 +115,10 @@ def paged_attention(q: Tensor, kv_cache: Tensor, meta: AttentionMetadata, scale:
         # Decode only: token i is sequence i and sees its whole length, read from the tensor itself (so a
         # recorded CPU graph replays with each step's lengths).
         return cpu_quant.paged_attention(q, kv_cache, meta.block_table, meta.seq_lens, scale)
-    token_seq, token_len = _spans_memo.get((meta,), lambda: _token_spans(meta, tokens))
+    spans = _spans_memo.get((meta,), lambda: _token_spans(meta, tokens))
+    if len(spans[0]) != tokens:  # the same step's metadata with a different row count (padding)
+        spans = _token_spans(meta, tokens)
+    token_seq, token_len = spans
     return cpu_quant.paged_attention(q, kv_cache, meta.block_table, token_len, scale, token_seq)
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.c", "cpu_ops.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.c", "cpu_exact.c", "cpu_ops.c")]
 HEADERS = [Path(__file__).with_name("cpu_simd.h")]
 FLAGS = [
     "-O3",
@@ -125,6 +125,10 @@ def library() -> ctypes.CDLL | None:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.tandem_block_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     lib.tandem_block_matmul.restype = ctypes.c_int
+    lib.tandem_u4_matmul_exact.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr]
+    lib.tandem_u4_matmul_exact.restype = None
+    lib.tandem_i8_matmul_exact.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
+    lib.tandem_i8_matmul_exact.restype = None
     lib.tandem_block_vnni.argtypes = []
     lib.tandem_block_vnni.restype = ctypes.c_int
     lib.tandem_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr, ptr]
@@ -226,6 +230,32 @@ def block_matmul(
     return out
 
 
+def u4_matmul_exact(
+    x: Tensor, q: Tensor, scales: Tensor, offsets: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """x [T, K] float32 contiguous @ W^T -> [T, N] float32 in float32 arithmetic (cpu_exact.c), W[n, k] =
+    scales * nibble + offsets per block; q [N, K / 2] uint8 (GGUF's order), scales and offsets [N, K / 32]
+    float32, bias [N] float32 or None."""
+    rows, k = x.shape
+    n = q.shape[0]
+    out = torch.empty(rows, n, dtype=torch.float32)
+    block_sums = torch.empty(rows, k // BLOCK, dtype=torch.float32)
+    args = (x.data_ptr(), rows, k, q.data_ptr(), scales.data_ptr(), offsets.data_ptr(), n, _bias_ptr(bias))
+    _call("tandem_u4_matmul_exact", *args, block_sums.data_ptr(), out.data_ptr())
+    return out
+
+
+def i8_matmul_exact(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [T, K] float32 contiguous @ W^T -> [T, N] float32 in float32 arithmetic (cpu_exact.c), W[n, k] =
+    scales * q per block; q [N, K] int8, scales [N, K / 32] float32, bias [N] float32 or None."""
+    rows, k = x.shape
+    n = q.shape[0]
+    out = torch.empty(rows, n, dtype=torch.float32)
+    args = (x.data_ptr(), rows, k, q.data_ptr(), scales.data_ptr(), n, _bias_ptr(bias), out.data_ptr())
+    _call("tandem_i8_matmul_exact", *args)
+    return out
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x [T, H] float32 contiguous (plus residual, same layout) -> (rms_norm(s) * weight, s), where s is x
     or x + residual (then a new tensor)."""
@@ -286,6 +316,8 @@ def paged_attention(
     its sequence's first token_len[t] positions (int32 [T]; 0: zeros out) -> [T, Hq, D] float32."""
     tokens, q_heads, head_dim = q.shape
     _, num_blocks, block_size, kv_heads, _ = kv_cache.shape
+    if token_len.numel() != tokens or (token_seq is not None and token_seq.numel() != tokens):
+        raise ValueError(f"{tokens} query tokens need {tokens} lengths and sequence indices")
     out = torch.empty(q.shape, dtype=torch.float32)
     _call(
         "tandem_paged_attention",

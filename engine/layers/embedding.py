@@ -12,7 +12,7 @@ from engine.distributed.comm import all_gather_last_dim, all_reduce_sum
 from engine.layers import row_routed
 
 if TYPE_CHECKING:
-    from engine.layers.gguf_packed import PackedWeight
+    from engine.layers.gguf_packed import ExactPackedWeight, PackedWeight
 
 _CPU_VOCAB_BLOCK = 8192  # LM-head rows per matmul on CPU in bfloat16
 
@@ -22,7 +22,9 @@ class VocabEmbedding(nn.Embedding):
 
 
 class LMHead(nn.Module):
-    packed_weight: PackedWeight | None = None  # a GGUF head's blocks on CPU (engine/layers/gguf_packed.py)
+    packed_weight: PackedWeight | ExactPackedWeight | None = (
+        None  # a GGUF head's blocks on CPU (engine/layers/gguf_packed.py)
+    )
 
     def __init__(self, hidden_size: int, vocab_size: int, tied_embedding: nn.Embedding | None = None) -> None:
         super().__init__()

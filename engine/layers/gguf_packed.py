@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 # model on the Zen 4 VM built for AVX2: 1.9-3.2x faster at 1-16 rows, 1.4x at 32, even at 64, 6% slower
 # at 512 (benchmarks/RESULTS.md).
 AVX2_MAX_ROWS = 32
+# Rows up to which the exact float32 kernel (cpu_exact.c, an explicit --dtype) beats the dense matmuls on
+# the Zen 4 VM: 2-3x less time at 2-8 rows, 1.3-1.5x at 16, about the same at 32 (session 7).
+EXACT_MAX_ROWS = 32
 GROUP = 16  # output rows per group of the kernel's layout (cpu_quant.c)
 
 _U4_TYPES = ("Q4_0", "Q4_1")
@@ -74,6 +77,11 @@ class BlockRows:
             torch.cat(offsets) if len(offsets) == len(parts) else None,
         )
 
+    def pack_exact(self) -> ExactPackedWeight:
+        """The exact kernel's form (cpu_exact.c): the same rows, float32 scales and offsets."""
+        offsets = None if self.offsets is None else self.offsets.float()
+        return ExactPackedWeight(self.q, self.scales.float(), offsets)
+
     def pack(self, max_rows: int | None = None) -> PackedWeight:
         """The kernel's layout (cpu_quant.c, "g16"): rows in groups of GROUP, each block's quads of 4
         weights of the group's rows side by side."""
@@ -98,6 +106,39 @@ class BlockRows:
         return PackedWeight(
             q, grouped(self.scales), offsets, (n, k), default_max_rows() if max_rows is None else max_rows
         )
+
+
+@dataclasses.dataclass
+class ExactPackedWeight:
+    """A weight's blocks for the exact kernel (cpu_exact.c), what an explicit --dtype gets: q as BlockRows
+    holds it, scales (and offsets for "u4") float32. float32 arithmetic on the dequantized weights, so a
+    product equals the dense one up to summation order; it beats the dense matmul up to EXACT_MAX_ROWS
+    rows, and bigger steps keep the dense weights."""
+
+    q: Tensor
+    scales: Tensor
+    offsets: Tensor | None
+    max_rows: int = EXACT_MAX_ROWS
+
+    @property
+    def kind(self) -> str:
+        return "i8" if self.offsets is None else "u4"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape[0], self.scales.shape[1] * cpu_quant.BLOCK
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x [T, K] in the model's dtype -> x @ W^T + bias [T, N] in x's dtype."""
+        b32 = None if bias is None else bias.float().contiguous()
+        return self.logits(x, b32).to(x.dtype)
+
+    def logits(self, hidden: Tensor, bias: Tensor | None = None) -> Tensor:
+        """hidden [T, K] -> float32 [T, N] (for an LM head: no cast back); bias float32 or None."""
+        x32 = hidden.float().contiguous()
+        if self.offsets is not None:
+            return cpu_quant.u4_matmul_exact(x32, self.q, self.scales, self.offsets, bias)
+        return cpu_quant.i8_matmul_exact(x32, self.q, self.scales, bias)
 
 
 def default_max_rows() -> int:
@@ -167,9 +208,12 @@ def _rotary_order(num_rows: int, num_heads: int) -> Tensor:
     return unpermute_rotary_rows(torch.arange(num_rows), num_heads)
 
 
-def attach_packed_weights(model: nn.Module, reader: Any, metadata: dict[str, Any]) -> int:
+def attach_packed_weights(
+    model: nn.Module, reader: Any, metadata: dict[str, Any], exact: bool = False
+) -> int:
     """Gives every linear layer (and the LM head) whose GGUF tensors all have a supported block type a
-    `packed_weight`; returns how many got one. Needs the kernels built (cpu_quant.library())."""
+    `packed_weight`: the integer kernel's (PackedWeight), or with `exact` the float32 one's
+    (ExactPackedWeight); returns how many got one. Needs the kernels built (cpu_quant.library())."""
     from engine.models.llama import STACKED_PARAMS
 
     arch = metadata["general.architecture"]
@@ -215,7 +259,7 @@ def attach_packed_weights(model: nn.Module, reader: Any, metadata: dict[str, Any
             raise ValueError(
                 f"{path}: GGUF blocks give {merged_rows.shape}, the layer is {tuple(weight.shape)}"
             )
-        module.packed_weight = merged_rows.pack()
+        module.packed_weight = merged_rows.pack_exact() if exact else merged_rows.pack()
         attached += 1
     return attached
 

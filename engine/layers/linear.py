@@ -12,7 +12,7 @@ from engine.distributed.comm import all_reduce_sum
 from engine.layers import row_routed
 
 if TYPE_CHECKING:
-    from engine.layers.gguf_packed import PackedWeight
+    from engine.layers.gguf_packed import ExactPackedWeight, PackedWeight
 
 
 class Linear(nn.Linear):
@@ -20,7 +20,7 @@ class Linear(nn.Linear):
     same `weight`, `bias` and results as nn.Linear otherwise. A GGUF model on CPU may also give it its
     weight's quantized blocks (engine/layers/gguf_packed.py), used by steps of few rows."""
 
-    packed_weight: PackedWeight | None = None
+    packed_weight: PackedWeight | ExactPackedWeight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         packed = self.packed_weight

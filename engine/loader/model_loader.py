@@ -118,10 +118,12 @@ def _block_kernels_built() -> bool:
     return cpu_quant.library() is not None  # else logged there: the dense path serves every step
 
 
-def _attach_packed_weights(model: torch.nn.Module, reader: object, metadata: dict[str, object]) -> None:
+def _attach_packed_weights(
+    model: torch.nn.Module, reader: object, metadata: dict[str, object], exact: bool
+) -> None:
     from engine.layers.gguf_packed import attach_packed_weights
 
-    num = attach_packed_weights(model, reader, metadata)
+    num = attach_packed_weights(model, reader, metadata, exact)
     logger.info("GGUF blocks kept for %d layers: steps of few rows multiply with them", num)
 
 
@@ -192,8 +194,9 @@ def load_model(
 
     With `tp`, the model holds one rank's shard: checkpoint tensors are read one at a time and narrowed
     to that rank's rows or columns before the copy (GGUF ones after dequantizing the whole tensor).
-    With `gguf_cpu_kernels` and dtype "auto", a GGUF model on CPU (whole, not sharded) also keeps its
-    layers' quantized blocks and multiplies with them (engine/layers/gguf_packed.py)."""
+    With `gguf_cpu_kernels`, a GGUF model on CPU (whole, not sharded) also keeps its layers' quantized
+    blocks and multiplies with them (engine/layers/gguf_packed.py): in integer products with dtype "auto",
+    in exact float32 ones with an explicit dtype."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(
             f"load_format {load_format!r} is not supported (supported: {', '.join(LOAD_FORMATS)})"
@@ -226,9 +229,7 @@ def load_model(
 
     model_cls = get_model_class(arch.architecture)
     is_cpu = torch.device(device).type == "cpu"
-    # Only for --dtype auto: an explicit dtype asks for its own dense arithmetic (float32: transformers-exact),
-    # and the kernels round activations (within issue 14's fidelity bound, not exactly).
-    block_kernels = gguf_path is not None and gguf_cpu_kernels and dtype == "auto" and tp is None and is_cpu
+    block_kernels = gguf_path is not None and gguf_cpu_kernels and tp is None and is_cpu
     block_kernels = block_kernels and load_format != "dummy" and _block_kernels_built()
     torch_dtype = _choose_dtype(dtype, arch, gguf_path is not None, device, block_kernels)
     torch.manual_seed(seed)  # dummy weights are the seeded default initialization
@@ -237,7 +238,9 @@ def load_model(
     if load_format != "dummy":
         module.load_weights(weights)
         if block_kernels:
-            _attach_packed_weights(module, reader, metadata)
+            # --dtype auto: the integer kernel, which rounds activations (within issue 14's fidelity bound);
+            # an explicit dtype asks for its own arithmetic: the exact float32 kernel (transformers-exact).
+            _attach_packed_weights(module, reader, metadata, exact=dtype != "auto")
     module.eval()
     module.requires_grad_(False)
     kv_dtype = choose_kv_cache_dtype(dtype, torch_dtype, gguf_path is not None, device)

@@ -1,5 +1,5 @@
-"""CPU decode graphs (engine/cpu_graphs.py): the default model with --dtype auto records its decode steps'
-kernel calls and replays them; the tokens and logits equal eager decoding exactly, for every row count
+"""CPU decode graphs (engine/cpu_graphs.py): the default model (--dtype auto, and an explicit float32 with
+its exact kernel) records its decode steps' kernel calls and replays them; the tokens and logits equal eager decoding exactly, for every row count
 and as sequences join and finish; a step whose model computes in torch is refused and runs eagerly."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ def kernels() -> None:
     require_cpu_kernels()
 
 
-def _parts(enforce_eager: bool) -> EngineParts:
+def _parts(enforce_eager: bool, dtype: str = "auto") -> EngineParts:
     config = EngineConfig(
-        dtype="auto",
+        dtype=dtype,
         max_num_seqs=8,
         kv_cache_memory=64 * 2**20,
         enable_prefix_caching=False,
@@ -48,8 +48,9 @@ def _decode(parts: EngineParts, prompts: list[list[int]], lengths: list[int]) ->
     return tokens
 
 
-def test_replayed_decode_steps_equal_eager_ones(kernels: None) -> None:
-    graphed, eager = _parts(enforce_eager=False), _parts(enforce_eager=True)
+@pytest.mark.parametrize("dtype", ["auto", "float32"])  # the integer block kernel; the exact float32 one
+def test_replayed_decode_steps_equal_eager_ones(kernels: None, dtype: str) -> None:
+    graphed, eager = _parts(enforce_eager=False, dtype=dtype), _parts(enforce_eager=True, dtype=dtype)
     graphs = graphed.runner.graphs
     assert isinstance(graphs, CpuDecodeGraphs) and eager.runner.graphs is None
     prompts = [[1, 504, 3575, 282, 4649, 314], [1, 22, 33, 44], [7] * 40, [1, 9, 8, 7, 6, 5, 4], [2, 300]]

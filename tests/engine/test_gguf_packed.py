@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from engine.kernels import cpu_quant
-from engine.layers.gguf_packed import BlockRows, _u4_values, attach_packed_weights, pack_gguf_tensor
+from engine.layers.gguf_packed import (
+    EXACT_MAX_ROWS,
+    BlockRows,
+    ExactPackedWeight,
+    PackedWeight,
+    _u4_values,
+    attach_packed_weights,
+    pack_gguf_tensor,
+)
 from engine.layers.linear import Linear, MergedLinear
 from engine.loader import LoadedModel, load_model
 from tests.engine.cpu_kernels import require_cpu_kernels
@@ -108,6 +116,34 @@ def test_block_products_equal_the_dequantized_weights_product(
             assert not torch.equal(x_kernel, x.double())  # the rounding is real: the bound is not vacuous
 
 
+@pytest.mark.parametrize("kind", TYPES)
+def test_exact_products_equal_the_dequantized_weights_product(
+    kernels: None, kind: str, tmp_path: Path
+) -> None:
+    """The float32 kernel an explicit --dtype gets (cpu_exact.c): no activation rounding."""
+    rng = np.random.default_rng(0)
+    n, k = 72, 160
+    tensor = _gguf_tensors(tmp_path, {"w.weight": (rng.standard_normal((n, k)).astype(np.float32), kind)})[
+        "w.weight"
+    ]
+    rows_form = pack_gguf_tensor(tensor)
+    assert rows_form is not None
+    exact = rows_form.pack_exact()
+    assert exact.shape == (n, k) and exact.max_rows == EXACT_MAX_ROWS
+    reference = _dequantized(tensor)
+    torch.manual_seed(0)
+    bias = torch.randn(n)
+    for rows in (1, 2, 3, 4, 5, 8, 9, 13, 33):
+        x = torch.randn(rows, k)
+        for b in (None, bias):
+            expected = x.double() @ reference.T + (0 if b is None else b.double())
+            got = exact.linear(x, b)
+            assert got.dtype == torch.float32 and got.shape == (rows, n)
+            torch.testing.assert_close(
+                got.double(), expected, rtol=0, atol=2e-5 * float(expected.abs().max())
+            )
+
+
 def test_each_row_gets_the_same_result_whatever_the_batch(kernels: None, tmp_path: Path) -> None:
     """The sum order of a row does not depend on how many rows share the call (batch invariance), so a
     speculative 4-row verify step computes what four 1-row steps would."""
@@ -117,11 +153,11 @@ def test_each_row_gets_the_same_result_whatever_the_batch(kernels: None, tmp_pat
     )["w.weight"]
     rows = pack_gguf_tensor(tensor)
     assert rows is not None
-    packed = rows.pack()
     x = torch.randn(11, 96)
-    together = packed.linear(x, None)
-    for r in range(11):
-        assert torch.equal(packed.linear(x[r : r + 1], None), together[r : r + 1])
+    for packed in (rows.pack(), rows.pack_exact()):
+        together = packed.linear(x, None)
+        for r in range(11):
+            assert torch.equal(packed.linear(x[r : r + 1], None), together[r : r + 1])
 
 
 def test_unsupported_types_and_shapes_are_left_dense(tmp_path: Path) -> None:
@@ -160,24 +196,37 @@ def test_layers_use_blocks_up_to_max_rows_and_the_dense_weight_beyond(kernels: N
 def test_default_model_keeps_blocks_for_every_layer_and_decodes_like_its_dense_weights(
     kernels: None, default_loaded_model: LoadedModel
 ) -> None:
-    with_blocks = load_model(None)  # --dtype auto: float32 activations and the blocks
-    dense = default_loaded_model  # an explicit float32: dense matmuls, transformers-exact
-    assert with_blocks.dtype == dense.dtype == torch.float32
-    packed = [m for m in with_blocks.model.modules() if getattr(m, "packed_weight", None) is not None]
-    arch = with_blocks.arch
-    assert len(packed) == 4 * arch.num_hidden_layers + 1  # qkv, o, gate/up, down per layer; the tied head
+    auto = load_model(None)  # --dtype auto: float32 activations, the integer kernel
+    exact = default_loaded_model  # an explicit float32: the exact float32 kernel
+    dense = load_model(None, dtype="float32", gguf_cpu_kernels=False)
+    assert auto.dtype == exact.dtype == dense.dtype == torch.float32
+    arch = auto.arch
+    for loaded, kind in ((auto, PackedWeight), (exact, ExactPackedWeight)):
+        packed = [
+            m.packed_weight for m in loaded.model.modules() if getattr(m, "packed_weight", None) is not None
+        ]
+        assert len(packed) == 4 * arch.num_hidden_layers + 1  # qkv, o, gate/up, down per layer; the tied head
+        assert all(isinstance(p, kind) for p in packed)
+        head = loaded.model.lm_head.packed_weight
+        assert head is not None and head.kind == "i8"  # the file's Q8_0 token embedding, tied to the head
+        layer = loaded.model.model.layers[0].self_attn.qkv_proj
+        assert (
+            isinstance(layer, Linear) and layer.packed_weight is not None and layer.packed_weight.kind == "u4"
+        )
     assert not [m for m in dense.model.modules() if getattr(m, "packed_weight", None) is not None]
-    head = with_blocks.model.lm_head.packed_weight
-    assert head is not None and head.kind == "i8"  # the file's Q8_0 token embedding, tied to the head
-    layer = with_blocks.model.model.layers[0].self_attn.qkv_proj
-    assert isinstance(layer, Linear) and layer.packed_weight is not None and layer.packed_weight.kind == "u4"
-    # Same weights: a few-row product through the blocks equals the dense one up to the activation rounding
-    # (rows in the wrong order would be off by the outputs' own size), for q and k too (their rows are
-    # un-permuted as the dense weights are).
+    # Same weights: a few-row product through the blocks equals the dense one (exactly up to summation
+    # order; the integer kernel up to its activation rounding); rows in the wrong order would be off by
+    # the outputs' own size. q and k too: their rows are un-permuted as the dense weights are.
     x = torch.randn(3, arch.hidden_size)
-    dense_out = torch.nn.functional.linear(x, layer.weight)
-    torch.testing.assert_close(layer(x), dense_out, rtol=0, atol=1e-3 * float(dense_out.abs().max()))
-    # Greedy decoding through the whole model: the same tokens, logits within the activation rounding.
+    dense_layer = dense.model.model.layers[0].self_attn.qkv_proj
+    dense_out = torch.nn.functional.linear(x, dense_layer.weight)
+    exact_layer = exact.model.model.layers[0].self_attn.qkv_proj
+    torch.testing.assert_close(exact_layer(x), dense_out, rtol=0, atol=1e-4)
+    auto_layer = auto.model.model.layers[0].self_attn.qkv_proj
+    torch.testing.assert_close(auto_layer(x), dense_out, rtol=0, atol=1e-3 * float(dense_out.abs().max()))
+    # Greedy decoding through the whole model: the same tokens; logits within float32 rounding (exact) or
+    # the activation rounding (auto: 30 layers of it move logits, about -10 to 25 here, by at most ~0.01,
+    # what benchmarks/int8_fidelity.py measures as 100% top-1 agreement with float32).
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
 
     def greedy(loaded: LoadedModel) -> tuple[list[int], torch.Tensor]:
@@ -200,12 +249,12 @@ def test_default_model_keeps_blocks_for_every_layer_and_decodes_like_its_dense_w
                 meta, positions = builder.step({0: 1})
         return tokens, torch.stack(last)
 
-    tokens_blocks, logits_blocks = greedy(with_blocks)
     tokens_dense, logits_dense = greedy(dense)
-    assert tokens_blocks == tokens_dense
-    # 30 layers of activation rounding move logits (about -10 to 25 here) by at most ~0.01: what
-    # benchmarks/int8_fidelity.py measures as 100% top-1 agreement with float32.
-    torch.testing.assert_close(logits_blocks, logits_dense, rtol=0, atol=3e-2)
+    tokens_exact, logits_exact = greedy(exact)
+    tokens_auto, logits_auto = greedy(auto)
+    assert tokens_exact == tokens_auto == tokens_dense
+    torch.testing.assert_close(logits_exact, logits_dense, rtol=0, atol=2e-3)
+    torch.testing.assert_close(logits_auto, logits_dense, rtol=0, atol=3e-2)
 
 
 def test_without_a_compiler_the_model_keeps_its_dense_path(
@@ -217,7 +266,7 @@ def test_without_a_compiler_the_model_keeps_its_dense_path(
     cpu_quant.library.cache_clear()
     try:
         assert cpu_quant.library() is None
-        loaded = load_model(None)
+        loaded = load_model(None, dtype="float32")
         assert not [m for m in loaded.model.modules() if getattr(m, "packed_weight", None) is not None]
     finally:
         cpu_quant.library.cache_clear()
