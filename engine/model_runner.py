@@ -39,9 +39,11 @@ def kv_cache_bytes_per_block(
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
-def _all_kernels(model: torch.nn.Module) -> bool:
+def _all_kernels(model: object) -> bool:
     """Whether the model's linear layers multiply with GGUF blocks (so a decode step may be all C kernels:
     engine/cpu_graphs.py checks the rest while capturing)."""
+    if not isinstance(model, torch.nn.Module):  # rank 0's stand-in under tensor parallelism: no blocks
+        return False
     return any(getattr(m, "packed_weight", None) is not None for m in model.modules())
 
 
