@@ -1,6 +1,7 @@
 """One CPU decode step of the default model with the GGUF block kernels (what `--dtype auto` runs:
-engine/layers/gguf_packed.py) against the dense matmuls of an explicit --dtype float32 and float16, same
-process, alternating rounds, per batch size.
+engine/layers/gguf_packed.py) against the exact float32 block kernel (an explicit --dtype float32) and the
+dense matmuls (--no-gguf-cpu-kernels) in float32 and float16, same process, alternating rounds, per batch
+size. CPU decode graphs are on wherever they capture (the default).
 
     .venv/bin/python benchmarks/gguf_kernels_step.py                      # batch 1 4 16 64
     .venv/bin/python benchmarks/gguf_kernels_step.py --dense float16 --batch 1 8 --rounds 5
@@ -29,9 +30,12 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=8, help="steps per measurement (median taken)")
     args = p.parse_args()
     for batch in args.batch:
-        steps = {"blocks": tandem_step("auto", batch, args.context)[0]}
+        steps = {
+            "blocks": tandem_step("auto", batch, args.context)[0],
+            "exact float32": tandem_step("float32", batch, args.context)[0],  # cpu_exact.c
+        }
         for dtype in args.dense:
-            steps[f"dense {dtype}"] = tandem_step(dtype, batch, args.context)[0]
+            steps[f"dense {dtype}"] = tandem_step(dtype, batch, args.context, gguf_cpu_kernels=False)[0]
         ratios: dict[str, list[float]] = {name: [] for name in steps if name != "blocks"}
         print(f"batch {batch}, context {args.context}: ms per decode step (median of {args.iters})")
         for r in range(args.rounds):

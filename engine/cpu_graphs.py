@@ -10,8 +10,8 @@ buffers, the weights, the KV caches, and the intermediate tensors the capture al
 Later decode steps of n rows copy their inputs into the static buffers and replay the calls: one ctypes
 call per kernel and nothing else.
 
-Safety, as for CUDA graphs: the capture runs under a dispatch mode that refuses every torch op other than
-allocations and views (a replay would skip an op that computes in torch), and the first replay must give
+Safety, as for CUDA graphs: the capture runs under a torch function mode that refuses every torch call
+other than allocations, views and metadata (a replay would skip an op that computes in torch), and the first replay must give
 the capture's output bit for bit. A refusal or a mismatch turns the graphs off with a warning, and that
 step and all later ones run eagerly.
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from engine.attention import AttentionMetadata
@@ -35,32 +35,57 @@ logger = logging.getLogger(__name__)
 # is small beside their arithmetic. One graph per row count seen, captured on first use.
 MAX_ROWS = 16
 
-# Ops that allocate: their outputs are kept alive with the graph (the recorded pointers address them).
-_ALLOCATIONS = {"empty", "empty_like", "empty_strided"}
+# Torch functions that allocate: their outputs are kept alive with the graph (the recorded pointers
+# address them); their contents are whatever the kernels write.
+_ALLOCATIONS = {"empty", "empty_like", "new_empty"}
+# Torch functions whose non-tensor results are metadata, never read from a tensor's contents.
+_METADATA = {
+    "data_ptr",
+    "stride",
+    "size",
+    "dim",
+    "numel",
+    "element_size",
+    "is_contiguous",
+    "untyped_storage",
+    "__len__",
+    "__get__",  # properties: shape, dtype, device, is_cuda, ndim, ...
+}
 
 
 class NotCapturable(RuntimeError):
     """The step ran a torch op that computes, which a replay of the kernel calls would skip."""
 
 
-class _KernelsOnly(TorchDispatchMode):
-    """Lets allocations and views through (keeping what they allocate) and raises on any other op."""
+class _KernelsOnly(TorchFunctionMode):
+    """Lets allocations, views and metadata through (keeping what is allocated) and raises on anything that
+    computes: a tensor result that is not a view of an input, an in-place method, an `out=` argument, or a
+    Python value read from a tensor (`item`, `tolist`, `bool`). A function mode, not a dispatch mode: the
+    latter imports torch._dynamo on first use (1.1 s on the Zen 4 VM, paid by the first decode step)."""
 
     def __init__(self, kept: list[Tensor]) -> None:
         super().__init__()
         self.kept = kept
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if (name.endswith("_") and not name.endswith("__")) or "out" in kwargs:
+            raise NotCapturable(f"{name} writes into a tensor in torch")
+        out = func(*args, **kwargs)
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-        if func.overloadpacket.__name__ in _ALLOCATIONS:
+        if name in _ALLOCATIONS:
             self.kept.extend(outputs)
+            return out
+        if not outputs:
+            if name not in _METADATA:
+                raise NotCapturable(f"{name} reads a tensor's contents in torch")
             return out
         inputs = {
             t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
         }
         if not all(t.untyped_storage().data_ptr() in inputs for t in outputs):
-            raise NotCapturable(f"{func} computes in torch")
+            raise NotCapturable(f"{name} computes in torch")
         return out
 
 
