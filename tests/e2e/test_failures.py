@@ -80,7 +80,8 @@ def chat(max_tokens: int = 4, **extra: object) -> dict:
 
 @dataclass
 class StreamResult:
-    num_tokens: int = 0
+    num_tokens: int = 0  # chunks with content: a fast engine's tokens may share a chunk
+    completion_tokens: int | None = None  # from the final usage chunk, when the request asks for it
     finish_reason: str | None = None
     error: dict | None = None
     done: bool = False
@@ -99,6 +100,8 @@ async def read_stream(client: httpx.AsyncClient, base_url: str, body: dict, resu
                     event = json.loads(line[6:])
                     if "error" in event:
                         result.error = event["error"]
+                    if event.get("usage"):
+                        result.completion_tokens = event["usage"]["completion_tokens"]
                     for choice in event.get("choices", []):
                         result.num_tokens += bool(choice["delta"].get("content"))
                         result.finish_reason = choice.get("finish_reason") or result.finish_reason
@@ -201,7 +204,7 @@ def test_engine_killed_mid_stream_every_client_ends_cleanly_and_restart_takes_tr
         nonlocal killed_at
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-            body = chat(40, stream=True)
+            body = chat(40, stream=True, stream_options={"include_usage": True})
             tasks = [asyncio.ensure_future(read_stream(client, topo.api.base_url, body, r)) for r in results]
             while sum(r.num_tokens > 0 for r in results) < 16:
                 await asyncio.sleep(0.05)
@@ -216,7 +219,7 @@ def test_engine_killed_mid_stream_every_client_ends_cleanly_and_restart_takes_tr
     for r in results:
         assert r.done, "every stream ends with [DONE]"
     for r in completed:  # never silently truncated
-        assert r.finish_reason == "length" and r.num_tokens >= 36
+        assert r.finish_reason == "length" and r.completion_tokens == 40 and r.num_tokens >= 20
     assert errored and completed
     for r in errored:
         assert r.error["code"] is not None or r.error["type"] == "server_error"
