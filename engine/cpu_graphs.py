@@ -1,6 +1,6 @@
 """CPU graphs for decode steps: the CPU analogue of engine/cuda_graphs.py, for models whose decode step is
-made only of the C kernels (engine/kernels/cpu_quant.c and cpu_ops.c: a GGUF model on CPU with --dtype
-auto).
+made only of the C kernels (engine/kernels/: a GGUF model on CPU with its block kernels and float32
+activations, as --dtype auto and --dtype float32 give it).
 
 At one row, the default model's decode step ran ~300 kernel calls of a few microseconds each, and the
 Python around each (module calls, dispatch checks, argument conversion) cost more than the call: about
@@ -11,9 +11,9 @@ Later decode steps of n rows copy their inputs into the static buffers and repla
 call per kernel and nothing else.
 
 Safety, as for CUDA graphs: the capture runs under a torch function mode that refuses every torch call
-other than allocations, views and metadata (a replay would skip an op that computes in torch), and the first replay must give
-the capture's output bit for bit. A refusal or a mismatch turns the graphs off with a warning, and that
-step and all later ones run eagerly.
+other than allocations, views and metadata (a replay would skip an op that computes in torch), and the
+first replay must give the capture's output bit for bit. A refusal or a mismatch turns the graphs off
+(logged), and that step and all later ones run eagerly.
 """
 
 from __future__ import annotations

@@ -174,10 +174,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         from engine.lora.setup import build_lora_manager
 
         lora = build_lora_manager(loaded.model, config, device)
-    # Tensor-parallel ranks keep their share of the cores for every step.
-    step_threads = (
-        _step_threads(loaded.model, device) if workers is None else None
-    )  # reads the weights' sizes
+    # Tensor-parallel ranks keep their share of the cores for every step. Read the weights' sizes before
+    # the dense copies may be freed below.
+    step_threads = _step_threads(loaded.model, device) if workers is None else None
     if lora is None and device.type == "cpu":
         from engine.layers.gguf_packed import release_dense_weights
 

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,9 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-# The calls of the CPU-graph capture in progress (engine/cpu_graphs.py), or None.
-_recording: list[tuple[Any, tuple[Any, ...]]] | None = None
+# The calls of the CPU-graph capture in progress in this thread (engine/cpu_graphs.py), if any: per
+# thread, so an engine capturing in one thread never records another thread's kernels.
+_capture = threading.local()
 
 
 def _call(name: str, *args: Any) -> None:
@@ -175,20 +177,20 @@ def _call(name: str, *args: Any) -> None:
     fn = getattr(_lib(), name)
     if fn(*args):
         raise MemoryError(f"{name}: no memory for its scratch")
-    if _recording is not None:
-        _recording.append((fn, args))
+    calls = getattr(_capture, "calls", None)
+    if calls is not None:
+        calls.append((fn, args))
 
 
 @contextlib.contextmanager
 def recording() -> Iterator[list[tuple[Any, tuple[Any, ...]]]]:
-    """Records every kernel call made inside it (the calls run as usual), for `replay`."""
-    global _recording
+    """Records every kernel call this thread makes inside it (the calls run as usual), for `replay`."""
     calls: list[tuple[Any, tuple[Any, ...]]] = []
-    _recording = calls
+    _capture.calls = calls
     try:
         yield calls
     finally:
-        _recording = None
+        _capture.calls = None
 
 
 def replay(calls: list[tuple[Any, tuple[Any, ...]]]) -> None:

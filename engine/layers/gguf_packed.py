@@ -5,7 +5,7 @@ float32, dequantized from the file) is 2-4x the bytes of the file's 4-bit blocks
 of a GGUF model on CPU also keeps its blocks and multiplies with them: exact integer dot products of the
 weights' blocks with activations rounded to about 15 bits per block of 32 (cpu_quant.c says how, and why
 that keeps float32's top-1 agreement). With AVX-512 VNNI that beats the dense float32 matmul at every row
-count measured (1-512 rows: 1.6-3.6x), so every step uses it; with AVX2 only, steps of more than
+count measured (all 120 layers of the default model at 1-512 rows: 1.5-5.8x), so every step uses it; with AVX2 only, steps of more than
 AVX2_MAX_ROWS rows (prefill, many streams) keep the dense matmul (benchmarks/RESULTS.md). Applied to a
 built, loaded model from outside: the model files know nothing of it.
 
@@ -30,8 +30,8 @@ from engine.loader.gguf_file import hf_tensor_name, unpermute_rotary_rows
 logger = logging.getLogger(__name__)
 
 # Rows up to which the AVX2 build (no VNNI) beats the dense float32 matmul: all 30 layers of the default
-# model on the Zen 4 VM built for AVX2: 1.9-3.2x faster at 1-16 rows, 1.4x at 32, even at 64, 6% slower
-# at 512 (benchmarks/RESULTS.md).
+# model on the Zen 4 VM built for AVX2: 1.8-3.2x faster at 1-16 rows, 1.4x at 32, 4% slower at 64, 6% at
+# 512 (benchmarks/RESULTS.md).
 AVX2_MAX_ROWS = 32
 # Rows up to which the exact float32 kernel (cpu_exact.c, an explicit --dtype) beats the dense matmuls on
 # the Zen 4 VM: 2-3x less time at 2-8 rows, 1.3-1.5x at 16, about the same at 32 (session 7).
