@@ -98,8 +98,8 @@ class BlockRows:
             )
         q = q.permute(0, 2, 3, 1, 4).contiguous()  # [groups, nb, quads, 16 rows, 4]
 
-        def grouped(per_block: Tensor) -> Tensor:  # [N, nb] -> [groups, nb, 16]
-            padded = torch.nn.functional.pad(per_block, (0, 0, 0, pad))
+        def grouped(per_block: Tensor) -> Tensor:  # [N, nb] -> [groups, nb, 16] float16, as the kernel reads
+            padded = torch.nn.functional.pad(per_block.half(), (0, 0, 0, pad))
             return padded.view(groups, GROUP, nb).transpose(1, 2).contiguous()
 
         offsets = None if self.offsets is None else grouped(self.offsets)
@@ -108,30 +108,26 @@ class BlockRows:
         )
 
 
-@dataclasses.dataclass
-class ExactPackedWeight:
-    """A weight's blocks for the exact kernel (cpu_exact.c), what an explicit --dtype gets: q as BlockRows
-    holds it, scales (and offsets for "u4") float32. float32 arithmetic on the dequantized weights, so a
-    product equals the dense one up to summation order; it beats the dense matmul up to EXACT_MAX_ROWS
-    rows, and bigger steps keep the dense weights."""
+class _Products:
+    """`linear` for both kernel forms, through their `logits`."""
 
-    q: Tensor
-    scales: Tensor
-    offsets: Tensor | None
-    max_rows: int = EXACT_MAX_ROWS
-
-    @property
-    def kind(self) -> str:
-        return "i8" if self.offsets is None else "u4"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.q.shape[0], self.scales.shape[1] * cpu_quant.BLOCK
+    def logits(self, hidden: Tensor, bias: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """x [T, K] in the model's dtype -> x @ W^T + bias [T, N] in x's dtype."""
         b32 = None if bias is None else bias.float().contiguous()
         return self.logits(x, b32).to(x.dtype)
+
+
+@dataclasses.dataclass
+class ExactPackedWeight(BlockRows, _Products):
+    """A weight's blocks for the exact kernel (cpu_exact.c), what an explicit --dtype gets: the rows as
+    BlockRows holds them, scales (and offsets for "u4") float32. float32 arithmetic on the dequantized
+    weights, so a product equals the dense one up to summation order; it beats the dense matmul up to
+    EXACT_MAX_ROWS rows, and bigger steps keep the dense weights."""
+
+    max_rows: int = EXACT_MAX_ROWS
 
     def logits(self, hidden: Tensor, bias: Tensor | None = None) -> Tensor:
         """hidden [T, K] -> float32 [T, N] (for an LM head: no cast back); bias float32 or None."""
@@ -153,7 +149,7 @@ def _u4_values(q: Tensor, nb: int) -> Tensor:
 
 
 @dataclasses.dataclass
-class PackedWeight:
+class PackedWeight(_Products):
     """A weight's blocks in the kernel's layout (BlockRows.pack): q uint8 and scales (and offsets for "u4")
     float16 per group of 16 output rows. Steps of at most max_rows rows use it."""
 
@@ -166,11 +162,6 @@ class PackedWeight:
     @property
     def kind(self) -> str:
         return "i8" if self.offsets is None else "u4"
-
-    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """x [T, K] in the model's dtype -> x @ W^T + bias [T, N] in x's dtype."""
-        b32 = None if bias is None else bias.float().contiguous()
-        return self.logits(x, b32).to(x.dtype)
 
     def logits(self, hidden: Tensor, bias: Tensor | None = None) -> Tensor:
         """hidden [T, K] -> float32 [T, N] (for an LM head: no cast back); bias float32 or None."""
