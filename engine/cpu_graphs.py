@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, StaticDecodeInputs
 from engine.kernels import cpu_quant
 
 logger = logging.getLogger(__name__)
@@ -108,14 +108,9 @@ class CpuDecodeGraphs:
         self.kv_caches = kv_caches
         self.max_rows = min(max_num_seqs, MAX_ROWS)
         self.max_model_len = max_model_len
-        rows, max_blocks = self.max_rows, -(-max_model_len // block_size)
         # Static buffers the recorded calls read; each run copies the real batch into their leading rows.
-        self.embeds = torch.zeros(rows, hidden_size, dtype=dtype)
-        self.positions = torch.zeros(rows, dtype=torch.int64)
-        self.slot_mapping = torch.zeros(rows, dtype=torch.int64)
-        self.seq_lens = torch.ones(rows, dtype=torch.int32)
-        self.query_start_loc = torch.arange(rows + 1, dtype=torch.int32)
-        self.block_table = torch.zeros(rows, max_blocks, dtype=torch.int32)
+        self.embeds = torch.zeros(self.max_rows, hidden_size, dtype=dtype)
+        self.inputs = StaticDecodeInputs(self.max_rows, max_model_len, block_size, torch.device("cpu"))
         self.calls: dict[int, list[tuple[Any, tuple[Any, ...]]]] = {}
         self.outputs: dict[int, Tensor] = {}
         self.kept: dict[int, list[Tensor]] = {}
@@ -130,28 +125,11 @@ class CpuDecodeGraphs:
             and meta.max_seq_len <= self.max_model_len
         )
 
-    def _meta(self, n: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            query_start_loc=self.query_start_loc[: n + 1],
-            seq_lens=self.seq_lens[:n],
-            block_table=self.block_table[:n],
-            slot_mapping=self.slot_mapping[:n],
-            max_query_len=1,
-            max_seq_len=self.max_model_len,
-            query_start_loc_cpu=list(range(n + 1)),
-            seq_lens_cpu=[self.max_model_len] * n,
-        )
-
     def run(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor | None:
         """Final hidden states [n, H] of a decode-only batch of n <= max_rows rows (can_run said so), or
         None when this step must run eagerly."""
-        n = meta.num_seqs
+        n = self.inputs.load(positions, meta)
         self.embeds[:n].copy_(self.model.embed_input_ids(input_ids))  # type: ignore[operator]
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        width = meta.block_table.shape[1]
-        self.block_table[:n, :width].copy_(meta.block_table)
         if n in self.calls:
             cpu_quant.replay(self.calls[n])
             return self.outputs[n]
@@ -162,10 +140,10 @@ class CpuDecodeGraphs:
         try:
             with _KernelsOnly(kept), cpu_quant.recording() as calls:
                 out = self.model(
-                    self.positions[:n],
-                    self.positions[:n],
+                    self.inputs.positions[:n],  # the input ids: unread beside inputs_embeds
+                    self.inputs.positions[:n],
                     self.kv_caches,
-                    self._meta(n),
+                    self.inputs.meta(n),
                     inputs_embeds=self.embeds[:n],
                 )
         except NotCapturable as exc:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, StaticDecodeInputs
 
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE  # graph.pool()'s type; a runtime import would be a cycle in torch
@@ -48,37 +48,19 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         self.max_model_len = max_model_len
         max_bs = self.sizes[-1]
-        max_blocks = -(-max_model_len // block_size)
         # Static buffers the graphs read; each run copies the real batch into their leading rows.
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)  # [B]
-        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)  # [B]
-        self.slot_mapping = torch.zeros(max_bs, dtype=torch.int64, device=device)  # [B]
-        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)  # [B]
-        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # [B + 1]
-        self.block_table = torch.zeros(
-            max_bs, max_blocks, dtype=torch.int32, device=device
-        )  # [B, max_blocks]
+        self.inputs = StaticDecodeInputs(max_bs, max_model_len, block_size, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool: _POOL_HANDLE | None = (
             None  # the CUDA graphs' shared memory pool, once the first is captured
         )
 
-    def _meta(self, size: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_table=self.block_table[:size],
-            slot_mapping=self.slot_mapping[:size],
-            max_query_len=1,
-            max_seq_len=self.max_model_len,
-            query_start_loc_cpu=list(range(size + 1)),
-            seq_lens_cpu=[self.max_model_len] * size,
-            split_kv=True,
-        )
-
     def _forward(self, size: int) -> torch.Tensor:
-        return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, self._meta(size))
+        # Split-KV attention, so every launch grid depends only on the context cap.
+        meta = self.inputs.meta(size, split_kv=True)
+        return self.model(self.input_ids[:size], self.inputs.positions[:size], self.kv_caches, meta)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -105,18 +87,9 @@ class DecodeGraphs:
         size = self.padded_size(n)
         assert size is not None  # the caller checked can_run
         self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        width = meta.block_table.shape[1]
-        self.block_table[:n, :width].copy_(meta.block_table)
-        self.block_table[:n, width:].zero_()
-        # Padded rows: one token at position 0 in the null block, never read by real rows.
+        self.inputs.load(positions, meta)
         self.input_ids[n:size].zero_()
-        self.positions[n:size].zero_()
-        self.slot_mapping[n:size].zero_()
-        self.seq_lens[n:size].fill_(1)
-        self.block_table[n:size].zero_()
+        self.inputs.pad(n, size)
         self.graphs[size].replay()
         return self.outputs[size][:n]
 
