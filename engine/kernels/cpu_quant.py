@@ -1,6 +1,6 @@
-"""Builds and calls the CPU kernels: cpu_quant.c, products against GGUF block-quantized weights, and
-cpu_ops.c, fused RMSNorm, rotary embedding and decode attention for float32 rows (used through
-engine/kernels/cpu_ops.py).
+"""Builds and calls the CPU kernels: cpu_quant.c (integer products against GGUF block-quantized weights),
+cpu_exact.c (their exact float32 products) and cpu_ops.c (RMSNorm, rotary, SiLU-and-multiply, the KV cache
+write and paged attention for float32 rows, used through engine/kernels/cpu_ops.py).
 
 Why a C file of our own: on CPU a decode step reads every weight once and does little arithmetic with each,
 and torch has no kernel that multiplies GGUF's 4-bit blocks directly (its int4/int8 weight-only ops ran the
@@ -35,14 +35,9 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.c", "cpu_exact.c", "cpu_ops.c")]
 HEADERS = [Path(__file__).with_name("cpu_simd.h")]
-FLAGS = [
-    "-O3",
-    "-march=native",
-    "-ffp-contract=off",
-    "-fopenmp",
-    "-shared",
-    "-fPIC",
-]  # no FMA contraction: arithmetic as written
+# -ffp-contract=off: arithmetic as written (no fused multiply-adds the source does not ask for), so the
+# activation rounding is reproducible outside C (tests/engine/test_gguf_packed.py).
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 BLOCK = 32  # weights per quantization block
 
 
@@ -137,21 +132,8 @@ def library() -> ctypes.CDLL | None:
     lib.tandem_rotary_neox.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, ptr]
     lib.tandem_rotary_neox.restype = None
     # q, T, Hq, Hkv, D, cache, is_f16, half, block_size, block_table, bt_stride, token_seq, token_len, scale, out
-    lib.tandem_paged_attention.argtypes = [
-        ptr,
-        i64,
-        i64,
-        i64,
-        i64,
-        ptr,
-        ctypes.c_int,
-        i64,
-        i64,
-        ptr,
-        i64,
-        ptr,
-    ]
-    lib.tandem_paged_attention.argtypes += [ptr, ctypes.c_float, ptr]
+    attention: list[Any] = [ptr, i64, i64, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ptr]
+    lib.tandem_paged_attention.argtypes = [*attention, ctypes.c_float, ptr]
     lib.tandem_paged_attention.restype = ctypes.c_int
     lib.tandem_silu_and_mul.argtypes = [ptr, i64, i64, ptr]
     lib.tandem_silu_and_mul.restype = None

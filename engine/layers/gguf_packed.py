@@ -15,6 +15,7 @@ Q8_0 ("i8"). Layers stored in other types keep their dense path only.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import sys
@@ -108,11 +109,12 @@ class BlockRows:
         )
 
 
-class _Products:
+class _Products(abc.ABC):
     """`linear` for both kernel forms, through their `logits`."""
 
+    @abc.abstractmethod
     def logits(self, hidden: Tensor, bias: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+        """hidden [T, K] -> float32 [T, N] (for an LM head: no cast back); bias float32 or None."""
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """x [T, K] in the model's dtype -> x @ W^T + bias [T, N] in x's dtype."""
