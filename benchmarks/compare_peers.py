@@ -2,7 +2,9 @@
 
 Starts both servers (each on a free port), then for every stream count runs `tandem bench serve`'s load
 test (streamed chat, `ignore_eos`, identical seeded prompts) against each, alternating the two servers
-round by round so machine noise falls on both alike. Prints output tok/s, TTFT and ITL percentiles per
+round by round so machine noise falls on both alike. Every round and stream count draws new prompts (the
+same for both servers), so neither server has them cached: both cache prompt prefixes, and a repeated
+prompt would time the caches, not prefill. Prints output tok/s, TTFT and ITL percentiles per
 server and the Tandem / llama-server ratios, then (unless --skip-transformers) `transformers` `generate`
 at batch 1 and 8 on the same weights, with both servers stopped. llama-server is a benchmark peer, never
 a dependency: build it as docs/benchmarking.md says.
@@ -87,7 +89,7 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
             proc.wait()
 
 
-def bench_args(port: int, streams: int, args: argparse.Namespace) -> argparse.Namespace:
+def bench_args(port: int, streams: int, seed: int, args: argparse.Namespace) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
     return parser.parse_args(
@@ -98,14 +100,14 @@ def bench_args(port: int, streams: int, args: argparse.Namespace) -> argparse.Na
             "--max-concurrency", str(streams),
             "--random-input-len", str(args.input_len),
             "--random-output-len", str(args.output_len),
-            "--seed", "0",  # the same prompts for both servers
+            "--seed", str(seed),  # the same prompts for both servers, new ones each round
             "--disable-tqdm",
         ]
     )  # fmt: skip
 
 
-def run_level(port: int, streams: int, args: argparse.Namespace) -> dict[str, Any]:
-    summary = asyncio.run(run_benchmark(bench_args(port, streams, args)))["summary"]
+def run_level(port: int, streams: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    summary = asyncio.run(run_benchmark(bench_args(port, streams, seed, args)))["summary"]
     if summary["failed"]:
         print(f"  {summary['failed']} requests failed: {summary['errors']}", file=sys.stderr)
     return summary
@@ -207,7 +209,8 @@ def main() -> None:
             for streams in args.streams:
                 for name in order:
                     print(f"round {rnd + 1}, {streams} streams: {name}", file=sys.stderr, flush=True)
-                    results[(name, streams)].append(run_level(servers[name][1], streams, args))
+                    seed = 1000 * rnd + streams
+                    results[(name, streams)].append(run_level(servers[name][1], streams, seed, args))
         report(results, args.streams, names)
     finally:
         for proc, _ in servers.values():

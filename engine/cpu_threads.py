@@ -29,12 +29,14 @@ def configure_openmp() -> bool:
 
 
 # Steps doing at most this many multiply-adds in their linear layers run on one thread while OpenMP threads
-# wait passively. A sleeping thread takes 50-100 us to wake on the 2-vCPU VM, and a step runs a few hundred
-# parallel regions, so a small step lost more to waking its partner than splitting its work saved: the
-# default model's decode step (about 1.3e8 multiply-adds a row) measured 19-20 ms on one thread against
-# 26-32 ms on two at 1 row, 23-32 against 31-35 at 2 rows, even at 8 rows, and two threads won from 16
-# rows (benchmarks/RESULTS.md). Bigger models cross the bound at fewer rows: a 7B model never does.
-SINGLE_THREAD_MAX_MACS = 6 * 10**8
+# wait passively. A sleeping thread takes 50-100 us to wake on the 2-vCPU VMs, and a step runs a few hundred
+# parallel regions, so a small step loses more to waking its partner than splitting its work saves. With the
+# C kernels (the default model's GGUF on a Zen 5 VM, a whole step timed with 80 cached tokens of context,
+# benchmarks/RESULTS.md) one thread took 7.0 / 12.2 / 18.2 / 25.1 ms at 1 / 8 / 14 / 24 rows against 11.4 /
+# 18.5 / 20.6 / 32.3 on two; 32 rows tied (30.4 / 29.5) and two threads won from 48 rows (37.1 against 44.5).
+# At about 1.35e8 multiply-adds a row that puts the bound at 25 rows; a 1B model (about 1e9 a row) crosses
+# it at 4 rows, a 7B model never takes one thread.
+SINGLE_THREAD_MAX_MACS = 34 * 10**8
 
 
 def waits_passively() -> bool:

@@ -236,8 +236,10 @@ static inline __attribute__((always_inline)) void group_rows(const acts_t *a, in
     }
 }
 
-/* Rows are taken ROW_CHUNK at a time against every group: a chunk's quantized activations (at most
-   64 x K x 2 bytes) stay in cache while the weights stream past, whatever the row count. */
+/* Rows are taken in chunks of at most ROW_CHUNK against every group: a chunk's quantized activations (at
+   most 64 x K x 2 bytes) stay in cache while the weights stream past, whatever the row count. The chunks
+   are of equal size: the threads split chunks x groups in order, so 80 rows as 64 + 16 gave one thread
+   four times the other's work and took as long as 128 rows. */
 #define ROW_CHUNK 64
 
 /* x [rows, K] float32 (K a multiple of 32) @ W^T -> y [rows, N] float32 (+ bias [N] or NULL). W in the
@@ -246,6 +248,7 @@ static inline __attribute__((always_inline)) void group_rows(const acts_t *a, in
 int tandem_block_matmul(const float *x, int64_t rows, int64_t K, const uint8_t *q, const uint16_t *d,
                         const uint16_t *m, int64_t N, const float *bias, float *y) {
     const int64_t nb = K / 32, groups = (N + GROUP - 1) / GROUP, chunks = (rows + ROW_CHUNK - 1) / ROW_CHUNK;
+    const int64_t per_chunk = (rows + chunks - 1) / chunks;
     char *scratch = malloc((size_t)(rows * K * 2 + rows * nb * 12));
     if (scratch == NULL) return -1;
     int8_t *a1 = (int8_t *)scratch, *a2 = a1 + rows * K;
@@ -255,8 +258,9 @@ int tandem_block_matmul(const float *x, int64_t rows, int64_t K, const uint8_t *
     const acts_t acts = {K, nb, a1, a2, scale, sum, fix};
 #pragma omp parallel for schedule(static)
     for (int64_t item = 0; item < chunks * groups; item++) {
-        const int64_t chunk = item / groups, g = item % groups, r_begin = chunk * ROW_CHUNK;
-        const int64_t r_end = r_begin + ROW_CHUNK < rows ? r_begin + ROW_CHUNK : rows;
+        const int64_t chunk = item / groups, g = item % groups, r_begin = chunk * per_chunk;
+        const int64_t r_end = r_begin + per_chunk < rows ? r_begin + per_chunk : rows;
+        if (r_begin >= rows) continue;
         if (m != NULL)
             group_rows(&acts, r_begin, r_end, g, q, d, m, 1, bias, N, y);
         else
