@@ -181,6 +181,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per stream count")
     p.add_argument("--waves", type=int, default=1, help="requests per stream in each run")
     p.add_argument("--input-len", type=int, default=64)
+    p.add_argument(
+        "--repeat-prompts",
+        action="store_true",
+        help="every round sends the first round's prompts: from round 2 on, TTFT times prefix-cache hits",
+    )
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server -t")
     p.add_argument("--tandem-arg", action="append", default=[], help="extra `tandem serve` argument")
@@ -209,7 +214,7 @@ def main() -> None:
             for streams in args.streams:
                 for name in order:
                     print(f"round {rnd + 1}, {streams} streams: {name}", file=sys.stderr, flush=True)
-                    seed = 1000 * rnd + streams
+                    seed = streams if args.repeat_prompts else 1000 * rnd + streams
                     results[(name, streams)].append(run_level(servers[name][1], streams, seed, args))
         report(results, args.streams, names)
     finally:

@@ -43,33 +43,36 @@ typedef struct {
     const int32_t *fix;    /* [rows, nb]: 128 * sum (256 a1 + a2), for i8 weights biased to unsigned */
 } acts_t;
 
+/* Vectorized, and in parallel only for big calls: a block costs a few nanoseconds, where waking a passive
+   OpenMP thread for a parallel region costs 50-100 us (engine/cpu_threads.py). The scalar loop this
+   replaced took half of a 14-row down projection's time (K = 1536, N = 576). */
 static void quantize_rows(const float *x, int64_t rows, int64_t K, int8_t *a1, int8_t *a2, float *scale,
                           float *sum, int32_t *fix) {
     const int64_t nb = K / 32;
-#pragma omp parallel for schedule(static) if (rows > 16)
+#pragma omp parallel for schedule(static) if (rows > 256)
     for (int64_t rb = 0; rb < rows * nb; rb++) {
         const float *xb = x + rb * 32; /* rows are K = 32 nb floats apart: block rb of the flat array */
-        float amax = 0.0f, total = 0.0f;
-        for (int i = 0; i < 32; i++) {
-            const float v = xb[i] < 0 ? -xb[i] : xb[i];
-            amax = v > amax ? v : amax;
-            total += xb[i];
+        vf top = vzero(), total = vzero();
+        for (int i = 0; i < 32; i += W) {
+            top = vmax(top, vabs(vload(xb + i)));
+            total = vadd(total, vload(xb + i));
         }
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int32_t sum1 = 0, sum2 = 0;
-        for (int i = 0; i < 32; i++) {
-            const float v = xb[i] * inv;
-            const float hi = __builtin_roundevenf(v);
-            float lo = __builtin_roundevenf((v - hi) * 256.0f);
-            lo = lo > 127.0f ? 127.0f : (lo < -127.0f ? -127.0f : lo); /* 128 only on an exact tie */
-            a1[rb * 32 + i] = (int8_t)hi;
-            a2[rb * 32 + i] = (int8_t)lo;
-            sum1 += (int32_t)hi;
-            sum2 += (int32_t)lo;
+        const float amax = vmaxall(top);
+        const vf inv = vset1(amax > 0.0f ? 127.0f / amax : 0.0f);
+        vf sum1 = vzero(), sum2 = vzero(); /* integers below 2^13: exact in float */
+        for (int i = 0; i < 32; i += W) {
+            const vf v = vmul(vload(xb + i), inv);
+            const vf hi = vround(v);
+            /* the remainder in 256ths; 128 only on an exact tie */
+            const vf lo = vmin(vmax(vround(vmul(vsub(v, hi), vset1(256.0f))), vset1(-127.0f)), vset1(127.0f));
+            vstore_i8(a1 + rb * 32 + i, hi);
+            vstore_i8(a2 + rb * 32 + i, lo);
+            sum1 = vadd(sum1, hi);
+            sum2 = vadd(sum2, lo);
         }
         scale[rb] = amax / 127.0f / 256.0f;
-        sum[rb] = total;
-        fix[rb] = 128 * (256 * sum1 + sum2);
+        sum[rb] = vsum(total);
+        fix[rb] = 128 * (256 * (int32_t)vsum(sum1) + (int32_t)vsum(sum2));
     }
 }
 
