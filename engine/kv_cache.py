@@ -2,6 +2,12 @@
 
 Pure Python, no torch: the tensors live in the model runner; this module only decides which block ids
 each request owns. Block 0 is the null block (never handed out): padded slots may write there.
+
+Whole blocks are shared by hash. Past the last whole cached block, a prompt that repeats where an earlier
+request's tokens ended (the same prompt again, the next turn of a chat) also reuses that block's first
+tokens: the scheduler plans a BlockCopy of their slots into the new request's own block, and the model
+runner copies them before the step. Without it a repeated 94-token prompt recomputed its last 14 tokens
+where llama-server computes one (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -9,10 +15,31 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from engine.request import Request
 
 NULL_BLOCK_ID = 0
+# Partial-block records kept per parent block (most recent first out): enough for the few requests that
+# end at the same place, bounded so that a lookup scans a handful.
+MAX_TAILS_PER_PARENT = 8
+
+
+@dataclass(frozen=True)
+class CachedTail:
+    """A block whose first num_tokens tokens continue a request's cached prefix."""
+
+    block_id: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class BlockCopy:
+    """Before the step: copy the KV of the first num_slots slots of block src into block dst."""
+
+    src: int
+    dst: int
+    num_slots: int
 
 
 def hash_block(parent_hash: bytes | None, token_ids: list[int], extra_keys: tuple[str, ...]) -> bytes:
@@ -36,6 +63,9 @@ class BlockPool:
         self.block_hashes: list[bytes | None] = [None] * num_blocks
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self.cached: dict[bytes, int] = {}
+        # Where requests' tokens ended: parent key -> {block id: the block's valid tokens}, and back.
+        self.tails: dict[bytes, OrderedDict[int, tuple[int, ...]]] = {}
+        self.tail_keys: dict[int, bytes] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -48,6 +78,7 @@ class BlockPool:
 
     def allocate(self) -> int:
         block_id, _ = self.free_blocks.popitem(last=False)  # least recently freed first
+        self.drop_tail(block_id)  # its contents are about to change
         old_hash = self.block_hashes[block_id]
         if old_hash is not None:
             del self.cached[old_hash]
@@ -76,13 +107,54 @@ class BlockPool:
             if block_hash is not None and self.ref_counts[block_id] == 0:
                 self.block_hashes[block_id] = None
                 del self.cached[block_hash]
+        self.tails.clear()
+        self.tail_keys.clear()
+
+    def add_tail(self, key: bytes, block_id: int, tokens: tuple[int, ...]) -> None:
+        """Records that block_id holds the KV of `tokens` following the prefix `key` names."""
+        self.drop_tail(block_id)
+        group = self.tails.setdefault(key, OrderedDict())
+        group[block_id] = tokens
+        self.tail_keys[block_id] = key
+        if len(group) > MAX_TAILS_PER_PARENT:
+            oldest, _ = group.popitem(last=False)
+            del self.tail_keys[oldest]
+
+    def drop_tail(self, block_id: int) -> None:
+        key = self.tail_keys.pop(block_id, None)
+        if key is not None:
+            group = self.tails[key]
+            del group[block_id]
+            if not group:
+                del self.tails[key]
+
+    def longest_tail(self, key: bytes, tokens: list[int]) -> CachedTail | None:
+        """The recorded block after `key` that shares the most leading tokens with `tokens`, if any does."""
+        best: CachedTail | None = None
+        for block_id, recorded in self.tails.get(key, {}).items():
+            matched = 0
+            for a, b in zip(recorded, tokens, strict=False):
+                if a != b:
+                    break
+                matched += 1
+            if matched and (best is None or matched > best.num_tokens):
+                best = CachedTail(block_id, matched)
+        return best
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
+        reuse_partial_blocks: bool = True,
+    ) -> None:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # Partial-block reuse needs the runner to copy KV slots (BlockCopy): off where it cannot.
+        self.reuse_partial_blocks = enable_prefix_caching and reuse_partial_blocks
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -103,13 +175,15 @@ class KVCacheManager:
         parent = request.block_hashes[index - 1] if index > 0 else None
         tokens = [request.token_id_at(p) for p in range(start, end)]
         extra = request.embed_key_for(start, end)
-        if index == 0 and request.cache_salt:
-            extra = (f"salt:{request.cache_salt}", *extra)
-        lora_key = request.lora_key
-        if index == 0 and lora_key is not None:
-            # KV computed under an adapter's weights is that adapter's alone (the chain carries it on).
-            extra = (lora_key, *extra)
+        if index == 0:
+            extra = (*_root_keys(request), *extra)
         return hash_block(parent, tokens, extra)
+
+    def _tail_key(self, request: Request, index: int) -> bytes:
+        """What precedes block `index` of the request: the previous block's hash, or the chain's root keys."""
+        if index > 0:
+            return request.block_hashes[index - 1]
+        return hash_block(None, [], _root_keys(request))
 
     def _reads_cache(self, request: Request) -> bool:
         # Prompt logprobs need the logits of every prompt position, so such a request reads no cache.
@@ -133,34 +207,60 @@ class KVCacheManager:
             hits.append(block_id)
         return hits
 
-    def record_prefix_lookup(self, request: Request, num_hit_blocks: int) -> None:
+    def find_cached_tail(self, request: Request, num_hit_blocks: int) -> CachedTail | None:
+        """A block holding the tokens that follow the request's cached whole blocks, up to the last prompt
+        token (which is always computed), where an earlier request's tokens ended; None if none does."""
+        if not self.reuse_partial_blocks or not self._reads_cache(request):
+            return None
+        start = num_hit_blocks * self.block_size
+        limit = min(self.block_size, request.num_tokens - 1 - start)
+        if limit <= 0 or request.embed_key_for(start, start + self.block_size):
+            return None  # nothing left to reuse, or embeddings that the tokens do not name
+        tokens = [request.token_id_at(p) for p in range(start, start + limit)]
+        return self.pool.longest_tail(self._tail_key(request, num_hit_blocks), tokens)
+
+    def record_prefix_lookup(self, request: Request, num_hit_tokens: int) -> None:
         """Prefix-cache hit-rate counters: called once per admission of a request into the running set."""
         if self._reads_cache(request):
             self.num_queried_tokens += request.num_tokens
-            self.num_hit_tokens += num_hit_blocks * self.block_size
+            self.num_hit_tokens += num_hit_tokens
 
     def _extend_hashes(self, request: Request, num_full_blocks: int) -> None:
         while len(request.block_hashes) < num_full_blocks:
             request.block_hashes.append(self._block_hash(request, len(request.block_hashes)))
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, cached_block_ids: list[int] | None = None
-    ) -> bool:
-        """Give the request blocks for num_new_tokens more tokens (after any cached prefix). False if out of blocks."""
+        self,
+        request: Request,
+        num_new_tokens: int,
+        cached_block_ids: list[int] | None = None,
+        tail: CachedTail | None = None,
+    ) -> BlockCopy | bool:
+        """Give the request blocks for num_new_tokens more tokens (after any cached prefix). False if out of
+        blocks. With a cached `tail` (find_cached_tail, at admission), returns the BlockCopy that fills the
+        request's next block from it; the tail's block stays pinned until release_copy_source()."""
         cached_block_ids = cached_block_ids or []
         num_owned = len(request.block_ids) + len(cached_block_ids)
         num_computed = request.num_computed_tokens + len(cached_block_ids) * self.block_size
+        num_computed += tail.num_tokens if tail is not None else 0
         num_needed = self.blocks_needed(num_computed + num_new_tokens) - num_owned
         # Cached blocks that sit in the free list are taken out of it by touch(); count them as used.
-        num_reclaimed = sum(1 for b in cached_block_ids if self.pool.ref_counts[b] == 0)
+        pinned = [*cached_block_ids, *([tail.block_id] if tail is not None else [])]
+        num_reclaimed = sum(1 for b in pinned if self.pool.ref_counts[b] == 0)
         if num_needed > self.pool.num_free_blocks - num_reclaimed:
             return False
-        for block_id in cached_block_ids:
+        for block_id in pinned:
             self.pool.touch(block_id)
         request.block_ids.extend(cached_block_ids)
         request.num_registered_blocks += len(cached_block_ids)
         request.block_ids.extend(self.pool.allocate() for _ in range(max(num_needed, 0)))
-        return True
+        if tail is None:
+            return True
+        return BlockCopy(tail.block_id, request.block_ids[len(cached_block_ids)], tail.num_tokens)
+
+    def release_copy_source(self, copy: BlockCopy) -> None:
+        """Unpins a BlockCopy's source once the step that copies it has run."""
+        self.pool.release(copy.src)
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's newly completed blocks so later requests can share them."""
@@ -173,8 +273,38 @@ class KVCacheManager:
         request.num_registered_blocks = max(request.num_registered_blocks, num_full)
 
     def free(self, request: Request) -> None:
+        self._record_tails(request)
         # Tail blocks first, so they are evicted before the shared prefix blocks.
         for block_id in reversed(request.block_ids):
             self.pool.release(block_id)
         request.block_ids = []
         request.num_registered_blocks = 0
+
+    def _record_tails(self, request: Request) -> None:
+        """Where the request's tokens end, for find_cached_tail: the block holding its last computed tokens,
+        and the block where its prompt ends (the same prompt again matches that block's first tokens)."""
+        size, num_computed = self.block_size, request.num_computed_tokens
+        if not self.reuse_partial_blocks or not request.block_ids or num_computed <= 0:
+            return
+        num_full = min(num_computed // size, len(request.block_ids))
+        self._extend_hashes(request, num_full)
+        ends = {num_computed // size, (min(request.num_prompt_tokens, num_computed) - 1) // size}
+        for index in sorted(ends):
+            start = index * size
+            end = min(start + size, num_computed)
+            if index >= len(request.block_ids) or end <= start or request.embed_key_for(start, start + size):
+                continue
+            tokens = tuple(request.token_id_at(p) for p in range(start, end))
+            self.pool.add_tail(self._tail_key(request, index), request.block_ids[index], tokens)
+
+
+def _root_keys(request: Request) -> tuple[str, ...]:
+    """Keys of a hash chain's first block: KV computed under a cache salt or an adapter's weights is theirs
+    alone (the chain carries it on)."""
+    keys: tuple[str, ...] = ()
+    if request.cache_salt:
+        keys = (f"salt:{request.cache_salt}",)
+    lora_key = request.lora_key
+    if lora_key is not None:
+        keys = (lora_key, *keys)
+    return keys

@@ -18,6 +18,7 @@ from engine.attention import AttentionMetadata
 from engine.cpu_graphs import CpuDecodeGraphs
 from engine.cuda_graphs import DecodeGraphs, build_decode_graphs
 from engine.kv_cache import NULL_BLOCK_ID
+from engine.kv_copy import copy_block_slots
 from engine.readback import DeviceReadback, tensor_to_device, to_device
 from engine.request import Request
 from engine.sampler import PendingPromptLogprobs, Sampler, SampleResult, TokenBitmask
@@ -202,6 +203,7 @@ class ModelRunner:
 
         The step reads from the device exactly once: sampled ids, logprobs and prompt logprobs together."""
         self.sampler.forget(out.finished_request_ids)
+        copy_block_slots(self.model, self.kv_caches, out.block_copies)
         input_ids, positions, meta = self._build_inputs(out)
         inputs_embeds = self._input_embeds(out, input_ids, meta)
         if self.lora is not None:

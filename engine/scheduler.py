@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from engine.kv_cache import KVCacheManager
+from engine.kv_cache import BlockCopy, KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.spec.config import SpeculativeConfig
 from engine.spec.eligibility import can_speculate
@@ -60,6 +60,8 @@ class SchedulerOutput:
     num_preempted: int = 0
     # Requests that ended since the last plan: the runner drops what it keeps for them (seeded generators).
     finished_request_ids: set[str] = field(default_factory=set)
+    # KV slots the runner copies before the step: admitted prompts reusing part of a cached block.
+    block_copies: list[BlockCopy] = field(default_factory=list)
 
     @property
     def scheduled(self) -> list[tuple[Request, int]]:
@@ -277,13 +279,14 @@ class Scheduler:
             request = self._next_waiting()
             if request is None:
                 break
-            cached = self.kv_cache.find_cached_prefix(request)
-            num_cached = len(cached) * self.kv_cache.block_size
-            num_new = self._num_new_tokens(request, num_cached, budget)
-            if not self.kv_cache.allocate_slots(request, num_new, cached):
+            admitted = self._allocate_admission(request, budget)
+            if admitted is None:
                 break  # wait for blocks to free up; keep FCFS order
+            num_cached, num_new, copy = admitted
+            if copy is not None:
+                out.block_copies.append(copy)
             self.waiting.remove(request)
-            self.kv_cache.record_prefix_lookup(request, len(cached))
+            self.kv_cache.record_prefix_lookup(request, num_cached)
             if request.queue_time_s is None:
                 request.queue_time_s = time.monotonic() - request.received_at
             request.status = RequestStatus.RUNNING
@@ -294,10 +297,26 @@ class Scheduler:
             out.rows.append(_plan_row(request, num_new))
             budget -= num_new
 
+    def _allocate_admission(self, request: Request, budget: int) -> tuple[int, int, BlockCopy | None] | None:
+        """Blocks for a waiting request: its cached whole blocks, then a cached partial block to copy from
+        if one continues them (its pin needs one more free block: without room for it, the request is
+        admitted without it). (cached tokens, new tokens, the copy), or None when the blocks do not fit."""
+        cached = self.kv_cache.find_cached_prefix(request)
+        tail = self.kv_cache.find_cached_tail(request, len(cached))
+        for candidate in (tail, None) if tail is not None else (None,):
+            num_cached = len(cached) * self.kv_cache.block_size + (candidate.num_tokens if candidate else 0)
+            num_new = self._num_new_tokens(request, num_cached, budget)
+            allocated = self.kv_cache.allocate_slots(request, num_new, cached, candidate)
+            if allocated:
+                return num_cached, num_new, allocated if isinstance(allocated, BlockCopy) else None
+        return None
+
     # -- results --------------------------------------------------------------------------------------
     def update_from_output(self, plan: SchedulerOutput, output: ModelRunnerOutput) -> list[RequestUpdate]:
         """The one place a step's results change requests: progress, prompt logprobs, sampled tokens,
         grammar checks, stops and step failures. Returns the news of each request, errors first."""
+        for copy in plan.block_copies:  # copied (or the step failed): the sources may be reused now
+            self.kv_cache.release_copy_source(copy)
         errors: list[RequestUpdate] = []
         if output.failed:
             failed = set(output.failed)

@@ -179,7 +179,9 @@ class EngineStepper(Stepper):
         merged = ModelRunnerOutput()
         for row in out.rows:
             try:
-                merged.merge(self.runner.execute(SchedulerOutput([row]), bitmask))
+                # The row's own block copies again (copying twice writes the same values).
+                copies = [c for c in out.block_copies if c.dst in row.request.block_ids]
+                merged.merge(self.runner.execute(SchedulerOutput([row], block_copies=copies), bitmask))
             except Exception:
                 logger.exception("request %s fails the model step on its own", row.request.request_id)
                 merged.failed.append(row.request.request_id)

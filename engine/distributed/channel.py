@@ -30,6 +30,7 @@ class Command(IntEnum):
     LOGITS = 2  # LM head over hidden rows rank 0 sends: header [cmd, rows]
     EMBED = 3  # embedding lookup of token ids: header [cmd, tokens]
     STOP = 4  # the engine is shutting down
+    COPY = 5  # KV slot copies before a step (kv_copy.py): header [cmd, copies], then [copies, 3] int64
 
 
 class CommandChannel:
@@ -68,7 +69,7 @@ class CommandChannel:
             dist.broadcast(inputs_embeds.to(self.dtype).contiguous(), src=0)
 
     def send_rows(self, command: Command, rows: Tensor) -> None:
-        """LOGITS with hidden rows [N, H], or EMBED with token ids [T]."""
+        """LOGITS with hidden rows [N, H], EMBED with token ids [T], or COPY with copies [n, 3] int64."""
         self._send_header(command, rows.shape[0])
         dist.broadcast(rows.contiguous(), src=0)
 
@@ -119,3 +120,9 @@ class CommandChannel:
         ids = torch.empty(header[1], dtype=torch.int64, device=self.device)
         dist.broadcast(ids, src=0)
         return ids
+
+    def receive_copies(self, header: list[int]) -> Tensor:
+        """The copies [n, 3] int64 (src, dst, num_slots) of a COPY header, on the CPU."""
+        copies = torch.empty(header[1], 3, dtype=torch.int64, device=self.device)
+        dist.broadcast(copies, src=0)
+        return copies.cpu()

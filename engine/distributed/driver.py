@@ -3,12 +3,16 @@ each call first tells the workers to make the same call on their shards, so the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from engine.attention import AttentionMetadata
 from engine.distributed.channel import Command, CommandChannel
 from engine.distributed.workers import TensorParallelWorkers
+from engine.kv_cache import BlockCopy
+from engine.kv_copy import copies_tensor
 from engine.models.llama import LlamaForCausalLM
 
 
@@ -33,6 +37,11 @@ class TensorParallelModel:
             self.channel.send_step(input_ids, positions, attn_metadata, inputs_embeds)
             return self.model(input_ids, positions, kv_caches, attn_metadata, inputs_embeds=inputs_embeds)
         raise AssertionError("unreachable: a failed collective ends the process")
+
+    def copy_block_slots(self, copies: Sequence[BlockCopy]) -> None:
+        """Has the workers run a step's KV slot copies on their shards (rank 0 runs its own after)."""
+        with self.workers.collective("KV copy"):
+            self.channel.send_rows(Command.COPY, copies_tensor(copies).to(self.channel.device))
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """[N, H] -> [N, vocab] float32, gathered from every rank's vocabulary slice."""

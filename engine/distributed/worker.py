@@ -59,6 +59,7 @@ def _serve(config: EngineConfig, rank: int, port: int, pipe: Connection) -> None
     from engine.distributed.group import join_group, propose_num_blocks, rank_device, threads_per_rank
     from engine.distributed.shard import TensorParallel
     from engine.engine_setup import kv_cache_dtype, load_engine_model, local_num_kv_blocks, pick_device
+    from engine.kv_copy import apply_block_copies
 
     size = config.tensor_parallel_size
     torch.set_num_threads(threads_per_rank(config.num_threads, size))
@@ -85,6 +86,8 @@ def _serve(config: EngineConfig, rank: int, port: int, pipe: Connection) -> None
                 model.compute_logits(channel.receive_rows(header))
             elif command == Command.EMBED:
                 model.embed_input_ids(channel.receive_ids(header))
+            elif command == Command.COPY:
+                apply_block_copies(kv_caches, channel.receive_copies(header))
             else:
                 break
     torch.distributed.destroy_process_group()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.kv_cache import KVCacheManager
+from engine.kv_cache import BlockCopy, CachedTail, KVCacheManager
 from engine.request import Request
 from protocol.messages import SamplingParams
 
@@ -18,7 +18,7 @@ def admit(kv: KVCacheManager, request: Request) -> int:
     cached = kv.find_cached_prefix(request)
     num_cached = len(cached) * kv.block_size
     assert kv.allocate_slots(request, request.num_tokens - num_cached, cached)
-    kv.record_prefix_lookup(request, len(cached))
+    kv.record_prefix_lookup(request, num_cached)
     request.num_computed_tokens = request.num_tokens
     kv.cache_full_blocks(request)
     return num_cached
@@ -90,3 +90,87 @@ def test_allocation_fails_cleanly_when_out_of_blocks() -> None:
     assert not kv.allocate_slots(big, big.num_tokens)
     assert big.block_ids == []
     assert kv.num_free_blocks == 3
+
+
+def admit_with_tail(kv: KVCacheManager, request: Request) -> BlockCopy | None:
+    """Admits like the scheduler does: whole cached blocks, then a cached partial block to copy from.
+    Returns the copy (its source stays pinned until release_copy_source)."""
+    cached = kv.find_cached_prefix(request)
+    tail = kv.find_cached_tail(request, len(cached))
+    num_cached = len(cached) * kv.block_size + (tail.num_tokens if tail else 0)
+    allocated = kv.allocate_slots(request, request.num_tokens - num_cached, cached, tail)
+    assert allocated
+    request.num_computed_tokens = request.num_tokens
+    kv.cache_full_blocks(request)
+    return allocated if isinstance(allocated, BlockCopy) else None
+
+
+def test_a_repeated_prompt_copies_the_start_of_the_block_where_the_first_one_ended() -> None:
+    kv = KVCacheManager(num_blocks=32, block_size=BLOCK, enable_prefix_caching=True)
+    prompt = list(range(100, 111))  # 2 whole blocks + 3 tokens
+    first = make_request("a", prompt)
+    assert admit_with_tail(kv, first) is None
+    first_blocks = list(first.block_ids)
+    kv.free(first)
+    again = make_request("b", prompt)
+    copy = admit_with_tail(kv, again)
+    # Blocks 0-1 shared; of block 2's tokens [108, 109, 110] all but the last prompt token are copied.
+    assert copy == BlockCopy(first_blocks[2], again.block_ids[2], 2)
+    assert again.block_ids[:2] == first_blocks[:2] and again.block_ids[2] != first_blocks[2]
+    assert kv.pool.ref_counts[copy.src] == 1  # pinned until the step has copied it
+    kv.release_copy_source(copy)
+    assert kv.pool.ref_counts[copy.src] == 0 and copy.src in kv.pool.free_blocks
+    assert kv.num_hit_tokens == 0  # admit_with_tail does not count; the scheduler does
+
+
+def test_the_next_turn_of_a_chat_copies_the_answers_last_tokens() -> None:
+    kv = KVCacheManager(num_blocks=32, block_size=BLOCK, enable_prefix_caching=True)
+    prompt = [*range(100, 111), 7]  # 3 whole blocks
+    reply = make_request("a", prompt)
+    reply.output_token_ids.extend([1, 2, 3])  # positions 12-14
+    admit_with_tail(kv, reply)
+    reply.num_computed_tokens = 14  # the last sampled token (3) is never computed
+    reply_blocks = list(reply.block_ids)
+    kv.free(reply)
+    turn = make_request("b", [*prompt, 1, 2, 3, 4, 5])  # the history, then the user's new tokens
+    cached = kv.find_cached_prefix(turn)
+    assert cached == reply_blocks[:3]
+    assert kv.find_cached_tail(turn, len(cached)) == CachedTail(reply_blocks[3], 2)  # tokens 1, 2
+
+
+def test_partial_blocks_follow_their_parents_salt_and_are_forgotten_when_reused() -> None:
+    kv = KVCacheManager(num_blocks=6, block_size=BLOCK, enable_prefix_caching=True)  # 5 usable
+    prompt = [5, 6, 7]  # shorter than a block: only the chain's root keys precede it
+    first = make_request("a", prompt, salt="tenant-1")
+    admit_with_tail(kv, first)
+    block = first.block_ids[0]
+    kv.free(first)
+    assert kv.find_cached_tail(make_request("b", prompt, salt="tenant-2"), 0) is None
+    assert kv.find_cached_tail(make_request("c", prompt), 0) is None  # no salt: another chain
+    assert kv.find_cached_tail(make_request("d", prompt, salt="tenant-1"), 0) == CachedTail(block, 2)
+    # Prompt logprobs need every position computed: such a request reads no cache at all.
+    sampling = SamplingParams(max_tokens=8, prompt_logprobs=1)
+    assert (
+        kv.find_cached_tail(Request("e", b"client", prompt, sampling, 0.0, cache_salt="tenant-1"), 0) is None
+    )
+    # Once the block is handed out again its contents change: the record goes with it.
+    filler = make_request("filler", list(range(500, 520)))  # all 5 blocks
+    admit_with_tail(kv, filler)
+    assert kv.find_cached_tail(make_request("f", prompt, salt="tenant-1"), 0) is None
+    kv.free(filler)
+    assert kv.num_free_blocks == 5
+
+
+def test_a_copy_source_that_would_leave_no_room_is_not_taken() -> None:
+    from engine.scheduler import Scheduler, SchedulerLimits
+
+    kv = KVCacheManager(num_blocks=4, block_size=BLOCK, enable_prefix_caching=True)  # 3 usable
+    first = make_request("a", list(range(10)))  # the whole pool; ends 2 tokens into block 2
+    admit_with_tail(kv, first)
+    kv.free(first)
+    scheduler = Scheduler(SchedulerLimits(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=64), kv)
+    # Blocks 0-1 cached, and a's block 2 holds tokens 8, 9: but pinning it as well as the two cached
+    # blocks leaves no free block for the request's own block 2, so it is admitted without the copy.
+    scheduler.add_request(make_request("b", [*range(10), 60, 61]))
+    out = scheduler.schedule()
+    assert [(r.request_id, n) for r, n in out.scheduled] == [("b", 4)] and out.block_copies == []

@@ -3,7 +3,10 @@
 Random arrivals, prompt lengths, priorities, aborts and tiny KV pools (so preemption is frequent), checked
 after every schedule() and every update: each scheduled request is RUNNING and owns the blocks its tokens
 need, no request is scheduled twice, every block is either free or owned (reference counts match the
-owners), and a preempted request never appears in the step's output.
+owners, plus the step's pinned copy sources), and a preempted request never appears in the step's output.
+A fake runner applies the plan's block copies and writes each computed position's slot with the tokens
+up to it (what its KV depends on): every scheduled request must find its cached, shared and copied
+positions holding its own tokens.
 """
 
 from __future__ import annotations
@@ -85,10 +88,12 @@ def make_request(index: int, arrival: Arrival) -> Request:
     return Request(f"r{index}", b"c", prompt, sampling, float(index), arrival.priority, frozenset({EOS}))
 
 
-def check_pool(scheduler: Scheduler) -> None:
-    """Free + owned blocks = all blocks; each block's reference count is its number of owners."""
+def check_pool(scheduler: Scheduler, pinned: list[int] | None = None) -> None:
+    """Free + owned blocks = all blocks; each block's reference count is its number of owners (requests,
+    and the copies of a plan not yet applied)."""
     pool = scheduler.kv_cache.pool
     owners = Counter(b for r in scheduler.requests.values() for b in r.block_ids)
+    owners.update(pinned or [])
     assert NULL_BLOCK_ID not in owners
     for block_id in range(1, pool.num_blocks):
         assert pool.ref_counts[block_id] == owners[block_id], block_id
@@ -114,7 +119,28 @@ def check_step(scheduler: Scheduler, out: SchedulerOutput, limits: SchedulerLimi
         assert end <= request.num_tokens
         # What the model runner reads: blocks[p // block_size] for every position computed this step.
         assert len(request.block_ids) >= -(-end // block_size), (request.request_id, request.block_ids)
-    check_pool(scheduler)
+    for copy in out.block_copies:
+        assert 0 < copy.num_slots <= block_size and copy.src != copy.dst
+    check_pool(scheduler, [copy.src for copy in out.block_copies])
+
+
+Slots = dict[tuple[int, int], tuple[int, ...]]
+
+
+def run_fake_step(scheduler: Scheduler, out: SchedulerOutput, slots: Slots) -> None:
+    """The runner's part: the plan's copies, then a check that every scheduled request's computed positions
+    hold its tokens, then this step's positions written."""
+    size = scheduler.kv_cache.block_size
+    for copy in out.block_copies:
+        for i in range(copy.num_slots):
+            slots[(copy.dst, i)] = slots[(copy.src, i)]
+    for request, num_new in out.scheduled:
+        tokens = tuple(request.token_id_at(p) for p in range(request.num_computed_tokens + num_new))
+        for p in range(request.num_computed_tokens):
+            where = (request.block_ids[p // size], p % size)
+            assert slots.get(where) == tokens[: p + 1], (request.request_id, p, where)
+        for p in range(request.num_computed_tokens, request.num_computed_tokens + num_new):
+            slots[(request.block_ids[p // size], p % size)] = tokens[: p + 1]
 
 
 def simulate(scenario: Scenario, num_blocks: int) -> tuple[Scheduler, list[Request]]:
@@ -128,6 +154,7 @@ def simulate(scenario: Scenario, num_blocks: int) -> tuple[Scheduler, list[Reque
     kv = KVCacheManager(num_blocks, scenario.block_size, enable_prefix_caching=scenario.prefix_caching)
     scheduler = Scheduler(limits, kv)
     requests = [make_request(i, a) for i, a in enumerate(scenario.arrivals)]
+    slots: Slots = {}
     step = 0
     while step < MAX_STEPS:
         for request, arrival in zip(requests, scenario.arrivals, strict=True):
@@ -138,6 +165,7 @@ def simulate(scenario: Scenario, num_blocks: int) -> tuple[Scheduler, list[Reque
             break
         out = scheduler.schedule()
         check_step(scheduler, out, limits)
+        run_fake_step(scheduler, out, slots)
         sampled = {
             r.request_id: fake_next_token(r)
             for r, n in out.scheduled
