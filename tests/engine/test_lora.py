@@ -152,8 +152,8 @@ def test_the_adapters_really_change_the_output(lora_setup: LoraSetup) -> None:
 def test_prefix_cache_never_shares_blocks_across_adapters(
     lora_setup: LoraSetup, stepper: EngineStepper
 ) -> None:
-    ids = prompt(6, 50)  # three full blocks of 16, then the recomputed tail
-    expected_cached = 48
+    ids = prompt(6, 50)  # three full blocks of 16, then 2 tokens: the first copied, the last recomputed
+    expected_cached = 49
     order = [("base-1", None, 0), ("a-1", "all-proj", 0), ("a-2", "all-proj", expected_cached)]
     order += [("b-1", "qv-down", 0), ("base-2", None, expected_cached)]
     for request_id, lora, num_cached in order:
