@@ -126,6 +126,36 @@ def test_tp2_greedy_tokens_match_tp1(engines: tuple[EngineParts, EngineParts]) -
     torch.testing.assert_close(torch.tensor(prompt_lps2), torch.tensor(prompt_lps1), atol=1e-4, rtol=0)
 
 
+def test_tp2_repeated_prompt_copies_the_partial_block_on_every_rank(
+    engines: tuple[EngineParts, EngineParts],
+) -> None:
+    """A prompt sent again reuses its partial last block: each rank copies its shard of those tokens' KV
+    (the COPY command), so the second run's tokens and logprobs are the first's, and TP=1's."""
+    prompt = torch.randint(
+        10, engines[0].vocab_size, (21,), generator=torch.Generator().manual_seed(11)
+    ).tolist()
+    runs: list[tuple[list[int], list[float], int | None]] = []
+    for parts in engines:
+        stepper = EngineStepper(parts)
+        for attempt in range(2):
+            sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1)
+            assert (
+                stepper.add(AddRequest(f"again-{attempt}", prompt, sampling, time.time()), b"t", []) is None
+            )
+            tokens, logprobs, cached = [], [], None
+            while stepper.has_work:
+                for _client, delta in stepper.step():
+                    tokens.extend(delta.new_token_ids)
+                    logprobs.extend(lp.logprob for lp in delta.logprobs or [])
+                    cached = delta.num_cached_tokens if cached is None else cached
+            runs.append((tokens, logprobs, cached))
+    # Per engine: cold, then 16 whole-block tokens + 4 copied (the 21st is computed).
+    assert [cached for _, _, cached in runs] == [0, 20, 0, 20]
+    assert len({tuple(tokens) for tokens, _, _ in runs}) == 1 and len(runs[0][0]) == MAX_TOKENS
+    for _, logprobs, _ in runs[1:]:
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(runs[0][1]), atol=1e-4, rtol=0)
+
+
 def test_each_rank_loads_only_its_slice(tp_model_dirs: dict[str, Path]) -> None:
     """Shard shapes per rank, and the ranks' slices put back together are the whole weights."""
     folder = tp_model_dirs["qwen2-1kv-vocab511"]  # 4 query heads, 1 KV head, head_dim 16, vocab 511
