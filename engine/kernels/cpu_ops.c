@@ -72,74 +72,115 @@ void tandem_rotary_neox(const int64_t *positions, int64_t T, const float *q, int
    to that sequence's first token_len[t] positions (its own included; 0: a padding token, zeros out).
    q [T, Hq, D] float32; the cache holds K then V, each [num_blocks, block_size, Hkv, D] in float16
    (is_f16) or float32, `half` elements apart; block_table [B, bt_stride] int32. Softmax in float32, as
-   the torch path computes it after upcasting the cache. D % W == 0, D <= 256. Each K and V row is read
-   (and converted from float16) once for the `Hq / Hkv` query heads sharing it. Everything it reads is
-   behind the pointers (lengths too), so a recorded call replays on new contents (engine/cpu_graphs.py).
-   Returns 0, or -1 when the scores scratch cannot be allocated. */
+   the torch path computes it after upcasting the cache. D % W == 0, D <= 256.
+
+   Work goes by runs: up to RUN consecutive tokens of one sequence, each seeing one more position than the
+   last (a prompt chunk), against one KV head. Each K and V row is read (and converted from float16) once
+   per run for its tokens' Hq / Hkv query heads sharing it: per token, a 2,048-token prompt read every
+   layer's K and V from L3 for each of its tokens and spent two thirds of its prefill here (2.9 of 4.4 s).
+   Each query's arithmetic is the same whatever run it is in (its own scores, softmax and sums, in the same
+   order), so results do not depend on how a prompt is chunked or batched. Everything it reads is behind
+   the pointers (lengths too), so a recorded call replays on new contents (engine/cpu_graphs.py).
+   Returns 0, or -1 when scratch cannot be allocated. */
 static inline vf load_row(const void *cache, int is_f16, int64_t off, int64_t i) {
     return is_f16 ? vload_h((const uint16_t *)cache + off + i) : vload((const float *)cache + off + i);
 }
 
+#define RUN 16           /* query tokens per run */
 #define HEADS_PER_PASS 4 /* query heads whose V sums stay in registers together */
 
-/* Query heads [head0, head0 + group) of one token against `len` positions of KV head h. */
-static void attend(const float *q, int64_t head0, int64_t group, int64_t D, int64_t Hkv, int64_t h,
-                   const void *cache, int is_f16, int64_t half, int64_t block_size, const int32_t *blocks,
-                   int64_t len, float scale, float *scores, int64_t stride, float *out) {
-    const int64_t nv = D / W;
-    if (len <= 0) {
-        memset(out + head0 * D, 0, (size_t)(group * D) * sizeof(float));
-        return;
+/* Tokens [t0, t0 + nt) of one sequence (token t0 + i attends to lens[i] positions), query heads
+   [h * group, (h + 1) * group) of each, against `len` = max(lens) positions of KV head h. scores: nt * group
+   rows of `stride` floats; inv_total: nt * group floats. nv = D / W vectors per row and hp heads per V pass
+   are constants where attend() inlines it, so the K/V rows and V sums stay in registers: with them
+   variable the sums went through the stack on every position. */
+static inline __attribute__((always_inline)) void attend_rows(
+    const float *q, int64_t t0, int64_t nt, const int32_t *lens, int64_t Hq, int64_t group, const int64_t nv,
+    const int64_t hp, int64_t Hkv, int64_t h, const void *cache, int is_f16, int64_t half, int64_t block_size,
+    const int32_t *blocks, float scale, float *scores, float *inv_total, int64_t stride, float *out) {
+    const int64_t D = nv * W, nq = nt * group;
+    int64_t len = 0;
+    for (int64_t i = 0; i < nt; i++) {
+        len = lens[i] > len ? lens[i] : len;
+        if (lens[i] <= 0) memset(out + ((t0 + i) * Hq + h * group) * D, 0, (size_t)(group * D) * sizeof(float));
     }
     for (int64_t p = 0; p < len; p++) {
         const int64_t slot = (int64_t)blocks[p / block_size] * block_size + p % block_size;
         const int64_t off = (slot * Hkv + h) * D;
         vf k[256 / W];
         for (int64_t i = 0; i < nv; i++) k[i] = load_row(cache, is_f16, off, W * i);
-        for (int64_t g = 0; g < group; g++) {
-            const float *qh = q + (head0 + g) * D;
-            vf acc = vzero();
-            for (int64_t i = 0; i < nv; i++) acc = vfma(vload(qh + W * i), k[i], acc);
-            scores[g * stride + p] = vsum(acc) * scale;
+        for (int64_t i = 0; i < nt; i++) {
+            if (p >= lens[i]) continue;
+            for (int64_t g = 0; g < group; g++) {
+                const float *qh = q + ((t0 + i) * Hq + h * group + g) * D;
+                vf acc = vzero();
+                for (int64_t c = 0; c < nv; c++) acc = vfma(vload(qh + W * c), k[c], acc);
+                scores[(i * group + g) * stride + p] = vsum(acc) * scale;
+            }
         }
     }
-    float inv_total[HEADS_PER_PASS];
-    for (int64_t g0 = 0; g0 < group; g0 += HEADS_PER_PASS) {
-        const int64_t heads = group - g0 < HEADS_PER_PASS ? group - g0 : HEADS_PER_PASS;
-        for (int64_t g = 0; g < heads; g++) { /* softmax numerators, vectorized past the tail */
-            float *s = scores + (g0 + g) * stride;
-            for (int64_t p = len; p % W; p++) s[p] = -INFINITY;
-            vf top = vset1(-INFINITY), total = vzero();
-            for (int64_t p = 0; p < len; p += W) top = vmax(top, vload(s + p));
-            float m = -INFINITY, lanes[W];
-            vstore(lanes, top);
-            for (int i = 0; i < W; i++) m = lanes[i] > m ? lanes[i] : m;
-            for (int64_t p = 0; p < len; p += W) {
-                const vf e = vexp(vadd(vload(s + p), vset1(-m)));
-                vstore(s + p, e);
-                total = vadd(total, e);
-            }
-            inv_total[g] = 1.0f / vsum(total); /* the tail's exp(-inf - m) clamps to ~1e-38: unseen */
+    for (int64_t j = 0; j < nq; j++) { /* softmax numerators, vectorized past the tail */
+        const int64_t n = lens[j / group];
+        if (n <= 0) continue;
+        float *s = scores + j * stride;
+        for (int64_t p = n; p % W; p++) s[p] = -INFINITY;
+        vf top = vset1(-INFINITY), total = vzero();
+        for (int64_t p = 0; p < n; p += W) top = vmax(top, vload(s + p));
+        float m = -INFINITY, lanes[W];
+        vstore(lanes, top);
+        for (int i = 0; i < W; i++) m = lanes[i] > m ? lanes[i] : m;
+        for (int64_t p = 0; p < n; p += W) {
+            const vf e = vexp(vadd(vload(s + p), vset1(-m)));
+            vstore(s + p, e);
+            total = vadd(total, e);
+        }
+        inv_total[j] = 1.0f / vsum(total); /* the tail's exp(-inf - m) clamps to ~1e-38: unseen */
+    }
+    for (int64_t j0 = 0; j0 < nq; j0 += hp) {
+        const int64_t heads = nq - j0 < hp ? nq - j0 : hp;
+        int64_t n[HEADS_PER_PASS], pass_len = 0;
+        for (int64_t g = 0; g < heads; g++) {
+            n[g] = lens[(j0 + g) / group];
+            pass_len = n[g] > pass_len ? n[g] : pass_len;
         }
         vf acc[HEADS_PER_PASS][256 / W];
         for (int64_t g = 0; g < heads; g++)
             for (int64_t i = 0; i < nv; i++) acc[g][i] = vzero();
-        for (int64_t p = 0; p < len; p++) {
+        for (int64_t p = 0; p < pass_len; p++) {
             const int64_t slot = (int64_t)blocks[p / block_size] * block_size + p % block_size;
             const int64_t off = half + (slot * Hkv + h) * D;
             vf v[256 / W];
             for (int64_t i = 0; i < nv; i++) v[i] = load_row(cache, is_f16, off, W * i);
             for (int64_t g = 0; g < heads; g++) {
-                const vf weight = vset1(scores[(g0 + g) * stride + p]);
+                if (p >= n[g]) continue;
+                const vf weight = vset1(scores[(j0 + g) * stride + p]);
                 for (int64_t i = 0; i < nv; i++) acc[g][i] = vfma(weight, v[i], acc[g][i]);
             }
         }
         for (int64_t g = 0; g < heads; g++) {
-            const vf inv = vset1(inv_total[g]);
-            float *o = out + (head0 + g0 + g) * D;
+            if (n[g] <= 0) continue;
+            const int64_t j = j0 + g, token = t0 + j / group;
+            const vf inv = vset1(inv_total[j]);
+            float *o = out + (token * Hq + h * group + j % group) * D;
             for (int64_t i = 0; i < nv; i++) vstore(o + W * i, vmul(acc[g][i], inv));
         }
     }
+}
+
+static void attend(const float *q, int64_t t0, int64_t nt, const int32_t *lens, int64_t Hq, int64_t group,
+                   int64_t D, int64_t Hkv, int64_t h, const void *cache, int is_f16, int64_t half,
+                   int64_t block_size, const int32_t *blocks, float scale, float *scores, float *inv_total,
+                   int64_t stride, float *out) {
+#define ATTEND_ROWS(nv, hp)                                                                                 \
+    attend_rows(q, t0, nt, lens, Hq, group, nv, hp, Hkv, h, cache, is_f16, half, block_size, blocks, scale, \
+                scores, inv_total, stride, out)
+    if (D == 4 * W)
+        ATTEND_ROWS(4, HEADS_PER_PASS); /* 64 (AVX-512) or 32 dims */
+    else if (D == 8 * W)
+        ATTEND_ROWS(8, HEADS_PER_PASS / 2); /* 128 or 64: 16 V sums */
+    else
+        ATTEND_ROWS(D / W, HEADS_PER_PASS);
+#undef ATTEND_ROWS
 }
 
 int tandem_paged_attention(const float *q, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, const void *cache,
@@ -149,25 +190,39 @@ int tandem_paged_attention(const float *q, int64_t T, int64_t Hq, int64_t Hkv, i
     const int64_t group = Hq / Hkv;
     int64_t max_len = 0;
     for (int64_t t = 0; t < T; t++) max_len = token_len[t] > max_len ? token_len[t] : max_len;
-    const int64_t stride = (max_len + W - 1) / W * W; /* score rows padded to whole vectors */
+    /* Score rows padded to whole vectors, plus one: a run writes its 48 (say) rows' scores of a position
+       together, and rows a power of two apart would all fall in the same L1 sets. */
+    const int64_t stride = (max_len + W - 1) / W * W + W;
+    /* Runs: consecutive tokens of one sequence, each seeing one more position than the one before. */
+    int64_t *run_start = malloc((size_t)(T > 0 ? T : 1) * sizeof(int64_t)), num_runs = 0;
+    if (run_start == NULL) return -1;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t r = num_runs - 1;
+        const int joins = num_runs > 0 && token_seq != NULL && t - run_start[r] < RUN &&
+                          token_seq[t] == token_seq[t - 1] && token_len[t - 1] > 0 &&
+                          token_len[t] == token_len[t - 1] + 1;
+        if (!joins) run_start[num_runs++] = t;
+    }
     int failed = 0;
 #pragma omp parallel if (T > 1)
     {
-        float *scores = malloc((size_t)(group * stride + W) * sizeof(float));
+        float *scores = malloc((size_t)(RUN * group * (stride + 1) + W) * sizeof(float));
         if (scores == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < T * Hkv; item++) {
+        for (int64_t item = 0; item < num_runs * Hkv; item++) {
             if (scores == NULL) continue;
-            const int64_t t = item / Hkv, h = item % Hkv;
-            const int32_t *blocks = block_table + (token_seq ? token_seq[t] : t) * bt_stride;
-            attend(q, t * Hq + h * group, group, D, Hkv, h, cache, is_f16, half, block_size, blocks, token_len[t],
-                   scale, scores, stride, out);
+            const int64_t r = item / Hkv, h = item % Hkv, t0 = run_start[r];
+            const int64_t nt = (r + 1 < num_runs ? run_start[r + 1] : T) - t0;
+            const int32_t *blocks = block_table + (token_seq ? token_seq[t0] : t0) * bt_stride;
+            attend(q, t0, nt, token_len + t0, Hq, group, D, Hkv, h, cache, is_f16, half, block_size, blocks,
+                   scale, scores, scores + RUN * group * stride, stride, out);
         }
         free(scores);
     }
+    free(run_start);
     return failed ? -1 : 0;
 }
 

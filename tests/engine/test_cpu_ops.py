@@ -98,18 +98,21 @@ def test_decode_attention_matches_torch(
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 1, 128), (4, 4, 32), (6, 2, 48)]
+)
 def test_prompt_chunks_and_decodes_in_one_step_match_torch(
-    cache_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    cache_dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A mixed step: a whole 37-token prompt, a 20-token chunk continuing 30 cached tokens, two decodes;
-    then padding rows past the real tokens, which come out as zeros."""
+    """A mixed step: a whole 37-token prompt, a 20-token chunk continuing 30 cached tokens, two decodes
+    (the kernel takes the prompts in runs of up to 16 tokens); then padding rows past the real tokens,
+    which come out as zeros. Head sizes: the kernel's specialized 4 and 8 vectors a row, and others."""
     from tests.engine.conftest import PagedBatchBuilder
 
     torch.manual_seed(5)
     builder = PagedBatchBuilder(num_blocks=32, block_size=16, seed=4)
     builder.step({1: 30, 2: 9, 3: 50})  # cached context of sequences 1-3
     meta, _ = builder.step({0: 37, 1: 20, 2: 1, 3: 1})
-    q_heads, kv_heads, head_dim = 9, 3, 64
     cache = torch.randn(2, 32, 16, kv_heads, head_dim).to(cache_dtype)
     q = torch.randn(59, q_heads, head_dim)
     calls = []
@@ -124,6 +127,27 @@ def test_prompt_chunks_and_decodes_in_one_step_match_torch(
         got, torch_ops.paged_attention(padded, cache, meta, 0.125), rtol=1e-5, atol=1e-5
     )
     assert not got[59:].any()
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_prompt_tokens_attention_is_the_same_bits_in_a_run_or_alone(head_dim: int) -> None:
+    """The kernel reads K and V once per run of consecutive prompt tokens, but each query's arithmetic is
+    its own: a token gives the same bits whether its prompt is attended in runs, alone, or chunked
+    differently (so chunked prefill and prefix caching change no result)."""
+    torch.manual_seed(head_dim)
+    kv_heads, q_heads, n = 2, 6, 40
+    cache = torch.randn(2, 8, 16, kv_heads, head_dim).half()
+    block_table = torch.tensor([[5, 2, 7]], dtype=torch.int32)
+    q = torch.randn(n, q_heads, head_dim)
+    lens = torch.arange(1, n + 1, dtype=torch.int32)
+    whole = cpu_quant.paged_attention(q, cache, block_table, lens, 0.1, torch.zeros(n, dtype=torch.int32))
+    for t in (0, 15, 16, 17, 39):  # runs break at 16 tokens
+        alone = cpu_quant.paged_attention(q[t : t + 1].contiguous(), cache, block_table, lens[t : t + 1], 0.1)
+        assert torch.equal(alone[0], whole[t]), t
+    tail = cpu_quant.paged_attention(
+        q[23:].contiguous(), cache, block_table, lens[23:], 0.1, torch.zeros(n - 23, dtype=torch.int32)
+    )
+    assert torch.equal(tail, whole[23:])
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 100])  # 100: split across threads
