@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from engine.request import Request
+from protocol.messages import FinishReason
 
 NULL_BLOCK_ID = 0
 # Partial-block records kept per parent block (most recent first out): enough for the few requests that
@@ -286,6 +287,8 @@ class KVCacheManager:
         size, num_computed = self.block_size, request.num_computed_tokens
         if not self.reuse_partial_blocks or not request.block_ids or num_computed <= 0:
             return
+        if request.finish_reason is FinishReason.ERROR:
+            return  # its last step failed, maybe before its own copies ran: trust none of its tail
         num_full = min(num_computed // size, len(request.block_ids))
         self._extend_hashes(request, num_full)
         ends = {num_computed // size, (min(request.num_prompt_tokens, num_computed) - 1) // size}

@@ -415,9 +415,9 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        request.finish_reason = reason  # before free(): a failed request's blocks are not offered for reuse
         self.kv_cache.free(request)
         request.status = RequestStatus.FINISHED
-        request.finish_reason = reason
         del self.requests[request.request_id]
         self._finished_ids.add(request.request_id)
 

@@ -174,3 +174,27 @@ def test_a_copy_source_that_would_leave_no_room_is_not_taken() -> None:
     scheduler.add_request(make_request("b", [*range(10), 60, 61]))
     out = scheduler.schedule()
     assert [(r.request_id, n) for r, n in out.scheduled] == [("b", 4)] and out.block_copies == []
+
+
+def test_a_request_that_failed_leaves_nothing_to_reuse() -> None:
+    from engine.scheduler import Scheduler, SchedulerLimits
+
+    kv = KVCacheManager(num_blocks=16, block_size=BLOCK, enable_prefix_caching=True)
+    scheduler = Scheduler(SchedulerLimits(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=64), kv)
+    prompt = list(range(100, 110))  # 2 whole blocks + 2 tokens
+
+    def tail_for(request_id: str) -> CachedTail | None:
+        request = make_request(request_id, prompt)
+        return kv.find_cached_tail(request, len(kv.find_cached_prefix(request)))
+
+    failed = make_request("a", prompt)
+    scheduler.add_request(failed)
+    scheduler.schedule()
+    failed.num_computed_tokens = len(prompt)  # as if its step had run, then it failed
+    scheduler.finish_with_error(failed)
+    assert tail_for("b") is None
+    ok = make_request("c", prompt)
+    admit_with_tail(kv, ok)
+    block = ok.block_ids[2]
+    kv.free(ok)
+    assert tail_for("d") == CachedTail(block, 1)
