@@ -107,7 +107,6 @@ class CpuDecodeGraphs:
         self.model = model
         self.kv_caches = kv_caches
         self.max_rows = min(max_num_seqs, MAX_ROWS)
-        self.max_model_len = max_model_len
         # Static buffers the recorded calls read; each run copies the real batch into their leading rows.
         self.embeds = torch.zeros(self.max_rows, hidden_size, dtype=dtype)
         self.inputs = StaticDecodeInputs(self.max_rows, max_model_len, block_size, torch.device("cpu"))
@@ -122,7 +121,7 @@ class CpuDecodeGraphs:
             and not has_embeds
             and meta.max_query_len == 1
             and meta.num_seqs <= self.max_rows
-            and meta.max_seq_len <= self.max_model_len
+            and meta.max_seq_len <= self.inputs.max_model_len
         )
 
     def run(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor | None:

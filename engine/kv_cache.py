@@ -236,10 +236,11 @@ class KVCacheManager:
         num_new_tokens: int,
         cached_block_ids: list[int] | None = None,
         tail: CachedTail | None = None,
-    ) -> BlockCopy | bool:
+    ) -> bool:
         """Give the request blocks for num_new_tokens more tokens (after any cached prefix). False if out of
-        blocks. With a cached `tail` (find_cached_tail, at admission), returns the BlockCopy that fills the
-        request's next block from it; the tail's block stays pinned until release_copy_source()."""
+        blocks. With a cached `tail` (find_cached_tail, at admission) its tokens count as computed and its
+        block stays pinned until release_copy_source(): the caller plans the copy into the request's block
+        after the cached ones."""
         cached_block_ids = cached_block_ids or []
         num_owned = len(request.block_ids) + len(cached_block_ids)
         num_computed = request.num_computed_tokens + len(cached_block_ids) * self.block_size
@@ -255,9 +256,7 @@ class KVCacheManager:
         request.block_ids.extend(cached_block_ids)
         request.num_registered_blocks += len(cached_block_ids)
         request.block_ids.extend(self.pool.allocate() for _ in range(max(num_needed, 0)))
-        if tail is None:
-            return True
-        return BlockCopy(tail.block_id, request.block_ids[len(cached_block_ids)], tail.num_tokens)
+        return True
 
     def release_copy_source(self, copy: BlockCopy) -> None:
         """Unpins a BlockCopy's source once the step that copies it has run."""

@@ -20,7 +20,7 @@ def copy_block_slots(model: Any, kv_caches: list[Tensor], copies: Sequence[Block
     tell_workers = getattr(model, "copy_block_slots", None)
     if tell_workers is not None:
         tell_workers(copies)
-    apply_block_copies(kv_caches, copies_tensor(copies))
+    apply_block_copies(kv_caches, [(c.src, c.dst, c.num_slots) for c in copies])
 
 
 def copies_tensor(copies: Sequence[BlockCopy]) -> Tensor:
@@ -28,8 +28,8 @@ def copies_tensor(copies: Sequence[BlockCopy]) -> Tensor:
     return torch.tensor([[c.src, c.dst, c.num_slots] for c in copies], dtype=torch.int64)
 
 
-def apply_block_copies(kv_caches: list[Tensor], copies: Tensor) -> None:
-    """Runs the copies of a copies_tensor() on this rank's caches."""
-    for src, dst, num_slots in copies.tolist():
+def apply_block_copies(kv_caches: list[Tensor], copies: Sequence[Sequence[int]]) -> None:
+    """Runs (src, dst, num_slots) copies on this rank's caches (a worker: its copies_tensor().tolist())."""
+    for src, dst, num_slots in copies:
         for cache in kv_caches:
             cache[:, dst, :num_slots] = cache[:, src, :num_slots]

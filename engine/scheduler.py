@@ -306,9 +306,11 @@ class Scheduler:
         for candidate in (tail, None) if tail is not None else (None,):
             num_cached = len(cached) * self.kv_cache.block_size + (candidate.num_tokens if candidate else 0)
             num_new = self._num_new_tokens(request, num_cached, budget)
-            allocated = self.kv_cache.allocate_slots(request, num_new, cached, candidate)
-            if allocated:
-                return num_cached, num_new, allocated if isinstance(allocated, BlockCopy) else None
+            if self.kv_cache.allocate_slots(request, num_new, cached, candidate):
+                if candidate is None:
+                    return num_cached, num_new, None
+                dst = request.block_ids[len(cached)]  # the request's own block after the shared ones
+                return num_cached, num_new, BlockCopy(candidate.block_id, dst, candidate.num_tokens)
         return None
 
     # -- results --------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def _serve(config: EngineConfig, rank: int, port: int, pipe: Connection) -> None
             elif command == Command.EMBED:
                 model.embed_input_ids(channel.receive_ids(header))
             elif command == Command.COPY:
-                apply_block_copies(kv_caches, channel.receive_copies(header))
+                apply_block_copies(kv_caches, channel.receive_copies(header).tolist())
             else:
                 break
     torch.distributed.destroy_process_group()

@@ -98,11 +98,10 @@ def admit_with_tail(kv: KVCacheManager, request: Request) -> BlockCopy | None:
     cached = kv.find_cached_prefix(request)
     tail = kv.find_cached_tail(request, len(cached))
     num_cached = len(cached) * kv.block_size + (tail.num_tokens if tail else 0)
-    allocated = kv.allocate_slots(request, request.num_tokens - num_cached, cached, tail)
-    assert allocated
+    assert kv.allocate_slots(request, request.num_tokens - num_cached, cached, tail)
     request.num_computed_tokens = request.num_tokens
     kv.cache_full_blocks(request)
-    return allocated if isinstance(allocated, BlockCopy) else None
+    return None if tail is None else BlockCopy(tail.block_id, request.block_ids[len(cached)], tail.num_tokens)
 
 
 def test_a_repeated_prompt_copies_the_start_of_the_block_where_the_first_one_ended() -> None:
